@@ -1,0 +1,182 @@
+"""Hugging Face checkpoints: `config.json` + `*.safetensors` (sharded or not) or `pytorch_model*.bin`.
+
+Import returns (ModelConfig, params) in the layout of `prefixquant_jax.model`; `export_hf` writes the
+same params back as `config.json` + `model.safetensors` that transformers loads.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import numpy as np
+
+from prefixquant_jax.config import ModelConfig
+from prefixquant_jax.errors import UserError
+
+_LAYER_KEYS = {
+    "input_layernorm.weight": ("input_norm",),
+    "post_attention_layernorm.weight": ("post_norm",),
+    "self_attn.q_proj.weight": ("attn", "q"),
+    "self_attn.k_proj.weight": ("attn", "k"),
+    "self_attn.v_proj.weight": ("attn", "v"),
+    "self_attn.o_proj.weight": ("attn", "o"),
+    "mlp.gate_proj.weight": ("mlp", "gate"),
+    "mlp.up_proj.weight": ("mlp", "up"),
+    "mlp.down_proj.weight": ("mlp", "down"),
+}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def expected_shapes(c: ModelConfig) -> dict:
+    """Shapes of our params (kernels are [in, out])."""
+    D, F, q, kv = c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    layer = {"input_norm": (D,), "post_norm": (D,),
+             "attn": {"q": (D, q), "k": (D, kv), "v": (D, kv), "o": (q, D)},
+             "mlp": {"gate": (D, F), "up": (D, F), "down": (F, D)}}
+    shapes = {"embed": (c.vocab_size, D), "final_norm": (D,), "layers": {i: layer for i in range(c.num_layers)}}
+    if not c.tie_word_embeddings:
+        shapes["lm_head"] = (D, c.vocab_size)
+    return shapes
+
+
+def check_shapes(params: dict, config: ModelConfig, source: str) -> None:
+    """Raise UserError naming the first missing tensor or shape mismatch."""
+    def walk(exp, got, path):
+        if isinstance(exp, dict):
+            for k, e in exp.items():
+                if not isinstance(got, dict) or k not in got:
+                    raise UserError(f"{source}: missing tensor {'.'.join(map(str, path + (k,)))}")
+                walk(e, got[k], path + (k,))
+        elif tuple(np.shape(got)) != tuple(exp):
+            raise UserError(f"{source}: shape mismatch for {'.'.join(map(str, path))}: got {tuple(np.shape(got))}, config says {tuple(exp)}")
+    walk(expected_shapes(config), params, ())
+
+
+def hf_state_to_params(state: dict, config: ModelConfig, source: str) -> dict:
+    """Map HF tensor names ([out, in] weights) to our params ([in, out] kernels), float32."""
+    params: dict = {"layers": {i: {"attn": {}, "mlp": {}} for i in range(config.num_layers)}}
+    for name, t in state.items():
+        a = np.asarray(t, dtype=np.float32)
+        if name == "model.embed_tokens.weight":
+            params["embed"] = a
+        elif name == "model.norm.weight":
+            params["final_norm"] = a
+        elif name == "lm_head.weight":
+            if not config.tie_word_embeddings:
+                params["lm_head"] = a.T
+        elif (m := _LAYER_RE.match(name)) and m.group(2) in _LAYER_KEYS:
+            i = int(m.group(1))
+            if i >= config.num_layers:
+                raise UserError(f"{source}: tensor {name} is beyond num_hidden_layers={config.num_layers}")
+            path = _LAYER_KEYS[m.group(2)]
+            if len(path) == 1:
+                params["layers"][i][path[0]] = a
+            else:
+                params["layers"][i][path[0]][path[1]] = a.T
+        elif name.endswith("rotary_emb.inv_freq"):
+            continue  # derived from the config
+        else:
+            raise UserError(f"{source}: unexpected tensor {name!r} (biases and non-Llama layers are not supported)")
+    check_shapes(params, config, source)
+    return params
+
+
+def read_config(directory: str) -> ModelConfig:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{directory}: no config.json (expected a Hugging Face model directory)")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    return ModelConfig.from_hf_dict(d, source=path)
+
+
+def _read_safetensors(files: list[str]) -> dict:
+    from safetensors import safe_open
+
+    state = {}
+    for f in files:
+        try:
+            # the flax backend reads bf16 too; we convert to float32 numpy right away
+            with safe_open(f, framework="flax") as st:
+                for k in st.keys():
+                    state[k] = np.asarray(st.get_tensor(k), dtype=np.float32)
+        except Exception as e:  # safetensors raises its own error types for bad headers/truncation
+            raise UserError(f"{f}: cannot read safetensors file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+    return state
+
+
+def _read_torch_bins(files: list[str]) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise UserError(f"{files[0]}: reading pytorch_model.bin needs torch (pip install torch)") from None
+    state = {}
+    for f in files:
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True)  # never plain pickle
+        except Exception as e:
+            raise UserError(f"{f}: cannot read torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'corrupt'})") from None
+        if not isinstance(sd, dict):
+            raise UserError(f"{f}: expected a state dict, found {type(sd).__name__}")
+        state.update({k: v.float().numpy() for k, v in sd.items()})
+    return state
+
+
+def load_hf_dir(directory: str) -> tuple[ModelConfig, dict]:
+    config = read_config(directory)
+    st = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    bins = sorted(glob.glob(os.path.join(directory, "pytorch_model*.bin")))
+    if st:
+        state = _read_safetensors(st)
+        source = st[0] if len(st) == 1 else os.path.join(directory, "*.safetensors")
+    elif bins:
+        state = _read_torch_bins(bins)
+        source = bins[0] if len(bins) == 1 else os.path.join(directory, "pytorch_model*.bin")
+    else:
+        raise UserError(f"{directory}: no *.safetensors or pytorch_model*.bin weights found")
+    return config, hf_state_to_params(state, config, source)
+
+
+def params_to_hf_state(params: dict, config: ModelConfig) -> dict:
+    """Inverse of `hf_state_to_params`: HF names, [out, in] weights, float32 contiguous arrays."""
+    state = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["final_norm"]}
+    if not config.tie_word_embeddings:
+        state["lm_head.weight"] = np.asarray(params["lm_head"]).T
+    for i in range(config.num_layers):
+        p = params["layers"][i]
+        for hf_name, path in _LAYER_KEYS.items():
+            a = p[path[0]] if len(path) == 1 else np.asarray(p[path[0]][path[1]]).T
+            state[f"model.layers.{i}.{hf_name}"] = a
+    return {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in state.items()}
+
+
+def export_hf(params: dict, config: ModelConfig, out_dir: str, overwrite: bool = False, extra_config: dict | None = None) -> str:
+    """Write config.json + model.safetensors atomically (temp dir, then rename). Returns out_dir."""
+    from safetensors.numpy import save_file
+
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise UserError(f"{out_dir} already exists (pass --overwrite to replace it)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    try:
+        cfg = config.to_hf_dict()
+        cfg.update(extra_config or {})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        save_file(params_to_hf_state(params, config), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,136 @@
+"""`prefixquant` command line: eval, generate, analyze, quantize, export-prefix.
+
+Every user-facing failure is a `UserError`, printed as one line `error: ...` with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+DTYPES = ("float32", "bfloat16")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        sys.stderr.write(f"error: {self.prog}: {message}\n")
+        sys.exit(2)
+
+
+def write_json(path: str, obj: dict) -> None:
+    """Atomic write (temp file + rename) so a crash never leaves half a JSON file."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=float)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _dtype(name: str):
+    import jax.numpy as jnp
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _add_model_args(p, dtype=True):
+    p.add_argument("--model", default="smollm2", help="bundled name (smollm2), HF directory, .gguf file, or saved quantized checkpoint")
+    if dtype:
+        p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--json", dest="json_out", metavar="OUT", help="write the results as JSON to OUT")
+
+
+def _add_eval_args(p, data_flag="--data"):
+    p.add_argument(data_flag, default="wikitext2", help="wikitext2 (bundled test split) or a UTF-8 text file")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="prefixquant", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("eval", help="perplexity of a model on a text")
+    _add_model_args(p)
+    _add_eval_args(p)
+    p.add_argument("--import-prefix", metavar="FILE", help="prefix KV safetensors (export-prefix) to put in front of every window")
+
+    p = sub.add_parser("generate", help="greedy decoding with the KV cache")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+
+    from prefixquant_jax import cli_quant
+    cli_quant.add_subcommands(sub, _add_model_args, _add_eval_args)
+    return ap
+
+
+def cmd_eval(args) -> dict:
+    from prefixquant_jax.eval.data import load_text, tokenize, windows
+    from prefixquant_jax.eval.perplexity import perplexity
+    from prefixquant_jax.pipeline import load_for_inference
+
+    if args.seqlen < 2:
+        raise_user(f"--seqlen must be >= 2, got {args.seqlen}")
+    t0 = time.time()
+    loaded = load_for_inference(args.model, _dtype(args.dtype), import_prefix=getattr(args, "import_prefix", None))
+    prefix_len = 0 if loaded.prefix_kv is None else loaded.prefix_kv.length
+    if args.seqlen + prefix_len > loaded.config.max_position_embeddings:
+        raise_user(f"--seqlen {args.seqlen} (+ prefix {prefix_len}) exceeds the model's max positions {loaded.config.max_position_embeddings}")
+    text = load_text(args.data)
+    ids = tokenize(loaded.tokenizer, text)
+    win = windows(ids, args.seqlen, args.max_windows)
+    res = perplexity(loaded.compiled, win, loaded.prefix_kv, batch_size=args.batch_size)
+    res.update(model=args.model, data=args.data, dtype=args.dtype, preset=loaded.preset, seconds=time.time() - t0)
+    print(f"{args.model} [{loaded.preset}] on {args.data}: ppl {res['ppl']:.4f} ({res['windows']} windows x {args.seqlen} tokens, {res['seconds']:.1f}s)")
+    return res
+
+
+def cmd_generate(args) -> dict:
+    from prefixquant_jax.eval.generate import encode_prompt, greedy
+    from prefixquant_jax.pipeline import load_for_inference
+
+    if args.max_new_tokens < 1:
+        raise_user(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    loaded = load_for_inference(args.model, _dtype(args.dtype))
+    ids = encode_prompt(loaded.tokenizer, args.prompt, chat=not args.no_chat)
+    t0 = time.time()
+    out = greedy(loaded.compiled, ids, args.max_new_tokens, eos_id=loaded.config.eos_token_id, prefix_kv=loaded.prefix_kv)
+    text = loaded.tokenizer.decode(out, skip_special_tokens=True)
+    print(text)
+    return {"model": args.model, "preset": loaded.preset, "prompt": args.prompt, "output": text, "token_ids": out,
+            "seconds": time.time() - t0}
+
+
+def raise_user(msg: str):
+    from prefixquant_jax.errors import UserError
+    raise UserError(msg)
+
+
+def main(argv=None) -> int:
+    from prefixquant_jax.errors import UserError
+
+    args = build_parser().parse_args(argv)
+    handlers = {"eval": cmd_eval, "generate": cmd_generate}
+    from prefixquant_jax import cli_quant
+    handlers.update(cli_quant.HANDLERS)
+    try:
+        result = handlers[args.cmd](args)
+        if getattr(args, "json_out", None):
+            write_json(args.json_out, result)
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: bundled corpora, perplexity, greedy generation."""

@@ -1,0 +1,44 @@
+"""Perplexity over non-overlapping windows, optionally behind an FP prefix KV cache."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from prefixquant_jax.errors import UserError
+from prefixquant_jax.runner import Compiled
+
+
+def perplexity(compiled: Compiled, windows: np.ndarray, prefix_kv=None, batch_size: int = 1,
+               progress: bool = True, desc: str = "ppl") -> dict:
+    """ppl = exp(sum NLL / (n_windows * (L - 1))): each window of L tokens predicts its tokens 1..L-1.
+
+    With `prefix_kv` (P rows), every window sits at positions P..P+L-1 behind the prefix; prefix
+    tokens are never scored. One compilation per batch shape.
+    """
+    config = compiled.model.config
+    n, L = windows.shape
+    P = 0 if prefix_kv is None else prefix_kv.length
+    if P + L > config.max_position_embeddings:
+        raise UserError(f"seqlen {L} (+ prefix {P}) exceeds the model's max positions {config.max_position_embeddings}")
+    total, t0 = 0.0, time.time()
+    bar = tqdm(total=n, desc=desc, unit="win", disable=not progress, leave=False)
+    for s in range(0, n, batch_size):
+        batch = windows[s:s + batch_size]
+        if len(batch) < batch_size:  # keep one compiled shape: pad with copies, score only real rows
+            nll_part = 0.0
+            for row in batch:
+                nll_part += float(compiled.nll(compiled.state, row[None], compiled.cache(1, P + L, prefix_kv), P))
+        else:
+            nll_part = float(compiled.nll(compiled.state, batch, compiled.cache(len(batch), P + L, prefix_kv), P))
+        if not math.isfinite(nll_part):
+            raise UserError(f"non-finite loss in windows {s}..{s + len(batch) - 1} (NaN/inf in the model's outputs)")
+        total += nll_part
+        bar.update(len(batch))
+        bar.set_postfix(ppl=f"{math.exp(total / ((s + len(batch)) * (L - 1))):.3f}")
+    bar.close()
+    nll = total / (n * (L - 1))
+    return {"ppl": math.exp(nll), "nll": nll, "windows": n, "seqlen": L, "tokens": int(n * L),
+            "prefix_len": P, "seconds": time.time() - t0}

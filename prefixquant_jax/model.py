@@ -1,0 +1,211 @@
+"""Flax NNX Llama: RMSNorm, RoPE, GQA attention with a KV cache, SwiGLU MLP, tied or untied head.
+
+Parameters are stored as `kernel` [in, out] (x @ kernel), so a Hugging Face `weight` [out, in] is
+its transpose. The pure-dict form of the parameters (see `Llama.from_params` / `params_dict`) is
+what the converter, the rotations and the exporters exchange:
+
+    {"embed": [V, D], "final_norm": [D], "lm_head": [D, V] (untied only),
+     "layers": {i: {"input_norm": [D], "post_norm": [D],
+                    "attn": {"q": [D, H*hd], "k": [D, KV*hd], "v": [D, KV*hd], "o": [H*hd, D]},
+                    "mlp": {"gate": [D, F], "up": [D, F], "down": [F, D]}}}}
+
+Quantization and rotation hook in through one place: `Block.site(name, x)`, called at the named
+sites `qkv_in`, `k_cache`, `v_cache`, `o_in`, `up_gate_in`, `down_in`; the block's `recipe` (a
+static, frozen object or None) decides what happens there. With `recipe=None` the model is exactly
+the FP Llama.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prefixquant_jax.config import ModelConfig
+from prefixquant_jax.kv_cache import KVCache
+
+
+class QuantParam(nnx.Variable):
+    """Quantizer state (scales, clip factors): the trainable set of PrefixQuant fine-tuning."""
+
+
+def _param(a, dtype):
+    return nnx.Param(jnp.asarray(a, dtype))
+
+
+class Linear(nnx.Module):
+    def __init__(self, kernel, dtype):
+        self.kernel = _param(kernel, dtype)
+
+    def __call__(self, x):
+        return x @ self.kernel[...]
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, weight, eps: float, dtype):
+        self.weight = _param(weight, dtype)
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_tables(config: ModelConfig, positions):
+    """cos, sin of shape [L, head_dim] for integer positions [L] (HF `rotate_half` convention)."""
+    inv = jnp.asarray(config.inv_freq(), jnp.float32)
+    ang = positions.astype(jnp.float32)[:, None] * inv[None, :]
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x, cos, sin):
+    """x: [B, L, heads, hd]; cos/sin: [L, hd]."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return (x.astype(jnp.float32) * c + rot.astype(jnp.float32) * s).astype(x.dtype)
+
+
+def _attend(q, k, v, qpos):
+    """q: [B, H, l, hd] at positions qpos [l]; k, v: [B, H, t, hd] (rows 0..t-1)."""
+    s = jnp.einsum("bhld,bhtd->bhlt", q, k, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
+    s = jnp.where(jnp.arange(k.shape[2])[None, :] <= qpos[:, None], s, -jnp.inf)
+    return jnp.einsum("bhlt,bhtd->bhld", jax.nn.softmax(s, axis=-1).astype(v.dtype), v)
+
+
+def attention(q, k, v, offset, num_kv_heads, query_chunk: int = 512):
+    """Causal GQA attention of new queries against a cache.
+
+    q: [B, L, H, hd] at positions offset..offset+L-1; k, v: [B, T, KV, hd] (cache rows 0..T-1),
+    with offset + L <= T. Key row t is visible to query i iff t <= offset + i. Softmax in fp32.
+    Long query blocks are split in chunks; chunk c never needs keys past T - L + (c+1)*chunk, a
+    static bound, so the masked upper triangle is mostly skipped (about 40% less work at L=2048).
+    """
+    B, L, H, hd = q.shape
+    T = k.shape[1]
+    g = H // num_kv_heads
+    qh = q.transpose(0, 2, 1, 3)
+    kh = jnp.repeat(k, g, axis=2).transpose(0, 2, 1, 3)
+    vh = jnp.repeat(v, g, axis=2).transpose(0, 2, 1, 3)
+    qpos = offset + jnp.arange(L)
+    if L < 2 * query_chunk:
+        out = _attend(qh, kh, vh, qpos)
+    else:
+        parts = []
+        for s in range(0, L, query_chunk):
+            e = min(L, s + query_chunk)
+            t = T - L + e
+            parts.append(_attend(qh[:, :, s:e], kh[:, :, :t], vh[:, :, :t], qpos[s:e]))
+        out = jnp.concatenate(parts, axis=2)
+    return out.transpose(0, 2, 1, 3).reshape(B, L, H * hd)
+
+
+class Attention(nnx.Module):
+    def __init__(self, p: dict, dtype):
+        self.q, self.k, self.v, self.o = (Linear(p[n], dtype) for n in ("q", "k", "v", "o"))
+
+
+class MLP(nnx.Module):
+    def __init__(self, p: dict, dtype):
+        self.gate, self.up, self.down = (Linear(p[n], dtype) for n in ("gate", "up", "down"))
+
+
+class Block(nnx.Module):
+    """One decoder layer. `recipe` (static) routes the named quantization/rotation sites."""
+
+    def __init__(self, config: ModelConfig, p: dict, dtype, recipe: Any = None):
+        self.config = config
+        self.input_norm = RMSNorm(p["input_norm"], config.rms_norm_eps, dtype)
+        self.post_norm = RMSNorm(p["post_norm"], config.rms_norm_eps, dtype)
+        self.attn = Attention(p["attn"], dtype)
+        self.mlp = MLP(p["mlp"], dtype)
+        self.recipe = recipe
+        self.qparams = nnx.Dict()  # site name -> QuantParam, filled by calibration
+
+    def site(self, name: str, x):
+        """Apply whatever the recipe puts at site `name` (identity for the FP model)."""
+        if self.recipe is None:
+            return x
+        return self.recipe.apply_site(name, x, self.qparams)
+
+    def __call__(self, x, cache_k, cache_v, offset, cos, sin):
+        c = self.config
+        B, L, _ = x.shape
+        h = self.site("qkv_in", self.input_norm(x))
+        q = self.attn.q(h).reshape(B, L, c.num_heads, c.head_dim)
+        k = self.attn.k(h).reshape(B, L, c.num_kv_heads, c.head_dim)
+        v = self.attn.v(h).reshape(B, L, c.num_kv_heads, c.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.site("q_rot", q), self.site("k_rot", k)  # R3 lives here
+        k, v = self.site("k_cache", k), self.site("v_cache", v)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, offset, 0, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, offset, 0, 0))
+        a = attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), offset, c.num_kv_heads)
+        x = x + self.attn.o(self.site("o_in", a))
+        h = self.site("up_gate_in", self.post_norm(x))
+        m = jax.nn.silu(self.mlp.gate(h)) * self.mlp.up(h)
+        m = self.site("down_in", self.site("down_rot", m))  # R4 then quantize
+        return x + self.mlp.down(m), cache_k, cache_v
+
+
+class Llama(nnx.Module):
+    def __init__(self, config: ModelConfig, params: dict, dtype=jnp.float32, recipe: Any = None):
+        self.config = config
+        self.dtype = dtype
+        self.embed = _param(params["embed"], dtype)
+        self.layers = nnx.List([Block(config, params["layers"][i], dtype, recipe) for i in range(config.num_layers)])
+        self.final_norm = RMSNorm(params["final_norm"], config.rms_norm_eps, dtype)
+        self.lm_head = None if config.tie_word_embeddings else _param(params["lm_head"], dtype)
+
+    @classmethod
+    def from_params(cls, config: ModelConfig, params: dict, dtype=jnp.float32, recipe: Any = None) -> "Llama":
+        return cls(config, params, dtype, recipe)
+
+    def params_dict(self) -> dict:
+        """The pure nested dict of parameters (layout in the module docstring)."""
+        d = {"embed": self.embed[...], "final_norm": self.final_norm.weight[...],
+             "layers": {i: _block_dict(b) for i, b in enumerate(self.layers)}}
+        if self.lm_head is not None:
+            d["lm_head"] = self.lm_head[...]
+        return d
+
+    def hidden(self, tokens, cache: KVCache, offset):
+        """Run the decoder over tokens [B, L] written at cache rows offset..offset+L-1.
+
+        Returns (final-normed hidden [B, L, D], updated cache)."""
+        L = tokens.shape[1]
+        cos, sin = rope_tables(self.config, offset + jnp.arange(L))
+        x = self.embed[...][tokens]
+        ks, vs = [], []
+        for i, blk in enumerate(self.layers):
+            x, k, v = blk(x, cache.k[i], cache.v[i], offset, cos, sin)
+            ks.append(k)
+            vs.append(v)
+        return self.final_norm(x), KVCache(k=ks, v=vs)
+
+    def head(self, h):
+        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.dot(h, w, preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens, cache: KVCache | None = None, offset=0):
+        """Logits [B, L, V] in fp32 and the updated cache (a fresh one of length L when None)."""
+        if cache is None:
+            cache = KVCache.empty(self.config, tokens.shape[0], tokens.shape[1], self.dtype)
+        h, cache = self.hidden(tokens, cache, offset)
+        return self.head(h), cache
+
+
+def _block_dict(b: Block) -> dict:
+    return {"input_norm": b.input_norm.weight[...], "post_norm": b.post_norm.weight[...],
+            "attn": {n: getattr(b.attn, n).kernel[...] for n in ("q", "k", "v", "o")},
+            "mlp": {n: getattr(b.mlp, n).kernel[...] for n in ("gate", "up", "down")}}
+
+
+def set_recipe(model: Llama, recipe: Any) -> None:
+    """Point every block at `recipe` (a static object with `apply_site(name, x, qparams)`)."""
+    for b in model.layers:
+        b.recipe = recipe

