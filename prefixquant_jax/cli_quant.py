@@ -1,6 +1,146 @@
-"""Quantization subcommands (analyze, quantize, export-prefix); filled in by the PrefixQuant pipeline."""
-HANDLERS: dict = {}
+"""Subcommands `analyze` (outlier tokens, prefix choice, plot) and `quantize` (run a preset, evaluate)."""
+from __future__ import annotations
+
+import time
+
+from prefixquant_jax.errors import UserError
+
+
+def _add_calib_args(p):
+    p.add_argument("--calib-data", default="wikitext2-valid", help="wikitext2-valid (bundled) or a UTF-8 text file")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--outlier-samples", type=int, default=16, help="calibration samples scanned for outlier tokens")
+    p.add_argument("--eta", type=float, default=64.0, help="outlier threshold: max|x| > eta * median over the sample's tokens")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def add_subcommands(sub, add_model_args, add_eval_args) -> None:
-    return None
+    p = sub.add_parser("analyze", help="find the outlier tokens and the prefix; plot activations before/after it")
+    add_model_args(p, dtype=False)
+    _add_calib_args(p)
+    p.add_argument("--no-rotate", action="store_true", help="analyze the unrotated model")
+    p.add_argument("--plot", metavar="OUT.png", help="write the outlier plot")
+
+    from prefixquant_jax.quant.presets import PRESETS
+    p = sub.add_parser("quantize", help="quantize with a preset, evaluate perplexity, print a table")
+    add_model_args(p, dtype=False)
+    p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
+    _add_calib_args(p)
+    p.add_argument("--grid-samples", type=int, default=2, help="calibration samples used inside the clip grid search")
+    p.add_argument("--w-bits", type=int)
+    p.add_argument("--a-bits", type=int)
+    p.add_argument("--kv-bits", type=int)
+    p.add_argument("--prefix-ids", help="comma-separated token ids to use as the prefix instead of detecting them")
+    add_eval_args(p, data_flag="--eval-data")
+    p.add_argument("--no-fp", action="store_true", help="skip the FP reference evaluation (no fp_ppl / ratio)")
+    p.add_argument("--no-eval", action="store_true", help="quantize only")
+
+
+def _check_calib(args):
+    for name in ("calib_samples", "calib_seqlen", "outlier_samples"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.eta <= 1:
+        raise UserError(f"--eta must be > 1, got {args.eta}")
+
+
+def cmd_analyze(args) -> dict:
+    import numpy as np
+
+    from prefixquant_jax.eval.data import calibration_samples, load_text, tokenize
+    from prefixquant_jax.model import Llama
+    from prefixquant_jax.pipeline import load_fp
+    from prefixquant_jax.prefix.outliers import capture_token_ranges, choose_prefix, outlier_ratios, token_absmax
+    from prefixquant_jax.prefix.prefix_kv import compute_prefix_kv
+    from prefixquant_jax.quant.recipe import QuantRecipe
+    from prefixquant_jax.rotate.fuse import RotationConfig, rotate_params
+
+    _check_calib(args)
+    ck, model = load_fp(args.model)
+    tok = ck.tokenizer()
+    if not args.no_rotate:
+        params, config = rotate_params(ck.params, ck.config, RotationConfig(seed=args.seed))
+        model = Llama.from_params(config, params, recipe=QuantRecipe(r3=True, r4=True))
+    ids = tokenize(tok, load_text(args.calib_data))
+    calib = calibration_samples(ids, args.outlier_samples, args.calib_seqlen, args.seed)
+    before = capture_token_ranges(model, calib, desc="before prefix")
+    ratios = outlier_ratios(token_absmax(before, "down_in"))
+    choice = choose_prefix(calib, ratios, args.eta, ck.config.bos_token_id)
+    prefix = compute_prefix_kv(model, choice["prefix_ids"])
+    after = capture_token_ranges(model, calib, prefix_kv=prefix, desc="after prefix")
+    res = {"model": args.model, "rotated": not args.no_rotate, "eta": args.eta, "prefix_ids": choice["prefix_ids"],
+           "prefix_text": [tok.decode([t]) for t in choice["prefix_ids"]], "o": choice["o"],
+           "outlier_tokens": {tok.decode([t]): c for t, c in choice["outlier_counts"].items()}}
+    for site in ("down_in", "qkv_in", "k_cache", "v_cache"):
+        b, a = token_absmax(before, site), token_absmax(after, site)
+        res[site] = {"max_ratio_per_layer": np.round(outlier_ratios(b)[:, :, 1:].max(axis=(1, 2)), 2).tolist(),
+                     "absmax_before": float(b.max()), "absmax_after": float(a.max()),
+                     "range_reduction": float(b.max() / max(a.max(), 1e-12))}
+    print(f"prefix (eta={args.eta:g}): {res['prefix_text']}  ids {res['prefix_ids']}")
+    print("down_proj input max/median per layer: " + " ".join(f"{r:.0f}" for r in res["down_in"]["max_ratio_per_layer"]))
+    for site in ("down_in", "qkv_in", "k_cache", "v_cache"):
+        print(f"  {site:10s} static range {res[site]['absmax_before']:9.2f} -> {res[site]['absmax_after']:9.2f} with the prefix"
+              f" ({res[site]['range_reduction']:.1f}x smaller)")
+    if args.plot:
+        from prefixquant_jax.prefix.plot import plot_outliers
+        plot_outliers(args.plot, calib, token_absmax(before, "down_in"), token_absmax(after, "down_in"), tok, res)
+        res["plot"] = args.plot
+        print(f"plot written to {args.plot}")
+    return res
+
+
+def cmd_quantize(args) -> dict:
+    from prefixquant_jax.eval.data import load_text, tokenize, windows
+    from prefixquant_jax.eval.perplexity import perplexity
+    from prefixquant_jax.pipeline import load_fp
+    from prefixquant_jax.quant.presets import get_preset
+    from prefixquant_jax.quantize import QuantizeOptions, quantize
+    from prefixquant_jax.runner import Compiled
+
+    _check_calib(args)
+    preset = get_preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits)
+    prefix_ids = None
+    if args.prefix_ids:
+        try:
+            prefix_ids = tuple(int(t) for t in args.prefix_ids.split(","))
+        except ValueError:
+            raise UserError(f"--prefix-ids must be comma-separated integers, got {args.prefix_ids!r}") from None
+    t0 = time.time()
+    ck, fp_model = load_fp(args.model)
+    if prefix_ids and max(prefix_ids) >= ck.config.vocab_size:
+        raise UserError(f"--prefix-ids: id {max(prefix_ids)} is outside the vocabulary ({ck.config.vocab_size})")
+    P = (len(prefix_ids) if prefix_ids else 9) if preset.prefix else 0  # at most BOS + 8 detected tokens
+    if args.seqlen + P > ck.config.max_position_embeddings:
+        raise UserError(f"--seqlen {args.seqlen} (+ prefix) exceeds the model's max positions {ck.config.max_position_embeddings}")
+    tok = ck.tokenizer()
+    opts = QuantizeOptions(calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                           outlier_samples=args.outlier_samples, grid_samples=args.grid_samples, eta=args.eta,
+                           seed=args.seed, prefix_ids=prefix_ids)
+    qm = quantize(ck, tok, preset, opts)
+    res = {"model": args.model, "preset": preset.name, "prefix_tokens": qm.report["prefix_tokens"],
+           "prefix_text": qm.report["prefix_text"], "eta": args.eta, "bits": {"w": preset.w_bits, "a": preset.a_bits, "kv": preset.kv_bits},
+           "quantize_seconds": time.time() - t0, "report": qm.report}
+    if qm.prefix_kv is not None:
+        print(f"prefix: {qm.report['prefix_text']} (ids {qm.report['prefix_tokens']})")
+    if not args.no_eval:
+        win = windows(tokenize(tok, load_text(args.eval_data)), args.seqlen, args.max_windows)
+        t = time.time()
+        r = perplexity(Compiled(qm.model), win, qm.prefix_kv, batch_size=args.batch_size, desc=preset.name)
+        res.update(ppl=r["ppl"], windows=r["windows"], seqlen=r["seqlen"], tokens=r["tokens"], eval_seconds=time.time() - t)
+        rows = [(preset.name, r["ppl"], res["quantize_seconds"] + res["eval_seconds"])]
+        if not args.no_fp and preset.name != "fp":
+            t = time.time()
+            f = perplexity(Compiled(fp_model), win, None, batch_size=args.batch_size, desc="fp")
+            res["fp_ppl"] = f["ppl"]
+            rows.insert(0, ("fp", f["ppl"], time.time() - t))
+        fp_ppl = res.get("fp_ppl", res["ppl"] if preset.name == "fp" else None)
+        print(f"\n{'preset':26s} {'ppl':>10s} {'x FP':>7s} {'seconds':>9s}   ({r['windows']} windows x {r['seqlen']} of {args.eval_data})")
+        for name, ppl, sec in rows:
+            ratio = f"{ppl / fp_ppl:7.3f}" if fp_ppl else "      -"
+            print(f"{name:26s} {ppl:10.4f} {ratio} {sec:9.1f}")
+    res["seconds"] = time.time() - t0
+    return res
+
+
+HANDLERS = {"analyze": cmd_analyze, "quantize": cmd_quantize}

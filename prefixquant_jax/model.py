@@ -127,10 +127,12 @@ class Block(nnx.Module):
         self.qparams = nnx.Dict()  # site name -> QuantParam, filled by calibration
 
     def site(self, name: str, x):
-        """Apply whatever the recipe puts at site `name` (identity for the FP model)."""
+        """Apply whatever the recipe puts at site `name` (identity for the FP model).
+
+        The recipe must provide `apply_site(name, x, qparams, block)`; see quant/recipe.py."""
         if self.recipe is None:
             return x
-        return self.recipe.apply_site(name, x, self.qparams)
+        return self.recipe.apply_site(name, x, self.qparams, self)
 
     def __call__(self, x, cache_k, cache_v, offset, cos, sin):
         c = self.config

@@ -1,0 +1,1 @@
+"""Outlier tokens and the FP prefix KV cache."""

@@ -1,0 +1,84 @@
+"""Outlier-token statistics and the prefix choice (PrefixQuant, Sec. 4).
+
+Per layer and token, m = max|x| at a site's input (down_proj input by default). A token is an
+outlier in its sample when m > eta * median(m over that sample's tokens). The prefix is BOS plus
+the o most frequent outlier token ids (position 0 excluded: any first token acts as a sink), with
+o = ceil(max over layers of the mean number of outliers per sample).
+"""
+from __future__ import annotations
+
+import collections
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from prefixquant_jax.kv_cache import KVCache
+from prefixquant_jax.model import set_recipe
+
+
+def capture_token_ranges(model, tokens: np.ndarray, prefix_kv=None, batch_size: int = 4, progress=True, desc="stats"):
+    """Per-site per-token (min, max) of every quantization site, for all layers.
+
+    Returns {site: (mins, maxs)} with arrays [layers, N, L] (KV sites: [layers, N, L, KV]).
+    The model's recipe is used with capture switched on (rotations apply; quantizers too, if any).
+    """
+    from prefixquant_jax.quant.recipe import QuantRecipe
+
+    orig = model.layers[0].recipe
+    set_recipe(model, (orig or QuantRecipe()).replace(capture=True))
+    graphdef, state = nnx.split(model)
+    set_recipe(model, orig)
+
+    @jax.jit
+    def run(state, toks, cache, offset):
+        m = nnx.merge(graphdef, state)
+        m.hidden(toks, cache, offset)
+        return nnx.pop(m, nnx.Intermediate).to_pure_dict()
+
+    P = 0 if prefix_kv is None else prefix_kv.length
+    out = collections.defaultdict(list)
+    for s in tqdm(range(0, len(tokens), batch_size), desc=desc, disable=not progress, leave=False):
+        toks = jnp.asarray(tokens[s:s + batch_size])
+        cache = (KVCache.empty(model.config, len(toks), P + toks.shape[1]) if prefix_kv is None
+                 else KVCache.with_prefix(prefix_kv, len(toks), P + toks.shape[1]))
+        inter = run(state, toks, cache, P)
+        for key in inter["layers"][0]:
+            out[key].append(np.stack([np.asarray(_first(inter["layers"][i][key])) for i in range(len(model.layers))]))
+    merged = {k: np.concatenate(v, axis=1) for k, v in out.items()}
+    sites = sorted({k.rsplit("_", 1)[0] for k in merged})
+    return {s: (merged[s + "_min"], merged[s + "_max"]) for s in sites}
+
+
+def _first(v):
+    return v[0] if isinstance(v, (tuple, list)) else v
+
+
+def token_absmax(ranges, site="down_in"):
+    """[layers, N, L] max|x| per token (KV sites: max over heads too)."""
+    lo, hi = ranges[site]
+    a = np.maximum(np.abs(lo), np.abs(hi))
+    return a.max(axis=-1) if a.ndim == 4 else a
+
+
+def outlier_ratios(absmax: np.ndarray) -> np.ndarray:
+    """Ratio of each token's max|x| to the median over its sample's tokens: [layers, N, L]."""
+    return absmax / np.maximum(np.median(absmax, axis=-1, keepdims=True), 1e-12)
+
+
+def choose_prefix(tokens: np.ndarray, ratios: np.ndarray, eta: float, bos_id: int | None, max_extra: int = 8) -> dict:
+    """Apply the eta rule; returns the prefix ids and the statistics behind the choice."""
+    mask = ratios > eta
+    mask[:, :, 0] = False  # position 0 is always a sink; BOS covers it
+    per_layer_mean = mask.sum(-1).mean(-1)  # [layers]
+    o = min(int(math.ceil(per_layer_mean.max())) if per_layer_mean.size else 0, max_extra)
+    any_layer = mask.any(axis=0)  # [N, L]: an outlier in at least one layer
+    counts = collections.Counter(int(t) for t in tokens[any_layer])
+    extra = [t for t, _ in counts.most_common() if t != bos_id][:o]
+    prefix = ([bos_id] if bos_id is not None else []) + extra
+    return {"prefix_ids": prefix, "o": o, "eta": eta, "outlier_counts": dict(counts.most_common(20)),
+            "mean_outliers_per_layer": per_layer_mean.tolist(),
+            "max_ratio_per_layer": ratios[:, :, 1:].max(axis=(1, 2)).tolist()}

@@ -1,0 +1,72 @@
+"""Named presets (part of the CLI interface) -> what to rotate, prefix, quantize and calibrate."""
+from __future__ import annotations
+
+import dataclasses
+
+from prefixquant_jax.errors import UserError
+from prefixquant_jax.quant.recipe import QuantRecipe
+from prefixquant_jax.quant.spec import QuantSpec
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Preset:
+    """One quantization method. Bits None = that part stays FP.
+
+    act_dynamic: per-token dynamic activations, else static per-tensor (grid-searched);
+    kv_dynamic: per-(token, head) dynamic KV (groups of head_dim), else static per-head.
+    """
+
+    name: str
+    rotate: bool = True
+    prefix: bool = True
+    w_bits: int | None = 4
+    a_bits: int | None = 4
+    kv_bits: int | None = 4
+    act_dynamic: bool = False
+    kv_dynamic: bool = False
+    description: str = ""
+
+    @property
+    def is_static(self) -> bool:
+        return (self.a_bits is not None and not self.act_dynamic) or (self.kv_bits is not None and not self.kv_dynamic)
+
+    def weight_spec(self) -> QuantSpec | None:
+        return None if self.w_bits is None else QuantSpec(bits=self.w_bits, granularity="channel", symmetric=True)
+
+    def recipe(self) -> QuantRecipe | None:
+        sites = []
+        if self.a_bits is not None:
+            a = (QuantSpec(bits=self.a_bits, granularity="token", symmetric=True, dynamic=True) if self.act_dynamic
+                 else QuantSpec(bits=self.a_bits, granularity="tensor", symmetric=True))
+            sites += [(s, a) for s in ("qkv_in", "o_in", "up_gate_in", "down_in")]
+        if self.kv_bits is not None:
+            kv = (QuantSpec(bits=self.kv_bits, granularity="token", symmetric=False, dynamic=True) if self.kv_dynamic
+                  else QuantSpec(bits=self.kv_bits, granularity="head", symmetric=False))
+            sites += [("k_cache", kv), ("v_cache", kv)]
+        if not sites and not self.rotate:
+            return None
+        return QuantRecipe(sites=tuple(sites), r3=self.rotate, r4=self.rotate)
+
+
+PRESETS = {p.name: p for p in [
+    Preset(name="fp", rotate=False, prefix=False, w_bits=None, a_bits=None, kv_bits=None,
+           description="full precision reference"),
+    Preset(name="quarot-w4a4kv4", prefix=False, act_dynamic=True, kv_dynamic=True,
+           description="QuaRot baseline: Hadamard R1-R4, RTN W4, per-token dynamic A4, dynamic KV4, no prefix"),
+    Preset(name="w4a4kv4-static-noprefix", prefix=False,
+           description="ablation: PrefixQuant-O2 without the prefix"),
+    Preset(name="w4a4kv4-static",
+           description="PrefixQuant-O2: FP prefix, static per-tensor A4, static per-head KV4"),
+    Preset(name="w4a4kv4-dynamic", act_dynamic=True, kv_dynamic=True,
+           description="PrefixQuant-O1: FP prefix, per-token dynamic A4, per-head-group dynamic KV4"),
+    Preset(name="w4a8kv4-static", a_bits=8, description="PrefixQuant W4A8KV4, static"),
+    Preset(name="w8a8kv8-static", w_bits=8, a_bits=8, kv_bits=8, description="PrefixQuant W8A8KV8, static"),
+]}
+
+
+def get_preset(name: str, **overrides) -> Preset:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    p = PRESETS[name]
+    kw = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(p, **kw) if kw else p

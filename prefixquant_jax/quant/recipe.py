@@ -1,0 +1,58 @@
+"""QuantRecipe: what the model does at each named site (rotate, capture statistics, fake-quantize).
+
+A recipe is static (frozen, hashable): it is part of the jitted graph, while the numbers it needs
+(static scales, zero points) live in each block's `qparams` as `QuantParam` variables:
+  qparams[site]            scale, broadcastable to the site's input ([1,1,1] per tensor, [KV,1] per head)
+  qparams[site + "_zero"]  zero point (asymmetric static sites only)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+from prefixquant_jax.quant.ops import fake_quant
+from prefixquant_jax.quant.spec import QuantSpec
+from prefixquant_jax.rotate.hadamard import hadamard_transform
+
+ACT_SITES = ("qkv_in", "o_in", "up_gate_in", "down_in")
+KV_SITES = ("k_cache", "v_cache")
+QUANT_SITES = ACT_SITES + KV_SITES
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantRecipe:
+    """`sites`: (site, QuantSpec) pairs; unnamed sites stay FP. `r3`/`r4`: online Hadamards.
+
+    `capture`: sow per-token (min, max) of every quantization site's input as nnx.Intermediate
+    (activation sites: [B, L]; KV sites: [B, L, KV]), used by outlier detection and calibration.
+    """
+
+    sites: tuple[tuple[str, QuantSpec], ...] = ()
+    r3: bool = False
+    r4: bool = False
+    capture: bool = False
+
+    def spec(self, site: str) -> QuantSpec | None:
+        return dict(self.sites).get(site)
+
+    def replace(self, **kw) -> "QuantRecipe":
+        return dataclasses.replace(self, **kw)
+
+    def apply_site(self, name: str, x, qparams, block=None):
+        if name in ("q_rot", "k_rot"):
+            return hadamard_transform(x) if self.r3 else x
+        if name == "down_rot":
+            return hadamard_transform(x) if self.r4 else x
+        if self.capture and block is not None and name in QUANT_SITES:
+            xf = x.astype(jnp.float32)
+            block.sow(nnx.Intermediate, name + "_min", xf.min(axis=-1))
+            block.sow(nnx.Intermediate, name + "_max", xf.max(axis=-1))
+        spec = self.spec(name)
+        if spec is None:
+            return x
+        if spec.dynamic:
+            return fake_quant(x, spec)
+        zero = qparams[name + "_zero"][...] if (name + "_zero") in qparams else None
+        return fake_quant(x, spec, scale=qparams[name][...], zero=zero)

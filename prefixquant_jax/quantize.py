@@ -1,0 +1,125 @@
+"""The PrefixQuant pipeline: rotate -> find outlier tokens -> FP prefix KV -> RTN weights -> calibrate.
+
+`quantize(checkpoint, preset, options)` returns a `QuantizedModel`: a Llama whose recipe fake-quantizes
+the named sites, its static qparams, the FP prefix KV and a report of every stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from prefixquant_jax.calibrate import CalibConfig, calibrate_static
+from prefixquant_jax.errors import UserError
+from prefixquant_jax.eval.data import calibration_samples, load_text, tokenize
+from prefixquant_jax.model import Llama
+from prefixquant_jax.prefix.outliers import capture_token_ranges, choose_prefix, outlier_ratios, token_absmax
+from prefixquant_jax.prefix.prefix_kv import PrefixKV, compute_prefix_kv
+from prefixquant_jax.quant.ops import quantize_weight
+from prefixquant_jax.quant.presets import Preset
+from prefixquant_jax.quant.recipe import QuantRecipe
+from prefixquant_jax.rotate.fuse import RotationConfig, rotate_params
+
+WEIGHT_CLIP_GRID = tuple(np.round(np.linspace(1.0, 0.5, 21), 3))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantizeOptions:
+    calib_data: str = "wikitext2-valid"
+    calib_samples: int = 32
+    calib_seqlen: int = 512
+    outlier_samples: int = 16  # samples used to find the outlier tokens
+    grid_samples: int = 2
+    eta: float = 64.0
+    seed: int = 0
+    prefix_ids: tuple[int, ...] | None = None  # override detection
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class QuantizedModel:
+    config: object
+    model: Llama
+    fp_model: Llama
+    prefix_kv: PrefixKV | None
+    preset: Preset
+    report: dict
+
+
+def rtn_weights(params: dict, spec, progress=True) -> dict:
+    """RTN-quantize every linear kernel (per output channel, MSE-searched clip); embed/head stay FP."""
+    q = jax.jit(lambda w: quantize_weight(w, spec, WEIGHT_CLIP_GRID))
+    out = dict(params)
+    out["layers"] = {}
+    for i, lp in tqdm(params["layers"].items(), desc="weights", disable=not progress, leave=False):
+        out["layers"][i] = {
+            "input_norm": lp["input_norm"], "post_norm": lp["post_norm"],
+            "attn": {n: np.asarray(q(jnp.asarray(w))) for n, w in lp["attn"].items()},
+            "mlp": {n: np.asarray(q(jnp.asarray(w))) for n, w in lp["mlp"].items()},
+        }
+    return out
+
+
+def find_prefix(fp_model, tokenizer, calib: np.ndarray, eta: float, progress=True) -> dict:
+    """Outlier statistics at the down_proj input (after R4) and the prefix chosen by the eta rule."""
+    ranges = capture_token_ranges(fp_model, calib, progress=progress, desc="outliers")
+    ratios = outlier_ratios(token_absmax(ranges, "down_in"))
+    choice = choose_prefix(calib, ratios, eta, fp_model.config.bos_token_id)
+    choice["prefix_text"] = [tokenizer.decode([t]) for t in choice["prefix_ids"]]
+    return choice
+
+
+def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOptions()) -> QuantizedModel:
+    times, report = {}, {"preset": preset.name}
+    t = time.time()
+    rot = RotationConfig(r1=preset.rotate, r2=preset.rotate, r3=preset.rotate, r4=preset.rotate, seed=opts.seed)
+    if preset.rotate:
+        params, config = rotate_params(ck.params, ck.config, rot)
+        fp_recipe = QuantRecipe(r3=True, r4=True)
+    else:
+        params, config, fp_recipe = ck.params, ck.config, None
+    fp_model = Llama.from_params(config, params, recipe=fp_recipe)
+    times["rotate"] = time.time() - t
+
+    recipe = preset.recipe()
+    needs_calib = preset.prefix or preset.is_static
+    calib = None
+    if needs_calib:
+        ids = tokenize(tokenizer, load_text(opts.calib_data))
+        calib = calibration_samples(ids, opts.calib_samples, opts.calib_seqlen, opts.seed)
+
+    prefix_kv = None
+    if preset.prefix:
+        t = time.time()
+        if opts.prefix_ids:
+            prefix_ids = list(opts.prefix_ids)
+            report["outliers"] = {"prefix_ids": prefix_ids, "source": "given"}
+        else:
+            choice = find_prefix(fp_model, tokenizer, calib[:opts.outlier_samples], opts.eta, opts.progress)
+            prefix_ids = choice["prefix_ids"]
+            report["outliers"] = choice
+        if not prefix_ids:
+            raise UserError("the prefix is empty: the model has no BOS id and no outlier token passed eta; lower --eta")
+        text = tokenizer.decode(prefix_ids)
+        prefix_kv = compute_prefix_kv(fp_model, prefix_ids, text=text, k_rotated=preset.rotate)
+        times["prefix"] = time.time() - t
+    report["prefix_tokens"] = [] if prefix_kv is None else prefix_kv.token_ids
+    report["prefix_text"] = [] if prefix_kv is None else [tokenizer.decode([i]) for i in prefix_kv.token_ids]
+
+    t = time.time()
+    qparams = rtn_weights(params, preset.weight_spec(), opts.progress) if preset.w_bits else params
+    q_model = Llama.from_params(config, qparams, recipe=recipe)
+    times["weights"] = time.time() - t
+
+    if preset.is_static and recipe is not None:
+        t = time.time()
+        calib_x = np.asarray(jnp.asarray(params["embed"])[jnp.asarray(calib)], np.float32)
+        report["calibration"] = calibrate_static(fp_model, q_model, recipe, calib_x, prefix_kv,
+                                                 CalibConfig(grid_samples=opts.grid_samples), opts.progress)
+        times["calibrate"] = time.time() - t
+    report["seconds"] = times
+    return QuantizedModel(config=config, model=q_model, fp_model=fp_model, prefix_kv=prefix_kv, preset=preset, report=report)

@@ -1,0 +1,90 @@
+"""Offline rotation of a Llama's params (QuaRot/SpinQuant style): fold norms, fuse R1, R2, R4.
+
+Conventions (kernels are [in, out], activations are row vectors, every R is orthogonal):
+  fold    RMSNorm weight g moves into the rows of the kernels reading the norm: W <- diag(g) W, g <- 1
+  R1      residual stream x -> x R1: embed <- embed R1; readers W <- R1^T W; writers (o, down) W <- W R1;
+          lm_head <- R1^T lm_head (tied embeddings are untied: the head has the final norm folded in)
+  R2      per head on V / o_proj input: V columns of each KV head <- . R2; o_proj rows of each head <- R2^T .
+  R4      online x -> x H on the down_proj input (site `down_rot`); offline down <- H^T down
+  R3      online Hadamard on Q and K after RoPE (sites `q_rot`, `k_rot`); nothing offline
+The rotated FP model computes the same function as the original (up to float rounding).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from prefixquant_jax.config import ModelConfig
+from prefixquant_jax.rotate.hadamard import hadamard_matrix, random_hadamard
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RotationConfig:
+    r1: bool = True
+    r2: bool = True
+    r3: bool = True
+    r4: bool = True
+    seed: int = 0
+
+    @property
+    def any_offline(self) -> bool:
+        return self.r1 or self.r2 or self.r4
+
+
+def _f64(a):
+    return np.asarray(a, dtype=np.float64)
+
+
+def fold_norms(params: dict, config: ModelConfig) -> tuple[dict, ModelConfig]:
+    """Fold every RMSNorm weight into the kernels that read it; the norms become all-ones."""
+    p = {"embed": _f64(params["embed"]), "layers": {}}
+    head = _f64(params["embed"]).T if config.tie_word_embeddings else _f64(params["lm_head"])
+    g = _f64(params["final_norm"])
+    p["lm_head"] = g[:, None] * head
+    p["final_norm"] = np.ones_like(g)
+    for i, lp in params["layers"].items():
+        gi, gp = _f64(lp["input_norm"]), _f64(lp["post_norm"])
+        p["layers"][i] = {
+            "input_norm": np.ones_like(gi), "post_norm": np.ones_like(gp),
+            "attn": {"q": gi[:, None] * _f64(lp["attn"]["q"]), "k": gi[:, None] * _f64(lp["attn"]["k"]),
+                     "v": gi[:, None] * _f64(lp["attn"]["v"]), "o": _f64(lp["attn"]["o"])},
+            "mlp": {"gate": gp[:, None] * _f64(lp["mlp"]["gate"]), "up": gp[:, None] * _f64(lp["mlp"]["up"]),
+                    "down": _f64(lp["mlp"]["down"])},
+        }
+    return p, dataclasses.replace(config, tie_word_embeddings=False)
+
+
+def _per_head_cols(w, n_heads, hd, R):
+    return (w.reshape(w.shape[0], n_heads, hd) @ R).reshape(w.shape)
+
+
+def _per_head_rows(w, n_heads, hd, R):
+    """Each head's row block w_h -> R^T w_h."""
+    return np.einsum("ji,hjd->hid", R, w.reshape(n_heads, hd, w.shape[1])).reshape(w.shape)
+
+
+def rotate_params(params: dict, config: ModelConfig, rot: RotationConfig) -> tuple[dict, ModelConfig]:
+    """Fold norms and fuse R1, R2, R4 into the weights. Returns float32 params and the untied config."""
+    p, config = fold_norms(params, config)
+    D, hd = config.hidden_size, config.head_dim
+    if rot.r1:
+        R1 = random_hadamard(D, rot.seed)
+        p["embed"] = p["embed"] @ R1
+        p["lm_head"] = R1.T @ p["lm_head"]
+    R2 = random_hadamard(hd, rot.seed + 1) if rot.r2 else None
+    H4 = hadamard_matrix(config.intermediate_size) if rot.r4 else None
+    for lp in p["layers"].values():
+        a, m = lp["attn"], lp["mlp"]
+        if rot.r1:
+            for n in ("q", "k", "v"):
+                a[n] = R1.T @ a[n]
+            m["gate"], m["up"] = R1.T @ m["gate"], R1.T @ m["up"]
+            a["o"], m["down"] = a["o"] @ R1, m["down"] @ R1
+        if R2 is not None:
+            a["v"] = _per_head_cols(a["v"], config.num_kv_heads, hd, R2)
+            a["o"] = _per_head_rows(a["o"], config.num_heads, hd, R2)
+        if H4 is not None:
+            m["down"] = H4.T @ m["down"]
+    import jax
+    return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), p), config
