@@ -21,7 +21,7 @@ from prefixquant_jax.model import QuantParam, rope_tables
 from prefixquant_jax.quant.ops import qparams_from_range
 from prefixquant_jax.quant.recipe import QUANT_SITES
 
-COARSE = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+COARSE = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 FINE_STEPS = (-0.05, 0.05)
 
 

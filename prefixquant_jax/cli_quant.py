@@ -10,7 +10,7 @@ def _add_calib_args(p):
     p.add_argument("--calib-data", default="wikitext2-valid", help="wikitext2-valid (bundled) or a UTF-8 text file")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--outlier-samples", type=int, default=16, help="calibration samples scanned for outlier tokens")
+    p.add_argument("--outlier-samples", type=int, default=8, help="calibration samples scanned for outlier tokens")
     p.add_argument("--eta", type=float, default=64.0, help="outlier threshold: max|x| > eta * median over the sample's tokens")
     p.add_argument("--seed", type=int, default=0)
 
@@ -59,17 +59,21 @@ def cmd_analyze(args) -> dict:
     _check_calib(args)
     ck, model = load_fp(args.model)
     tok = ck.tokenizer()
-    if not args.no_rotate:
-        params, config = rotate_params(ck.params, ck.config, RotationConfig(seed=args.seed))
-        model = Llama.from_params(config, params, recipe=QuantRecipe(r3=True, r4=True))
     ids = tokenize(tok, load_text(args.calib_data))
     calib = calibration_samples(ids, args.outlier_samples, args.calib_seqlen, args.seed)
-    before = capture_token_ranges(model, calib, desc="before prefix")
-    ratios = outlier_ratios(token_absmax(before, "down_in"))
-    choice = choose_prefix(calib, ratios, args.eta, ck.config.bos_token_id)
+    # outlier tokens are detected on the unrotated model (as `quantize` does)
+    plain = capture_token_ranges(model, calib, desc="outliers")
+    choice = choose_prefix(calib, outlier_ratios(token_absmax(plain, "down_in")), args.eta, ck.config.bos_token_id)
+    if not args.no_rotate:  # ranges before/after the prefix are reported for the model that gets quantized
+        params, config = rotate_params(ck.params, ck.config, RotationConfig(seed=args.seed))
+        model = Llama.from_params(config, params, recipe=QuantRecipe(r3=True, r4=True))
+        before = capture_token_ranges(model, calib, desc="before prefix")
+    else:
+        before = plain
     prefix = compute_prefix_kv(model, choice["prefix_ids"])
     after = capture_token_ranges(model, calib, prefix_kv=prefix, desc="after prefix")
-    res = {"model": args.model, "rotated": not args.no_rotate, "eta": args.eta, "prefix_ids": choice["prefix_ids"],
+    res = {"model": args.model, "rotated": not args.no_rotate,
+           "unrotated_down_in_max_ratio_per_layer": np.round(outlier_ratios(token_absmax(plain, "down_in"))[:, :, 1:].max(axis=(1, 2)), 2).tolist(), "eta": args.eta, "prefix_ids": choice["prefix_ids"],
            "prefix_text": [tok.decode([t]) for t in choice["prefix_ids"]], "o": choice["o"],
            "outlier_tokens": {tok.decode([t]): c for t, c in choice["outlier_counts"].items()}}
     for site in ("down_in", "qkv_in", "k_cache", "v_cache"):
@@ -78,13 +82,14 @@ def cmd_analyze(args) -> dict:
                      "absmax_before": float(b.max()), "absmax_after": float(a.max()),
                      "range_reduction": float(b.max() / max(a.max(), 1e-12))}
     print(f"prefix (eta={args.eta:g}): {res['prefix_text']}  ids {res['prefix_ids']}")
-    print("down_proj input max/median per layer: " + " ".join(f"{r:.0f}" for r in res["down_in"]["max_ratio_per_layer"]))
+    print("down_proj input max/median per layer (unrotated): " + " ".join(f"{r:.0f}" for r in res["unrotated_down_in_max_ratio_per_layer"]))
     for site in ("down_in", "qkv_in", "k_cache", "v_cache"):
         print(f"  {site:10s} static range {res[site]['absmax_before']:9.2f} -> {res[site]['absmax_after']:9.2f} with the prefix"
               f" ({res[site]['range_reduction']:.1f}x smaller)")
     if args.plot:
         from prefixquant_jax.prefix.plot import plot_outliers
-        plot_outliers(args.plot, calib, token_absmax(before, "down_in"), token_absmax(after, "down_in"), tok, res)
+        plot_outliers(args.plot, calib, token_absmax(plain, "down_in"), token_absmax(before, "down_in"),
+                      token_absmax(after, "down_in"), tok, res)
         res["plot"] = args.plot
         print(f"plot written to {args.plot}")
     return res

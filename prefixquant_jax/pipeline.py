@@ -39,6 +39,9 @@ def load_for_inference(model_spec: str, dtype=jnp.float32, import_prefix: str | 
     ck, model = load_fp(model_spec, dtype)
     prefix_kv = None
     if import_prefix:
-        from prefixquant_jax.prefix.prefix_kv import load_prefix_kv
+        from checkpoints_convert.prefix_io import load_prefix_kv
         prefix_kv = load_prefix_kv(import_prefix, ck.config)
+        if prefix_kv.k_rotated:
+            from prefixquant_jax.errors import UserError
+            raise UserError(f"{import_prefix}: this prefix KV was computed by a rotated model; it does not fit the unrotated model {model_spec!r}")
     return Loaded(config=ck.config, compiled=Compiled(model), tokenizer_fn=ck.tokenizer, prefix_kv=prefix_kv)

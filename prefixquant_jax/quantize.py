@@ -32,7 +32,7 @@ class QuantizeOptions:
     calib_data: str = "wikitext2-valid"
     calib_samples: int = 32
     calib_seqlen: int = 512
-    outlier_samples: int = 16  # samples used to find the outlier tokens
+    outlier_samples: int = 8  # samples used to find the outlier tokens
     grid_samples: int = 2
     eta: float = 64.0
     seed: int = 0
@@ -64,11 +64,16 @@ def rtn_weights(params: dict, spec, progress=True) -> dict:
     return out
 
 
-def find_prefix(fp_model, tokenizer, calib: np.ndarray, eta: float, progress=True) -> dict:
-    """Outlier statistics at the down_proj input (after R4) and the prefix chosen by the eta rule."""
-    ranges = capture_token_ranges(fp_model, calib, progress=progress, desc="outliers")
+def find_prefix(unrotated_model, tokenizer, calib: np.ndarray, eta: float, progress=True) -> dict:
+    """Outlier statistics at the down_proj input and the prefix chosen by the eta rule.
+
+    Measured on the unrotated FP model: a Hadamard rotation spreads a token's massive channel over
+    all channels, so on SmolLM2 the max/median ratio drops from 34-81 to 3-12 and no token would pass
+    eta. The tokens themselves (their norms) stay outliers after rotation; that is what the prefix fixes.
+    """
+    ranges = capture_token_ranges(unrotated_model, calib, progress=progress, desc="outliers")
     ratios = outlier_ratios(token_absmax(ranges, "down_in"))
-    choice = choose_prefix(calib, ratios, eta, fp_model.config.bos_token_id)
+    choice = choose_prefix(calib, ratios, eta, unrotated_model.config.bos_token_id)
     choice["prefix_text"] = [tokenizer.decode([t]) for t in choice["prefix_ids"]]
     return choice
 
@@ -99,7 +104,9 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
             prefix_ids = list(opts.prefix_ids)
             report["outliers"] = {"prefix_ids": prefix_ids, "source": "given"}
         else:
-            choice = find_prefix(fp_model, tokenizer, calib[:opts.outlier_samples], opts.eta, opts.progress)
+            plain = Llama.from_params(ck.config, ck.params) if preset.rotate else fp_model
+            choice = find_prefix(plain, tokenizer, calib[:opts.outlier_samples], opts.eta, opts.progress)
+            del plain
             prefix_ids = choice["prefix_ids"]
             report["outliers"] = choice
         if not prefix_ids:

@@ -1,36 +1,40 @@
-"""The outlier plot of `prefixquant analyze`: token-wise max |x| before and after the FP prefix."""
+"""The outlier plot of `prefixquant analyze`: token-wise max |x| at the down_proj input."""
 from __future__ import annotations
 
 import numpy as np
 
 
-def plot_outliers(path, calib, before, after, tokenizer, res, positions: int = 64):
-    """before/after: [layers, N, L] max|x| at the down_proj input. Saves a PNG with three panels."""
+def plot_outliers(path, calib, plain, before, after, tokenizer, res, positions: int = 48):
+    """plain / before / after: [layers, N, L] max|x| at the down_proj input of the unrotated model,
+    the rotated model, and the rotated model behind the FP prefix. Saves a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = 0  # the sample with the largest non-initial outlier
-    n = int(np.argmax(before[:, :, 1:].max(axis=(0, 2))))
-    L = min(positions, before.shape[-1])
-    fig, axes = plt.subplots(3, 1, figsize=(12, 11))
-    vmax = float(before[:, n, :L].max())
-    for ax, data, title in ((axes[0], before, "without prefix"), (axes[1], after, f"with FP prefix {res['prefix_text']}")):
-        im = ax.imshow(data[:, n, :L], aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
-        ax.set_title(f"max |x| at the down_proj input per layer and token ({title})")
+    n = int(np.argmax(plain[:, :, 1:].max(axis=(0, 2))))  # the sample with the strongest non-initial outlier
+    L = min(positions, plain.shape[-1])
+    labels = [tokenizer.decode([int(t)]).replace("\n", "\\n") for t in calib[n, :L]]
+    fig, axes = plt.subplots(4, 1, figsize=(13, 15))
+    panels = ((plain, "unrotated model, no prefix (outlier detection)"),
+              (before, "rotated model (R1-R4), no prefix"),
+              (after, f"rotated model behind the FP prefix {res['prefix_text']}"))
+    for ax, (data, title) in zip(axes, panels):
+        im = ax.imshow(np.log10(data[:, n, :L] + 1e-6), aspect="auto", cmap="magma", interpolation="nearest")
+        ax.set_title(f"log10 max|x| at the down_proj input per layer and token: {title}")
         ax.set_ylabel("layer")
         ax.set_xticks(range(L))
-        ax.set_xticklabels([tokenizer.decode([int(t)]).replace("\n", "\\n") for t in calib[n, :L]], rotation=90, fontsize=6)
+        ax.set_xticklabels(labels, rotation=90, fontsize=6)
         fig.colorbar(im, ax=ax)
-    layers = np.arange(before.shape[0])
-    axes[2].semilogy(layers, before[:, :, 1:].max(axis=(1, 2)) / np.median(before, axis=(1, 2)), "o-", label="without prefix")
-    axes[2].semilogy(layers, after.max(axis=(1, 2)) / np.median(after, axis=(1, 2)), "s-", label="with prefix")
-    axes[2].axhline(res["eta"], color="gray", ls="--", label=f"eta = {res['eta']:g}")
-    axes[2].set_xlabel("layer")
-    axes[2].set_ylabel("max / median of token max|x|")
-    axes[2].legend()
-    axes[2].set_title("outlier ratio per layer (position 0 excluded without prefix)")
+    layers = np.arange(plain.shape[0])
+    ax = axes[3]
+    ax.semilogy(layers, plain[:, :, 1:].max(axis=(1, 2)), "o-", label="unrotated, no prefix (pos. 0 excluded)")
+    ax.semilogy(layers, before.max(axis=(1, 2)), "^-", label="rotated, no prefix (all tokens)")
+    ax.semilogy(layers, after.max(axis=(1, 2)), "s-", label="rotated, behind the prefix")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("static range: max over tokens of max|x|")
+    ax.set_title("what a per-tensor static scale must cover at the down_proj input")
+    ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,0 +1,54 @@
+"""`prefixquant quantize` / `analyze` end to end on a tiny model; preset and flag errors."""
+import json
+
+import pytest
+
+from tests.conftest import TINY_TEXT
+from tests.test_cli import assert_one_line_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("txt") / "t.txt"
+    f.write_text(TINY_TEXT * 3)
+    return str(f)
+
+
+def common(tiny_dir, text_file):
+    return ["--model", tiny_dir, "--calib-data", text_file, "--calib-samples", "4", "--calib-seqlen", "32",
+            "--outlier-samples", "4", "--eval-data", text_file, "--seqlen", "32", "--max-windows", "2"]
+
+
+@pytest.mark.parametrize("preset", ["w4a4kv4-static", "quarot-w4a4kv4"])
+def test_quantize_json(tiny_dir, text_file, tmp_path, preset):
+    out = tmp_path / "q.json"
+    r = run_cli("quantize", "--preset", preset, *common(tiny_dir, text_file), "--eta", "4", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for key in ("ppl", "fp_ppl", "prefix_tokens", "preset", "windows", "seqlen"):
+        assert key in res
+    assert res["preset"] == preset and res["windows"] == 2
+    assert (res["prefix_tokens"][:1] == [1]) == (preset == "w4a4kv4-static")
+    assert res["ppl"] > 1 and res["fp_ppl"] > 1
+    assert "x FP" in r.stdout  # the table
+    if preset == "w4a4kv4-static":
+        cal = res["report"]["calibration"]
+        assert len(cal) == 2 and all(c["grid_loss"] <= c["grid_loss_init"] + 1e-12 for c in cal)
+
+
+def test_unknown_preset(tiny_dir):
+    assert_one_line_error(run_cli("quantize", "--model", tiny_dir, "--preset", "w3a3"), "unknown preset")
+
+
+def test_bad_prefix_ids(tiny_dir):
+    assert_one_line_error(run_cli("quantize", "--model", tiny_dir, "--preset", "w4a4kv4-static", "--prefix-ids", "1,x"), "comma-separated")
+
+
+def test_analyze_plot(tiny_dir, text_file, tmp_path):
+    png, js = tmp_path / "o.png", tmp_path / "a.json"
+    r = run_cli("analyze", "--model", tiny_dir, "--calib-data", text_file, "--calib-seqlen", "32", "--outlier-samples", "4",
+                "--eta", "4", "--plot", str(png), "--json", str(js))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(js.read_text())
+    assert res["prefix_ids"][0] == 1 and png.stat().st_size > 10_000
+    assert len(res["down_in"]["max_ratio_per_layer"]) == 2
