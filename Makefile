@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/prefixquant quantize --model smollm2 --preset w4a4kv4-static --max-windows 8 --json demo.json
+	$(BIN)/prefixquant quantize --model smollm2 --preset w4a4kv4-static --calib-samples 16 --max-windows 4 --json demo.json
 
 test: $(STAMP)
 	# pytest exits 5 when it collects nothing; make treats any non-zero exit as failure

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: never try the netwo
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from prefixquant_jax.config import ModelConfig  # noqa: E402
-from prefixquant_jax.errors import UserError  # noqa: E402
+from prefixquant_jax.errors import UserError, describe  # noqa: E402
 
 from checkpoints_convert.gguf_io import read_gguf  # noqa: E402
 from checkpoints_convert.hf import export_hf, load_hf_dir  # noqa: E402
@@ -72,7 +72,7 @@ def load_tokenizer(path: str, kind: str):
             return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:
-        raise UserError(f"{path}: cannot load a tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        raise UserError(f"{path}: cannot load a tokenizer ({describe(e)})") from None
 
 
 __all__ = ["Checkpoint", "load_checkpoint", "load_tokenizer", "resolve_model_path", "export_hf", "read_gguf", "load_hf_dir"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from prefixquant_jax.config import ModelConfig
-from prefixquant_jax.errors import UserError
+from prefixquant_jax.errors import UserError, describe
 from checkpoints_convert.hf import check_shapes
 
 _LAYER_KEYS = {
@@ -44,7 +44,7 @@ def read_gguf(path: str) -> tuple[ModelConfig, dict]:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:
-        raise UserError(f"{path}: cannot read GGUF file ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'corrupt'})") from None
+        raise UserError(f"{path}: cannot read GGUF file ({describe(e)})") from None
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise UserError(f"{path}: GGUF architecture {arch!r} is not 'llama'")

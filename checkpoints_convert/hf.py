@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 
 from prefixquant_jax.config import ModelConfig
-from prefixquant_jax.errors import UserError
+from prefixquant_jax.errors import UserError, describe
 
 _LAYER_KEYS = {
     "input_layernorm.weight": ("input_norm",),
@@ -108,7 +108,7 @@ def _read_safetensors(files: list[str]) -> dict:
                 for k in st.keys():
                     state[k] = np.asarray(st.get_tensor(k), dtype=np.float32)
         except Exception as e:  # safetensors raises its own error types for bad headers/truncation
-            raise UserError(f"{f}: cannot read safetensors file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+            raise UserError(f"{f}: cannot read safetensors file ({describe(e)})") from None
     return state
 
 
@@ -122,7 +122,7 @@ def _read_torch_bins(files: list[str]) -> dict:
         try:
             sd = torch.load(f, map_location="cpu", weights_only=True)  # never plain pickle
         except Exception as e:
-            raise UserError(f"{f}: cannot read torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'corrupt'})") from None
+            raise UserError(f"{f}: cannot read torch checkpoint ({describe(e)})") from None
         if not isinstance(sd, dict):
             raise UserError(f"{f}: expected a state dict, found {type(sd).__name__}")
         state.update({k: v.float().numpy() for k, v in sd.items()})

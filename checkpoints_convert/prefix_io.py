@@ -12,7 +12,7 @@ import tempfile
 
 import numpy as np
 
-from prefixquant_jax.errors import UserError
+from prefixquant_jax.errors import UserError, describe
 from prefixquant_jax.prefix.prefix_kv import PrefixKV
 
 FORMAT = "prefixquant-prefix-kv/1"
@@ -56,7 +56,7 @@ def load_prefix_kv(path: str, config=None) -> PrefixKV:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise UserError(f"{path}: cannot read prefix safetensors ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'corrupt'})") from None
+        raise UserError(f"{path}: cannot read prefix safetensors ({describe(e)})") from None
     if meta.get("format") != FORMAT:
         raise UserError(f"{path}: not a prefix KV file of format {FORMAT} (found {meta.get('format')!r})")
     n = int(meta["num_layers"])

@@ -35,6 +35,8 @@ def add_subcommands(sub, add_model_args, add_eval_args) -> None:
     add_eval_args(p, data_flag="--eval-data")
     p.add_argument("--no-fp", action="store_true", help="skip the FP reference evaluation (no fp_ppl / ratio)")
     p.add_argument("--no-eval", action="store_true", help="quantize only")
+    p.add_argument("--export-prefix", metavar="FILE.safetensors", help="write the FP prefix KV (layers.{i}.key/value)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --export-prefix file")
 
 
 def _check_calib(args):
@@ -128,6 +130,12 @@ def cmd_quantize(args) -> dict:
            "quantize_seconds": time.time() - t0, "report": qm.report}
     if qm.prefix_kv is not None:
         print(f"prefix: {qm.report['prefix_text']} (ids {qm.report['prefix_tokens']})")
+    if args.export_prefix:
+        if qm.prefix_kv is None:
+            raise UserError(f"--export-prefix: preset {preset.name!r} uses no prefix")
+        from checkpoints_convert.prefix_io import save_prefix_kv
+        res["prefix_file"] = save_prefix_kv(qm.prefix_kv, args.export_prefix, overwrite=args.overwrite)
+        print(f"prefix KV written to {res['prefix_file']}")
     if not args.no_eval:
         win = windows(tokenize(tok, load_text(args.eval_data)), args.seqlen, args.max_windows)
         t = time.time()

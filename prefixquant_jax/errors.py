@@ -11,3 +11,9 @@ class UserError(Exception):
     def __init__(self, message: str):
         # keep it one line: the CLI prints str(self) as is
         super().__init__(" ".join(str(message).split()))
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: first line of the message` (at most 200 characters), for wrapping library errors."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
