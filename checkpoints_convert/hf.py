@@ -180,3 +180,19 @@ def export_hf(params: dict, config: ModelConfig, out_dir: str, overwrite: bool =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def export_rotated_hf(params: dict, config: ModelConfig, out_dir: str, seed: int = 0, overwrite: bool = False) -> str:
+    """Fold norms and fuse R1/R2 (the offline rotations), then export as a plain HF Llama.
+
+    R3 (Q/K after RoPE) and R4 (down_proj input) need an online Hadamard that a stock
+    transformers Llama cannot run, so they are not applied here; the exported model computes the
+    same function as the original. The rotation is recorded in config.json under `prefixquant`.
+    """
+    from prefixquant_jax.rotate.fuse import RotationConfig, rotate_params
+
+    rot = RotationConfig(r1=True, r2=True, r3=False, r4=False, seed=seed)
+    rparams, rconfig = rotate_params(params, config, rot)
+    note = {"prefixquant": {"rotation": "norms folded, R1 and R2 random Hadamard fused", "seed": seed,
+                            "online_not_representable": ["R3 (Q/K after RoPE)", "R4 (down_proj input)"]}}
+    return export_hf(rparams, rconfig, out_dir, overwrite=overwrite, extra_config=note)

@@ -37,6 +37,29 @@ def add_subcommands(sub, add_model_args, add_eval_args) -> None:
     p.add_argument("--no-eval", action="store_true", help="quantize only")
     p.add_argument("--export-prefix", metavar="FILE.safetensors", help="write the FP prefix KV (layers.{i}.key/value)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --export-prefix file")
+    add_export_hf(sub, add_model_args)
+
+
+def add_export_hf(sub, add_model_args) -> None:
+    p = sub.add_parser("export-hf", help="write the FP model (optionally R1/R2-rotated) as an HF safetensors checkpoint")
+    add_model_args(p, dtype=False)
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--rotate", action="store_true", help="fold norms and fuse R1/R2 (R3/R4 are online: not representable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def cmd_export_hf(args) -> dict:
+    from checkpoints_convert import export_hf, load_checkpoint
+    from checkpoints_convert.hf import export_rotated_hf
+
+    ck = load_checkpoint(args.model)
+    if args.rotate:
+        out = export_rotated_hf(ck.params, ck.config, args.out, seed=args.seed, overwrite=args.overwrite)
+    else:
+        out = export_hf(ck.params, ck.config, args.out, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return {"model": args.model, "out": out, "rotated": args.rotate, "seed": args.seed}
 
 
 def _check_calib(args):
@@ -156,4 +179,4 @@ def cmd_quantize(args) -> dict:
     return res
 
 
-HANDLERS = {"analyze": cmd_analyze, "quantize": cmd_quantize}
+HANDLERS = {"analyze": cmd_analyze, "quantize": cmd_quantize, "export-hf": cmd_export_hf}

@@ -78,3 +78,12 @@ def test_eval_json(tiny_dir, tmp_path):
 def test_generate_runs(tiny_dir):
     r = run_cli("generate", "--model", tiny_dir, "--prompt", "The quick", "--max-new-tokens", "5", "--no-chat")
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_export_hf_refuses_to_overwrite(tiny_dir, tmp_path):
+    out = tmp_path / "exp"
+    r = run_cli("export-hf", "--model", tiny_dir, "--out", str(out), "--rotate")
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = (out / "model.safetensors").read_bytes()
+    assert_one_line_error(run_cli("export-hf", "--model", tiny_dir, "--out", str(out)), "already exists")
+    assert (out / "model.safetensors").read_bytes() == before  # nothing the user had is lost

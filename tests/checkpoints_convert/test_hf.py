@@ -83,3 +83,25 @@ def test_shape_mismatch_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="shape mismatch for layers.0.mlp"):
         load_checkpoint(str(tmp_path))
+
+
+def test_export_rotated_loads_in_transformers(tmp_path):
+    """An R1/R2-rotated export loads in transformers and gives our rotated model's logits (and the original's)."""
+    from transformers import LlamaForCausalLM
+
+    from checkpoints_convert.hf import export_rotated_hf
+    from prefixquant_jax.rotate.fuse import RotationConfig, rotate_params
+
+    ref = make_tiny_hf(tmp_path / "src", tied=True, tokenizer=False)
+    ck = load_checkpoint(str(tmp_path / "src"))
+    export_rotated_hf(ck.params, ck.config, str(tmp_path / "rot"), seed=7)
+    cfg = json.loads((tmp_path / "rot" / "config.json").read_text())
+    assert cfg["prefixquant"]["seed"] == 7 and cfg["tie_word_embeddings"] is False
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "rot").eval()
+    params, config = rotate_params(ck.params, ck.config, RotationConfig(r3=False, r4=False, seed=7))
+    ids = rng_tokens(30, ck.config.vocab_size, seed=5)
+    ours, _ = Llama.from_params(config, params)(jnp.asarray(ids[None]))
+    np.testing.assert_allclose(_ref_logits(hf, ids), np.asarray(ours[0]), atol=TOL, rtol=0)
+    np.testing.assert_allclose(_ref_logits(hf, ids), _ref_logits(ref, ids), atol=2e-4, rtol=0)
+    # the weights really are rotated, not a copy
+    assert not np.allclose(np.asarray(params["embed"]), ck.params["embed"])
