@@ -1,4 +1,4 @@
-"""`prefixquant` command line: eval, generate, analyze, quantize, export-prefix.
+"""`prefixquant` command line: eval, generate, analyze, quantize, export-hf.
 
 Every user-facing failure is a `UserError`, printed as one line `error: ...` with exit status 2.
 """

@@ -1,4 +1,4 @@
-"""Subcommands `analyze` (outlier tokens, prefix choice, plot) and `quantize` (run a preset, evaluate)."""
+"""Subcommands `analyze` (outlier tokens, prefix choice, plot), `quantize` (run a preset, evaluate) and `export-hf`."""
 from __future__ import annotations
 
 import time
