@@ -23,7 +23,7 @@ def main(log_path: str) -> None:
     print("| preset | prefix | ppl | × FP | windows × seqlen | quantize + eval s | command |")
     print("|---|---|---|---|---|---|---|")
     for r, cmd in rows:
-        prefix = " ".join(repr(t) for t in r.get("prefix_text", [])) or "-"
+        prefix = (" ".join(repr(t) for t in r.get("prefix_text", [])) or "-").replace("|", "\\|")  # a pipe would split the cell
         ratio = f"{r['ppl'] / fp:.3f}" if fp else "-"
         print(f"| `{r['preset']}` | {prefix} | {r['ppl']:.3f} | {ratio} | {r['windows']} × {r['seqlen']} | "
               f"{r['seconds']:.0f} | `{cmd.replace(' --json ' + cmd.split('--json ')[1].split()[0], '')}` |")
