@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from prefixquant_jax.kv_cache import KVCache
 from prefixquant_jax.model import QuantParam, rope_tables
 from prefixquant_jax.quant.ops import qparams_from_range
-from prefixquant_jax.quant.recipe import QUANT_SITES
+from prefixquant_jax.quant.recipe import QUANT_SITES, pair_ranges, sown_value
 
 COARSE = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 FINE_STEPS = (-0.05, 0.05)
@@ -91,7 +91,8 @@ class BlockRunner:
         if self.prefix_kv is None:
             z = jnp.zeros((n, L, c.num_kv_heads, c.head_dim), jnp.float32)
             return z, z
-        pk = KVCache.with_prefix(_LayerPrefix(self.prefix_kv, layer), n, self.P + L)
+        one_layer = KVCache(k=[self.prefix_kv.k[layer]], v=[self.prefix_kv.v[layer]])
+        pk = KVCache.with_prefix(one_layer, n, self.P + L)
         return pk.k[0], pk.v[0]
 
     def _chunks(self, layer, x, chunk):
@@ -110,29 +111,12 @@ class BlockRunner:
         acc: dict = {}
         for xb, ck, cv in self._chunks(layer, x, chunk):
             for k, v in self._capture(gd, state, xb, ck, cv, self.cos, self.sin).items():
-                acc.setdefault(k, []).append(np.asarray(v[0] if isinstance(v, (tuple, list)) else v))
-        sites = {k.rsplit("_", 1)[0] for k in acc}
-        return {s: (np.concatenate(acc[s + "_min"]), np.concatenate(acc[s + "_max"])) for s in sites}
+                acc.setdefault(k, []).append(np.asarray(sown_value(v)))
+        return pair_ranges({k: np.concatenate(v) for k, v in acc.items()})
 
     def loss(self, block, x, ck, cv, target) -> float:
         gd, state = nnx.split(block)
         return float(self._loss(gd, state, x, ck, cv, self.cos, self.sin, target))
-
-
-@dataclasses.dataclass
-class _LayerPrefix:
-    """View of one layer of a PrefixKV as a one-layer cache source."""
-
-    prefix_kv: object
-    layer: int
-
-    @property
-    def k(self):
-        return [self.prefix_kv.k[self.layer]]
-
-    @property
-    def v(self):
-        return [self.prefix_kv.v[self.layer]]
 
 
 def calibrate_static(fp_model, q_model, recipe, calib_x: np.ndarray, prefix_kv, cfg: CalibConfig = CalibConfig(),

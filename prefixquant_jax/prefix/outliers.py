@@ -26,7 +26,7 @@ def capture_token_ranges(model, tokens: np.ndarray, prefix_kv=None, batch_size: 
     Returns {site: (mins, maxs)} with arrays [layers, N, L] (KV sites: [layers, N, L, KV]).
     The model's recipe is used with capture switched on (rotations apply; quantizers too, if any).
     """
-    from prefixquant_jax.quant.recipe import QuantRecipe
+    from prefixquant_jax.quant.recipe import QuantRecipe, pair_ranges, sown_value
 
     orig = model.layers[0].recipe
     set_recipe(model, (orig or QuantRecipe()).replace(capture=True))
@@ -47,14 +47,8 @@ def capture_token_ranges(model, tokens: np.ndarray, prefix_kv=None, batch_size: 
                  else KVCache.with_prefix(prefix_kv, len(toks), P + toks.shape[1]))
         inter = run(state, toks, cache, P)
         for key in inter["layers"][0]:
-            out[key].append(np.stack([np.asarray(_first(inter["layers"][i][key])) for i in range(len(model.layers))]))
-    merged = {k: np.concatenate(v, axis=1) for k, v in out.items()}
-    sites = sorted({k.rsplit("_", 1)[0] for k in merged})
-    return {s: (merged[s + "_min"], merged[s + "_max"]) for s in sites}
-
-
-def _first(v):
-    return v[0] if isinstance(v, (tuple, list)) else v
+            out[key].append(np.stack([np.asarray(sown_value(inter["layers"][i][key])) for i in range(len(model.layers))]))
+    return pair_ranges({k: np.concatenate(v, axis=1) for k, v in out.items()})
 
 
 def token_absmax(ranges, site="down_in"):

@@ -56,3 +56,14 @@ class QuantRecipe:
             return fake_quant(x, spec)
         zero = qparams[name + "_zero"][...] if (name + "_zero") in qparams else None
         return fake_quant(x, spec, scale=qparams[name][...], zero=zero)
+
+
+def sown_value(v):
+    """The array a single `sow` stored (NNX keeps sown values in a tuple)."""
+    return v[0] if isinstance(v, (tuple, list)) else v
+
+
+def pair_ranges(merged: dict) -> dict:
+    """{"<site>_min": a, "<site>_max": b, ...} -> {site: (a, b)}."""
+    sites = {k.rsplit("_", 1)[0] for k in merged}
+    return {s: (merged[s + "_min"], merged[s + "_max"]) for s in sites}
