@@ -1,6 +1,8 @@
 """Subcommands `analyze` (outlier tokens, prefix choice, plot), `quantize` (run a preset, evaluate) and `export-hf`."""
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 
 from prefixquant_jax.errors import UserError
@@ -13,6 +15,44 @@ def _add_calib_args(p):
     p.add_argument("--outlier-samples", type=int, default=8, help="calibration samples scanned for outlier tokens")
     p.add_argument("--eta", type=float, default=64.0, help="outlier threshold: max|x| > eta * median over the sample's tokens")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _add_train_args(p):
+    g = p.add_argument_group("block-wise fine-tuning (PrefixQuant FT)")
+    g.add_argument("--train", action="store_true", help="fine-tune scales and weights block by block after calibration")
+    g.add_argument("--train-preset", default="fast", help="fast (CPU-sized, default) or paper (512 x 1024, batch 4, 20 epochs)")
+    g.add_argument("--train-samples", type=int)
+    g.add_argument("--train-seqlen", type=int)
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--train-batch-size", type=int, help="samples per step (sharded over the devices)")
+    g.add_argument("--lr-quant", type=float, help="learning rate of scales / zero points (default 5e-5)")
+    g.add_argument("--lr-weight", type=float, help="learning rate of the linear weights (default 5e-6)")
+    g.add_argument("--no-train-weights", action="store_true", help="train the quantizer parameters only")
+    g.add_argument("--train-dir", metavar="DIR", help="checkpoint the run here (after calibration, every block, every --ckpt-every steps)")
+    g.add_argument("--ckpt-every", type=int, default=0, help="in-block checkpoint period in steps (0: after each block only)")
+    g.add_argument("--resume", metavar="DIR", help="continue the fine-tuning run checkpointed in DIR (implies --train)")
+
+
+def _train_cfg(args, preset):
+    from prefixquant_jax.train import train_config
+
+    return train_config(args.train_preset, preset.a_bits, samples=args.train_samples, seqlen=args.train_seqlen,
+                        epochs=args.epochs, batch_size=args.train_batch_size, lr_quant=args.lr_quant,
+                        lr_weight=args.lr_weight, ckpt_every=args.ckpt_every, seed=args.seed,
+                        train_weights=False if args.no_train_weights else None)
+
+
+def _finetune(args, qm, tok, cfg) -> dict:
+    from prefixquant_jax.train import finetune
+
+    if args.resume and args.train_dir and args.resume != args.train_dir:
+        raise UserError("give either --train-dir or --resume (the directory to continue), not both")
+    r = finetune(qm, tok, cfg, calib_data=args.calib_data, train_dir=args.resume or args.train_dir,
+                 resume=bool(args.resume), overwrite=args.overwrite, fingerprint={"model": args.model})
+    blocks = r["blocks"]
+    print(f"fine-tuned {len(blocks)} blocks in {r['seconds']:.0f} s: mean block loss "
+          f"{sum(b['loss_before'] for b in blocks) / len(blocks):.3e} -> {sum(b['loss_after'] for b in blocks) / len(blocks):.3e}")
+    return r
 
 
 def add_subcommands(sub, add_model_args, add_eval_args) -> None:
@@ -32,12 +72,17 @@ def add_subcommands(sub, add_model_args, add_eval_args) -> None:
     p.add_argument("--a-bits", type=int)
     p.add_argument("--kv-bits", type=int)
     p.add_argument("--prefix-ids", help="comma-separated token ids to use as the prefix instead of detecting them")
+    _add_train_args(p)
     add_eval_args(p, data_flag="--eval-data")
     p.add_argument("--no-fp", action="store_true", help="skip the FP reference evaluation (no fp_ppl / ratio)")
     p.add_argument("--no-eval", action="store_true", help="quantize only")
     p.add_argument("--export-prefix", metavar="FILE.safetensors", help="write the FP prefix KV (layers.{i}.key/value)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --export-prefix file")
+    p.add_argument("--import-prefix", metavar="FILE.safetensors", help="use this prefix KV (export-prefix) instead of computing one")
+    p.add_argument("--save", metavar="DIR", help="save the quantized model (Orbax state, metadata, tokenizer) to DIR; "
+                   "an existing DIR needs --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --export-prefix file or --train-dir")
     add_export_hf(sub, add_model_args)
+    add_export_prefix(sub)
 
 
 def add_export_hf(sub, add_model_args) -> None:
@@ -60,6 +105,42 @@ def cmd_export_hf(args) -> dict:
         out = export_hf(ck.params, ck.config, args.out, overwrite=args.overwrite)
     print(f"wrote {out}")
     return {"model": args.model, "out": out, "rotated": args.rotate, "seed": args.seed}
+
+
+def add_export_prefix(sub) -> None:
+    p = sub.add_parser("export-prefix", help="write the FP prefix KV of a saved quantized model (quantize --save)")
+    p.add_argument("--model", required=True, help="a directory written by quantize --save")
+    p.add_argument("--out", required=True, metavar="FILE.safetensors")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", dest="json_out", metavar="OUT", help="write the results as JSON to OUT")
+
+
+def cmd_export_prefix(args) -> dict:
+    from checkpoints_convert.orbax_io import load_saved_prefix, read_metadata
+    from checkpoints_convert.prefix_io import save_prefix_kv
+
+    meta = read_metadata(args.model)
+    pkv = load_saved_prefix(args.model, meta)
+    if pkv is None:
+        raise UserError(f"{args.model}: preset {meta['preset'].get('name')!r} uses no prefix; nothing to export")
+    out = save_prefix_kv(pkv, args.out, overwrite=args.overwrite)
+    print(f"prefix KV {pkv.token_ids} written to {out}")
+    return {"model": args.model, "out": out, "prefix_tokens": pkv.token_ids, "k_rotated": pkv.k_rotated}
+
+
+def _import_prefix(args, config, preset):
+    """The --import-prefix KV, checked against the model (layers, kv heads, head_dim) and the preset's rotation."""
+    from checkpoints_convert.prefix_io import load_prefix_kv
+
+    if not preset.prefix:
+        raise UserError(f"--import-prefix: preset {preset.name!r} uses no prefix")
+    if args.prefix_ids:
+        raise UserError("--import-prefix and --prefix-ids exclude each other")
+    pkv = load_prefix_kv(args.import_prefix, config)
+    if pkv.k_rotated != preset.rotate:
+        raise UserError(f"{args.import_prefix}: prefix KV computed by a {'rotated' if pkv.k_rotated else 'unrotated'} model; "
+                        f"preset {preset.name!r} is {'rotated' if preset.rotate else 'unrotated'}")
+    return pkv
 
 
 def _check_calib(args):
@@ -130,6 +211,10 @@ def cmd_quantize(args) -> dict:
 
     _check_calib(args)
     preset = get_preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits)
+    if args.save:  # fail now, not after quantizing
+        from checkpoints_convert.orbax_io import check_save_target
+        check_save_target(args.save, args.overwrite)
+    train_cfg = _train_cfg(args, preset) if (args.train or args.resume) else None
     prefix_ids = None
     if args.prefix_ids:
         try:
@@ -138,16 +223,28 @@ def cmd_quantize(args) -> dict:
             raise UserError(f"--prefix-ids must be comma-separated integers, got {args.prefix_ids!r}") from None
     t0 = time.time()
     ck, fp_model = load_fp(args.model)
+    imported = _import_prefix(args, ck.config, preset) if args.import_prefix else None
+    if imported is not None:
+        prefix_ids = tuple(imported.token_ids)
     if prefix_ids and max(prefix_ids) >= ck.config.vocab_size:
         raise UserError(f"--prefix-ids: id {max(prefix_ids)} is outside the vocabulary ({ck.config.vocab_size})")
     P = (len(prefix_ids) if prefix_ids else 9) if preset.prefix else 0  # at most BOS + 8 detected tokens
-    if args.seqlen + P > ck.config.max_position_embeddings:
-        raise UserError(f"--seqlen {args.seqlen} (+ prefix) exceeds the model's max positions {ck.config.max_position_embeddings}")
+    for flag, n in (("--seqlen", None if args.no_eval else args.seqlen), ("--calib-seqlen", args.calib_seqlen),
+                    ("--train-seqlen", train_cfg.seqlen if train_cfg else None)):
+        if n is not None and n + P > ck.config.max_position_embeddings:
+            raise UserError(f"{flag} {n} (+ prefix) exceeds the model's max positions {ck.config.max_position_embeddings}")
     tok = ck.tokenizer()
     opts = QuantizeOptions(calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                            outlier_samples=args.outlier_samples, grid_samples=args.grid_samples, eta=args.eta,
-                           seed=args.seed, prefix_ids=prefix_ids)
+                           seed=args.seed, prefix_ids=prefix_ids, prefix_kv=imported)
+    if (args.train_dir and not args.resume and not args.overwrite and os.path.isdir(args.train_dir)
+            and os.listdir(args.train_dir)):  # fail before the slow stages, not after them
+        raise UserError(f"training directory {args.train_dir} exists; use --resume {args.train_dir} to continue it or --overwrite")
+    if args.resume and os.path.isdir(os.path.join(args.resume, "init")):
+        opts = dataclasses.replace(opts, calibrate=False)  # the calibrated scales are restored from DIR/init
     qm = quantize(ck, tok, preset, opts)
+    if train_cfg is not None:
+        qm.report["train"] = _finetune(args, qm, tok, train_cfg)
     res = {"model": args.model, "preset": preset.name, "prefix_tokens": qm.report["prefix_tokens"],
            "prefix_text": qm.report["prefix_text"], "eta": args.eta, "bits": {"w": preset.w_bits, "a": preset.a_bits, "kv": preset.kv_bits},
            "quantize_seconds": time.time() - t0, "report": qm.report}
@@ -159,6 +256,10 @@ def cmd_quantize(args) -> dict:
         from checkpoints_convert.prefix_io import save_prefix_kv
         res["prefix_file"] = save_prefix_kv(qm.prefix_kv, args.export_prefix, overwrite=args.overwrite)
         print(f"prefix KV written to {res['prefix_file']}")
+    if args.save:
+        from checkpoints_convert.orbax_io import save_quantized
+        res["saved"] = save_quantized(qm, args.save, overwrite=args.overwrite, tokenizer=tok)
+        print(f"quantized model saved to {res['saved']}")
     if not args.no_eval:
         win = windows(tokenize(tok, load_text(args.eval_data)), args.seqlen, args.max_windows)
         t = time.time()
@@ -179,4 +280,4 @@ def cmd_quantize(args) -> dict:
     return res
 
 
-HANDLERS = {"analyze": cmd_analyze, "quantize": cmd_quantize, "export-hf": cmd_export_hf}
+HANDLERS = {"analyze": cmd_analyze, "quantize": cmd_quantize, "export-hf": cmd_export_hf, "export-prefix": cmd_export_prefix}

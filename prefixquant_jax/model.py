@@ -11,7 +11,8 @@ what the converter, the rotations and the exporters exchange:
 
 Quantization and rotation hook in through one place: `Block.site(name, x)`, called at the named
 sites `qkv_in`, `k_cache`, `v_cache`, `o_in`, `up_gate_in`, `down_in`; the block's `recipe` (a
-static, frozen object or None) decides what happens there. With `recipe=None` the model is exactly
+static, frozen object or None) decides what happens there, and `Block.linear` asks it for each
+kernel (weight quantization). With `recipe=None` the model is exactly
 the FP Llama.
 """
 from __future__ import annotations
@@ -134,24 +135,32 @@ class Block(nnx.Module):
             return x
         return self.recipe.apply_site(name, x, self.qparams, self)
 
+    def linear(self, name: str, x):
+        """x @ kernel of linear `name` (q k v o gate up down), as the recipe quantizes it."""
+        mod = getattr(self.mlp if name in ("gate", "up", "down") else self.attn, name)
+        k = mod.kernel[...]
+        if self.recipe is not None:
+            k = self.recipe.apply_weight(name, k, self.qparams)
+        return x @ k
+
     def __call__(self, x, cache_k, cache_v, offset, cos, sin):
         c = self.config
         B, L, _ = x.shape
         h = self.site("qkv_in", self.input_norm(x))
-        q = self.attn.q(h).reshape(B, L, c.num_heads, c.head_dim)
-        k = self.attn.k(h).reshape(B, L, c.num_kv_heads, c.head_dim)
-        v = self.attn.v(h).reshape(B, L, c.num_kv_heads, c.head_dim)
+        q = self.linear("q", h).reshape(B, L, c.num_heads, c.head_dim)
+        k = self.linear("k", h).reshape(B, L, c.num_kv_heads, c.head_dim)
+        v = self.linear("v", h).reshape(B, L, c.num_kv_heads, c.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k = self.site("q_rot", q), self.site("k_rot", k)  # R3 lives here
         k, v = self.site("k_cache", k), self.site("v_cache", v)
         cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, offset, 0, 0))
         cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, offset, 0, 0))
         a = attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), offset, c.num_kv_heads)
-        x = x + self.attn.o(self.site("o_in", a))
+        x = x + self.linear("o", self.site("o_in", a))
         h = self.site("up_gate_in", self.post_norm(x))
-        m = jax.nn.silu(self.mlp.gate(h)) * self.mlp.up(h)
+        m = jax.nn.silu(self.linear("gate", h)) * self.linear("up", h)
         m = self.site("down_in", self.site("down_rot", m))  # R4 then quantize
-        return x + self.mlp.down(m), cache_k, cache_v
+        return x + self.linear("down", m), cache_k, cache_v
 
 
 class Llama(nnx.Module):

@@ -36,6 +36,9 @@ def load_fp(model_spec: str, dtype=jnp.float32):
 
 
 def load_for_inference(model_spec: str, dtype=jnp.float32, import_prefix: str | None = None) -> Loaded:
+    from checkpoints_convert.orbax_io import looks_saved
+    if looks_saved(model_spec):
+        return load_saved(model_spec, dtype, import_prefix)
     ck, model = load_fp(model_spec, dtype)
     prefix_kv = None
     if import_prefix:
@@ -45,3 +48,21 @@ def load_for_inference(model_spec: str, dtype=jnp.float32, import_prefix: str | 
             from prefixquant_jax.errors import UserError
             raise UserError(f"{import_prefix}: this prefix KV was computed by a rotated model; it does not fit the unrotated model {model_spec!r}")
     return Loaded(config=ck.config, compiled=Compiled(model), tokenizer_fn=ck.tokenizer, prefix_kv=prefix_kv)
+
+
+def load_saved(path: str, dtype=jnp.float32, import_prefix: str | None = None) -> Loaded:
+    """A model saved by `quantize --save` (checkpoints_convert.orbax_io), with its prefix KV and tokenizer;
+    `import_prefix` replaces the saved prefix KV (it must match the model's rotation)."""
+    from checkpoints_convert.orbax_io import load_quantized, saved_tokenizer
+    from prefixquant_jax.errors import UserError
+
+    qm = load_quantized(path, dtype)
+    prefix_kv = qm.prefix_kv
+    if import_prefix:
+        from checkpoints_convert.prefix_io import load_prefix_kv
+        prefix_kv = load_prefix_kv(import_prefix, qm.config)
+        if prefix_kv.k_rotated != qm.preset.rotate:
+            raise UserError(f"{import_prefix}: prefix KV k_rotated={prefix_kv.k_rotated} does not fit {path} "
+                            f"(preset {qm.preset.name!r}, rotated={qm.preset.rotate})")
+    return Loaded(config=qm.config, compiled=Compiled(qm.model), tokenizer_fn=lambda: saved_tokenizer(path),
+                  prefix_kv=prefix_kv, preset=qm.preset.name, meta=qm.report)

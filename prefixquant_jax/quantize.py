@@ -16,12 +16,12 @@ from tqdm.auto import tqdm
 from prefixquant_jax.calibrate import CalibConfig, calibrate_static
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.eval.data import calibration_samples, load_text, tokenize
-from prefixquant_jax.model import Llama
+from prefixquant_jax.model import Llama, QuantParam
 from prefixquant_jax.prefix.outliers import capture_token_ranges, choose_prefix, outlier_ratios, token_absmax
 from prefixquant_jax.prefix.prefix_kv import PrefixKV, compute_prefix_kv
-from prefixquant_jax.quant.ops import quantize_weight
+from prefixquant_jax.quant.ops import weight_scale
 from prefixquant_jax.quant.presets import Preset
-from prefixquant_jax.quant.recipe import QuantRecipe
+from prefixquant_jax.quant.recipe import WEIGHT_NAMES, QuantRecipe
 from prefixquant_jax.rotate.fuse import RotationConfig, rotate_params
 
 WEIGHT_CLIP_GRID = tuple(np.round(np.linspace(1.0, 0.5, 21), 3))
@@ -38,6 +38,8 @@ class QuantizeOptions:
     seed: int = 0
     prefix_ids: tuple[int, ...] | None = None  # override detection
     progress: bool = True
+    calibrate: bool = True  # False: leave static scales unset (a resumed --train restores them)
+    prefix_kv: PrefixKV | None = None  # use this prefix KV (e.g. --import-prefix) instead of computing one
 
 
 @dataclasses.dataclass
@@ -50,18 +52,14 @@ class QuantizedModel:
     report: dict
 
 
-def rtn_weights(params: dict, spec, progress=True) -> dict:
-    """RTN-quantize every linear kernel (per output channel, MSE-searched clip); embed/head stay FP."""
-    q = jax.jit(lambda w: quantize_weight(w, spec, WEIGHT_CLIP_GRID))
-    out = dict(params)
-    out["layers"] = {}
-    for i, lp in tqdm(params["layers"].items(), desc="weights", disable=not progress, leave=False):
-        out["layers"][i] = {
-            "input_norm": lp["input_norm"], "post_norm": lp["post_norm"],
-            "attn": {n: np.asarray(q(jnp.asarray(w))) for n, w in lp["attn"].items()},
-            "mlp": {n: np.asarray(q(jnp.asarray(w))) for n, w in lp["mlp"].items()},
-        }
-    return out
+def init_weight_scales(model: Llama, spec, progress=True) -> None:
+    """RTN init: per-output-channel scale of every linear kernel (MSE-searched clip) into
+    qparams["w_<name>"]; the kernels stay FP and the recipe fake-quantizes them. Embed/head stay FP."""
+    f = jax.jit(lambda w: weight_scale(w, spec, WEIGHT_CLIP_GRID))
+    for blk in tqdm(model.layers, desc="weights", disable=not progress, leave=False):
+        for name in WEIGHT_NAMES:
+            mod = getattr(blk.mlp if name in ("gate", "up", "down") else blk.attn, name)
+            blk.qparams["w_" + name] = QuantParam(f(mod.kernel[...]))
 
 
 def find_prefix(unrotated_model, tokenizer, calib: np.ndarray, eta: float, progress=True) -> dict:
@@ -79,7 +77,7 @@ def find_prefix(unrotated_model, tokenizer, calib: np.ndarray, eta: float, progr
 
 
 def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOptions()) -> QuantizedModel:
-    times, report = {}, {"preset": preset.name}
+    times, report = {}, {"preset": preset.name, "seed": opts.seed, "eta": opts.eta}
     t = time.time()
     rot = RotationConfig(r1=preset.rotate, r2=preset.rotate, r3=preset.rotate, r4=preset.rotate, seed=opts.seed)
     if preset.rotate:
@@ -100,7 +98,13 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
     prefix_kv = None
     if preset.prefix:
         t = time.time()
-        if opts.prefix_ids:
+        if opts.prefix_kv is not None:  # imported: the caller checked kv heads and head_dim against the model
+            prefix_ids = list(opts.prefix_kv.token_ids)
+            report["outliers"] = {"prefix_ids": prefix_ids, "source": "imported"}
+            if opts.prefix_kv.k_rotated != preset.rotate or len(opts.prefix_kv.k) != config.num_layers:
+                raise UserError(f"the given prefix KV (k_rotated={opts.prefix_kv.k_rotated}, {len(opts.prefix_kv.k)} layers) does not "
+                                f"fit preset {preset.name!r} (rotated={preset.rotate}, {config.num_layers} layers)")
+        elif opts.prefix_ids:
             prefix_ids = list(opts.prefix_ids)
             report["outliers"] = {"prefix_ids": prefix_ids, "source": "given"}
         else:
@@ -112,17 +116,18 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
         if not prefix_ids:
             raise UserError("the prefix is empty: the model has no BOS id and no outlier token passed eta; lower --eta")
         text = tokenizer.decode(prefix_ids)
-        prefix_kv = compute_prefix_kv(fp_model, prefix_ids, text=text, k_rotated=preset.rotate)
+        prefix_kv = opts.prefix_kv or compute_prefix_kv(fp_model, prefix_ids, text=text, k_rotated=preset.rotate)
         times["prefix"] = time.time() - t
     report["prefix_tokens"] = [] if prefix_kv is None else prefix_kv.token_ids
     report["prefix_text"] = [] if prefix_kv is None else [tokenizer.decode([i]) for i in prefix_kv.token_ids]
 
     t = time.time()
-    qparams = rtn_weights(params, preset.weight_spec(), opts.progress) if preset.w_bits else params
-    q_model = Llama.from_params(config, qparams, recipe=recipe)
+    q_model = Llama.from_params(config, params, recipe=recipe)
+    if preset.w_bits:
+        init_weight_scales(q_model, preset.weight_spec(), opts.progress)
     times["weights"] = time.time() - t
 
-    if preset.is_static and recipe is not None:
+    if preset.is_static and recipe is not None and opts.calibrate:
         t = time.time()
         calib_x = np.asarray(jnp.asarray(params["embed"])[jnp.asarray(calib)], np.float32)
         report["calibration"] = calibrate_static(fp_model, q_model, recipe, calib_x, prefix_kv,

@@ -83,7 +83,8 @@ def fake_quant(x, spec: QuantSpec, scale=None, zero=None, clip=None):
         if scale is None:
             raise ValueError("static quantizer called without a scale")
         scale = jnp.maximum(scale.astype(jnp.float32), EPS)
-        zero = jnp.zeros((), jnp.float32) if (zero is None or spec.symmetric) else zero.astype(jnp.float32)
+        # a trained zero point must stay an integer code: STE-round it
+        zero = jnp.zeros((), jnp.float32) if (zero is None or spec.symmetric) else ste_round(zero.astype(jnp.float32))
     q = quantize_int(xf, scale, zero, spec)
     y = (q - zero) * scale
     return y.reshape(x.shape).astype(dtype)
@@ -105,6 +106,13 @@ def mse_clip_search(x, spec: QuantSpec, ratios) -> jnp.ndarray:
 
     errs = jax.lax.map(err, jnp.asarray(ratios, jnp.float32))  # [R, ...keepdims]
     return jnp.asarray(ratios, jnp.float32)[jnp.argmin(errs, axis=0)]
+
+
+def weight_scale(w, spec: QuantSpec, ratios):
+    """Static symmetric scale of kernel w [in, out] per spec granularity ([1, out] per channel), with the
+    clip ratio from `ratios` that minimises the channel's squared quantization error (RTN init)."""
+    lo, hi = minmax(w, spec)
+    return qparams_from_range(lo, hi, spec, mse_clip_search(w, spec, ratios))[0]
 
 
 def quantize_weight(w, spec: QuantSpec, ratios=None):

@@ -43,9 +43,9 @@ class Preset:
             kv = (QuantSpec(bits=self.kv_bits, granularity="token", symmetric=False, dynamic=True) if self.kv_dynamic
                   else QuantSpec(bits=self.kv_bits, granularity="head", symmetric=False))
             sites += [("k_cache", kv), ("v_cache", kv)]
-        if not sites and not self.rotate:
+        if not sites and not self.rotate and self.w_bits is None:
             return None
-        return QuantRecipe(sites=tuple(sites), r3=self.rotate, r4=self.rotate)
+        return QuantRecipe(sites=tuple(sites), weight=self.weight_spec(), r3=self.rotate, r4=self.rotate)
 
 
 PRESETS = {p.name: p for p in [

@@ -4,6 +4,9 @@ A recipe is static (frozen, hashable): it is part of the jitted graph, while the
 (static scales, zero points) live in each block's `qparams` as `QuantParam` variables:
   qparams[site]            scale, broadcastable to the site's input ([1,1,1] per tensor, [KV,1] per head)
   qparams[site + "_zero"]  zero point (asymmetric static sites only)
+  qparams["w_" + linear]   per-output-channel weight scale [1, out] for linear in WEIGHT_NAMES
+Kernels stay full precision in the model; with `weight` set, the forward fake-quantizes each kernel
+with its scale (straight-through), so weights and their scales can both be trained.
 """
 from __future__ import annotations
 
@@ -19,17 +22,20 @@ from prefixquant_jax.rotate.hadamard import hadamard_transform
 ACT_SITES = ("qkv_in", "o_in", "up_gate_in", "down_in")
 KV_SITES = ("k_cache", "v_cache")
 QUANT_SITES = ACT_SITES + KV_SITES
+WEIGHT_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantRecipe:
-    """`sites`: (site, QuantSpec) pairs; unnamed sites stay FP. `r3`/`r4`: online Hadamards.
+    """`sites`: (site, QuantSpec) pairs; unnamed sites stay FP. `weight`: static per-channel weight
+    quantizer (scales in qparams["w_<linear>"]; a linear without one stays FP). `r3`/`r4`: online Hadamards.
 
     `capture`: sow per-token (min, max) of every quantization site's input as nnx.Intermediate
     (activation sites: [B, L]; KV sites: [B, L, KV]), used by outlier detection and calibration.
     """
 
     sites: tuple[tuple[str, QuantSpec], ...] = ()
+    weight: QuantSpec | None = None
     r3: bool = False
     r4: bool = False
     capture: bool = False
@@ -56,6 +62,14 @@ class QuantRecipe:
             return fake_quant(x, spec)
         zero = qparams[name + "_zero"][...] if (name + "_zero") in qparams else None
         return fake_quant(x, spec, scale=qparams[name][...], zero=zero)
+
+
+    def apply_weight(self, name: str, kernel, qparams):
+        """The kernel [in, out] of linear `name` as the forward uses it (fake-quantized if it has a scale)."""
+        key = "w_" + name
+        if self.weight is None or key not in qparams:
+            return kernel
+        return fake_quant(kernel, self.weight, scale=qparams[key][...])
 
 
 def sown_value(v):

@@ -1,0 +1,207 @@
+"""Time the Pallas kernels against bf16 XLA baselines on a GPU, side by side, and print ratios.
+
+Usage:
+    python benchmarks/bench_kernels.py [--json out.json|-] [--iters 50] [--warmup 5] [--no-sweep]
+    python benchmarks/bench_kernels.py --allow-cpu      # tiny shapes in interpret mode: checks the script only
+
+Cases (GPU):
+  * W4A4 / W4A8 GEMM at M=2048, (K, N) in (4096, 4096), (4096, 14336), (14336, 4096) vs bf16 jnp.dot
+  * W4A4 GEMM M sweep 16..8192 at K = N = 4096 vs bf16 jnp.dot
+  * W4 weight-only GEMV at M = 1, 8, 16 (per-channel and group-128 scales) vs bf16 jnp.dot
+  * fused rotate + quantize (Hadamard, dynamic per-token int4) vs the W4A4 GEMM it feeds
+  * decode attention, 2048-token int4 cache + 4-token FP prefix vs bf16 plain attention (GQA 32/8, hd 128)
+"speedup" is baseline time / kernel time (> 1 means the kernel is faster); for rotate+quant the ratio
+is its time as a fraction of the GEMM's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def timeit(fn, *args, iters: int, warmup: int) -> float:
+    """Median milliseconds per call over 3 batches of `iters` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    batches = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        batches.append((time.perf_counter() - t0) * 1e3 / iters)
+    return statistics.median(batches)
+
+
+def _rand_codes(key, shape, lo, hi):
+    return jax.random.randint(key, shape, lo, hi, dtype=jnp.int32).astype(jnp.int8)
+
+
+def bench_gemm(M, K, N, kind, opt, rows):
+    from pallas_kernels import pack_int4, w4a4_matmul, w4a8_matmul
+
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(M + K + N), 3)
+    wp = pack_int4(_rand_codes(k2, (K, N), -8, 8), axis=0)
+    ws = jnp.full((1, N), 0.01, jnp.float32)
+    xs = jnp.full((M, 1), 0.02, jnp.float32)
+    if kind == "w4a4":
+        xq = pack_int4(_rand_codes(k1, (M, K), -8, 8), axis=-1)
+        f = jax.jit(lambda x, w: w4a4_matmul(x, xs, w, ws, interpret=opt.interpret))
+    else:
+        xq = _rand_codes(k1, (M, K), -128, 128)
+        f = jax.jit(lambda x, w: w4a8_matmul(x, xs, w, ws, interpret=opt.interpret))
+    xb = jax.random.normal(k3, (M, K), jnp.bfloat16)
+    wb = jax.random.normal(k2, (K, N), jnp.bfloat16)
+    t_k = timeit(f, xq, wp, iters=opt.iters, warmup=opt.warmup)
+    t_b = timeit(jax.jit(jnp.dot), xb, wb, iters=opt.iters, warmup=opt.warmup)
+    tops = 2 * M * K * N / (t_k * 1e-3) / 1e12
+    rows.append({"case": f"{kind}_gemm", "M": M, "K": K, "N": N, "kernel_ms": t_k, "bf16_ms": t_b, "speedup": t_b / t_k,
+                     "kernel_tops": tops})
+    return t_k
+
+
+def bench_gemv(M, K, N, group, opt, rows):
+    from pallas_kernels import gemv_w4, pack_int4
+
+    k1, k2 = jax.random.split(jax.random.PRNGKey(M * 7 + K + N))
+    wp = pack_int4(_rand_codes(k2, (K, N), -8, 8), axis=0)
+    s = jnp.full((1 if group is None else K // group, N), 0.01, jnp.float32)
+    x = jax.random.normal(k1, (M, K), jnp.bfloat16)
+    wb = jax.random.normal(k2, (K, N), jnp.bfloat16)
+    f = jax.jit(lambda x, w: gemv_w4(x, w, s, interpret=opt.interpret))
+    t_k = timeit(f, x, wp, iters=opt.iters, warmup=opt.warmup)
+    t_b = timeit(jax.jit(jnp.dot), x, wb, iters=opt.iters, warmup=opt.warmup)
+    rows.append({"case": "w4_gemv", "M": M, "K": K, "N": N, "group": group, "kernel_ms": t_k, "bf16_ms": t_b, "speedup": t_b / t_k,
+                     "kernel_weight_gbps": K * N / 2 / (t_k * 1e-3) / 1e9})
+
+
+def bench_rotate(M, K, N, opt, rows):
+    from pallas_kernels import rotate_quant
+    from pallas_kernels.rotate_quant import rotate_quant_ref
+
+    x = jax.random.normal(jax.random.PRNGKey(K), (M, K), jnp.bfloat16)
+    f = jax.jit(lambda x: rotate_quant(x, "hadamard", interpret=opt.interpret))
+    t_k = timeit(f, x, iters=opt.iters, warmup=opt.warmup)
+    t_u = timeit(jax.jit(lambda x: rotate_quant_ref(x, "hadamard")), x, iters=opt.iters, warmup=opt.warmup)
+    t_g = bench_gemm(M, K, N, "w4a4", opt, [])
+    rows.append({"case": "rotate_quant", "M": M, "K": K, "N": N, "kernel_ms": t_k, "unfused_jnp_ms": t_u, "gemm_ms": t_g,
+                     "fraction_of_gemm": t_k / t_g, "speedup": t_u / t_k})
+
+
+def _plain_attention(q, k, v, lengths, pk, pv):
+    """bf16 baseline: prefix + bf16 cache, GQA by repeat, masked softmax in f32."""
+    B, H, hd = q.shape
+    T, KV = k.shape[1], k.shape[2]
+    P = pk.shape[0]
+    k = jnp.concatenate([jnp.broadcast_to(pk, (B,) + pk.shape), k], axis=1)
+    v = jnp.concatenate([jnp.broadcast_to(pv, (B,) + pv.shape), v], axis=1)
+    k, v = jnp.repeat(k, H // KV, axis=2), jnp.repeat(v, H // KV, axis=2)
+    s = jnp.einsum("bhd,bthd->bht", q, k, preferred_element_type=jnp.float32) / np.sqrt(hd)
+    valid = jnp.arange(P + T)[None, :] < (P + lengths)[:, None]
+    p = jax.nn.softmax(jnp.where(valid[:, None, :], s, -jnp.inf), axis=-1)
+    return jnp.einsum("bht,bthd->bhd", p.astype(v.dtype), v)
+
+
+def bench_attention(B, H, KV, hd, T, P, opt, rows):
+    from pallas_kernels import decode_attention
+
+    ks = jax.random.split(jax.random.PRNGKey(B + T), 6)
+    q = jax.random.normal(ks[0], (B, H, hd), jnp.bfloat16)
+    kc = jax.random.randint(ks[1], (B, T, KV, hd // 2), -128, 128, jnp.int32).astype(jnp.int8)
+    vc = jax.random.randint(ks[2], (B, T, KV, hd // 2), -128, 128, jnp.int32).astype(jnp.int8)
+    pk = jax.random.normal(ks[3], (P, KV, hd), jnp.bfloat16)
+    pv = jax.random.normal(ks[4], (P, KV, hd), jnp.bfloat16)
+    kb = jax.random.normal(ks[5], (B, T, KV, hd), jnp.bfloat16)
+    lengths = jnp.full((B,), T, jnp.int32)
+    sc, zr = jnp.full((KV,), 0.1, jnp.float32), jnp.full((KV,), 8.0, jnp.float32)
+    f = jax.jit(lambda q, kc, vc, L: decode_attention(q, kc, vc, L, sc, zr, sc, zr, pk, pv, interpret=opt.interpret))
+    t_k = timeit(f, q, kc, vc, lengths, iters=opt.iters, warmup=opt.warmup)
+    t_b = timeit(jax.jit(_plain_attention), q, kb, kb, lengths, pk, pv, iters=opt.iters, warmup=opt.warmup)
+    rows.append({"case": "decode_attention", "B": B, "H": H, "KV": KV, "head_dim": hd, "T": T, "P": P, "kernel_ms": t_k,
+                     "bf16_ms": t_b, "speedup": t_b / t_k})
+
+
+def _fmt(r):
+    shape = " ".join(f"{k}={r[k]}" for k in ("M", "K", "N", "group", "B", "H", "KV", "head_dim", "T", "P") if k in r)
+    head = f"{r['case']:<17} {shape:<40} kernel {r['kernel_ms']:.4f} ms"
+    if "gemm_ms" in r:
+        return (f"{head}  w4a4 gemm {r['gemm_ms']:.4f} ms  rotate/gemm {r['fraction_of_gemm']:.3f}  "
+                f"unfused jnp {r['unfused_jnp_ms']:.4f} ms  speedup vs unfused {r['speedup']:.2f}x")
+    return f"{head}  bf16 {r['bf16_ms']:.4f} ms  speedup {r['speedup']:.2f}x"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH ('-' for stdout)")
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--no-sweep", action="store_true", help="skip the W4A4 M sweep")
+    ap.add_argument("--allow-cpu", action="store_true", help="run tiny shapes in interpret mode on CPU (script check)")
+    opt = ap.parse_args(argv)
+
+    backend = jax.default_backend()
+    if backend != "gpu":
+        if not opt.allow_cpu:
+            print(f"bench_kernels: needs a GPU (JAX backend is {backend!r}); use --allow-cpu for a tiny interpret-mode check.")
+            return 0
+        opt.interpret, opt.iters, opt.warmup = True, 1, 1
+        gemm_shapes, sweep = [(128, 64)], [16, 32]
+        gemv_shapes, gemv_ms, rot_shapes = [(128, 64)], [1, 3], [(16, 576, 64)]
+        attn = [(2, 8, 2, 64, 48, 4)]
+        M0 = 32
+    else:
+        opt.interpret = False
+        gemm_shapes = [(4096, 4096), (4096, 14336), (14336, 4096)]
+        sweep = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+        gemv_shapes, gemv_ms = gemm_shapes, [1, 8, 16]
+        rot_shapes = [(2048, 4096, 4096), (2048, 4096, 14336), (2048, 14336, 4096)]
+        attn = [(1, 32, 8, 128, 2048, 4), (8, 32, 8, 128, 2048, 4)]
+        M0 = 2048
+
+    rows = []
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} ({backend}), jax {jax.__version__}, iters {opt.iters}")
+
+    def run(fn, *a):
+        fn(*a, opt, rows)
+        print(_fmt(rows[-1]), flush=True)
+
+    for K, N in gemm_shapes:
+        run(bench_gemm, M0, K, N, "w4a4")
+        run(bench_gemm, M0, K, N, "w4a8")
+    if not opt.no_sweep:
+        K, N = gemm_shapes[0]
+        for M in sweep:
+            run(bench_gemm, M, K, N, "w4a4")
+    for K, N in gemv_shapes:
+        for M in gemv_ms:
+            run(bench_gemv, M, K, N, None)
+        run(bench_gemv, gemv_ms[-1], K, N, 128 if K % 128 == 0 and K > 128 else 64)
+    for M, K, N in rot_shapes:
+        run(bench_rotate, M, K, N)
+    for a in attn:
+        run(bench_attention, *a)
+
+    if opt.json:
+        doc = {"device": dev.device_kind, "backend": backend, "jax": jax.__version__, "interpret": opt.interpret,
+                   "iters": opt.iters, "results": rows}
+        if opt.json == "-":
+            print(json.dumps(doc, indent=1))
+        else:
+            with open(opt.json, "w") as f:
+                json.dump(doc, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

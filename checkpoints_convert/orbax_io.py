@@ -1,0 +1,269 @@
+"""Saved quantized models: the model's full NNX state as an Orbax checkpoint plus JSON metadata.
+
+Directory layout (format `prefixquant-quantized/1`):
+  DIR/prefixquant.json        metadata, written last: its presence marks a complete checkpoint
+  DIR/state/                  Orbax PyTree checkpoint: a nested dict of numpy arrays, one leaf per NNX
+                              variable, at the variable's path with string keys (layers -> "3" -> qparams -> w_q)
+  DIR/prefix_kv.safetensors   the FP prefix KV in the `prefix_io` format (presets with a prefix)
+  DIR/tokenizer/              the tokenizer (`save_pretrained`), when one was given
+
+Weights: a kernel whose block has a weight scale qparams["w_<name>"] (symmetric, [1, out]) is stored as
+its integer codes: int4 packed two per int8 byte along the input axis (`pallas_kernels.int4` layout)
+for 4-bit weight specs, int8 for 8-bit ones; the load rebuilds kernel = codes * scale in float32, which
+the forward's fake-quantizer maps to itself, so logits are bit-identical. A kernel whose codes would
+not reproduce the forward's value exactly (checked at save time) is stored in float, like every other
+variable. Each stored leaf carries a CRC32 in the metadata, checked on load.
+
+Metadata keys: format, method, preset (every Preset field), bits {w, a, kv}, quantizers (site ->
+QuantSpec fields, plus "weight"), rotation {rotated, r3, r4, seed, hadamard sizes}, eta, prefix
+{token_ids, text, length, k_rotated, file, crc32} or null, config (HF config.json dict), model {dtype,
+recipe}, qparams {layer: {key: {shape, dtype, type}}}, variables [{path, type, shape, dtype, stored,
+scale?, crc32}], tokenizer, sizes {disk_bytes, fp32_params_bytes}, report, versions.
+The module skeleton is rebuilt from `config` + `recipe` + `variables`: nothing about the qparams keys
+(or other variable types) is hard-coded here.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from checkpoints_convert import orbax_codec as codec
+from prefixquant_jax.errors import UserError, describe
+
+FORMAT_NAME = "prefixquant-quantized"
+FORMAT_VERSION = 1
+FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
+META = "prefixquant.json"
+STATE, PREFIX, TOKENIZER = "state", "prefix_kv.safetensors", "tokenizer"
+
+
+def is_saved_quantized(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, META))
+
+
+def looks_saved(path: str) -> bool:
+    """A saved checkpoint, or a damaged one (an Orbax `state/` and no HF config.json): route it to `load_quantized`."""
+    return is_saved_quantized(path) or (os.path.isdir(os.path.join(path, STATE))
+                                        and not os.path.isfile(os.path.join(path, "config.json")))
+
+
+def check_save_target(path: str, overwrite: bool) -> str:
+    """Refuse an existing target unless overwrite; never replace a directory that is not a checkpoint."""
+    path = os.path.abspath(path)
+    if os.path.lexists(path):
+        if not overwrite:
+            raise UserError(f"{path} already exists (pass --overwrite to replace it)")
+        if not os.path.isdir(path) or (os.listdir(path) and not is_saved_quantized(path)):
+            raise UserError(f"{path} exists and is not a prefixquant checkpoint; refusing to replace it")
+    return path
+
+
+@contextlib.contextmanager
+def _atomic_dir(path: str, overwrite: bool):
+    """Yield a temp dir next to `path`; on success it becomes `path` (an old one is removed only then)."""
+    path = check_save_target(path, overwrite)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=parent)
+    try:
+        yield tmp
+        if os.path.lexists(path):
+            old = tmp + ".old"
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_quantized(qm, path: str, overwrite: bool = False, tokenizer=None) -> str:
+    """Write `qm` (a QuantizedModel) to directory `path` atomically; returns the absolute path."""
+    check_save_target(path, overwrite)  # before any work
+    leaves = codec.stored_leaves(qm)
+    tree, variables, qparams = {}, [], {}
+    for p, cls, a, stored, enc, sp in leaves:
+        node = tree
+        for k in p[:-1]:
+            node = node.setdefault(str(k), {})
+        node[str(p[-1])] = stored
+        entry = {"path": list(p), "type": codec.type_name(cls), "shape": list(a.shape), "dtype": str(a.dtype),
+                 "stored": enc, "crc32": codec.crc(stored)}
+        if sp is not None:
+            entry["scale"] = list(sp)
+        variables.append(entry)
+        if len(p) == 4 and p[0] == "layers" and p[2] == "qparams":
+            qparams.setdefault(str(p[1]), {})[p[3]] = {"shape": list(a.shape), "dtype": str(a.dtype), "type": codec.type_name(cls)}
+    try:
+        with _atomic_dir(path, overwrite) as tmp:
+            _fill(tmp, qm, tokenizer, tree, variables, qparams, leaves)
+    except OSError as e:  # disk full, permissions, a name taken meanwhile
+        raise UserError(f"{os.path.abspath(path)}: cannot write the checkpoint ({describe(e)})") from None
+    return os.path.abspath(path)
+
+
+def _fill(tmp, qm, tokenizer, tree, variables, qparams, leaves) -> None:
+    """Write tokenizer, prefix KV, Orbax state and (last) the metadata into the temp dir `tmp`."""
+    from checkpoints_convert.prefix_io import save_prefix_kv
+
+    tok = _save_tokenizer(qm, tokenizer, tmp)
+    prefix = None
+    if qm.prefix_kv is not None:
+        f = save_prefix_kv(qm.prefix_kv, os.path.join(tmp, PREFIX))
+        prefix = {"token_ids": list(qm.prefix_kv.token_ids), "text": qm.prefix_kv.text, "length": qm.prefix_kv.length,
+                  "k_rotated": bool(qm.prefix_kv.k_rotated), "file": PREFIX, "crc32": codec.file_crc(f)}
+    _write_state(os.path.join(tmp, STATE), tree)
+    meta = {"format": FORMAT, **codec.metadata(qm, variables, qparams, prefix, tok)}
+    meta["sizes"] = {"disk_bytes": codec.dir_bytes(tmp),
+                     "fp32_params_bytes": sum(4 * a.size for p, cls, a, *_ in leaves if codec.type_name(cls) == "flax.nnx:Param")}
+    with open(os.path.join(tmp, META), "w") as fh:
+        json.dump(meta, fh, indent=1)
+
+
+def _write_state(directory: str, tree: dict) -> None:
+    import orbax.checkpoint as ocp
+    try:
+        ocp.PyTreeCheckpointer().save(directory, tree)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{directory}: Orbax could not write the state ({describe(e)})") from None
+
+
+def _save_tokenizer(qm, tokenizer, tmp):
+    dest = os.path.join(tmp, TOKENIZER)
+    if tokenizer is not None:
+        try:
+            tokenizer.save_pretrained(dest)
+        except Exception as e:
+            raise UserError(f"cannot save the tokenizer ({describe(e)})") from None
+        return TOKENIZER
+    src = (qm.report or {}).get("loaded_from")
+    if src and os.path.isdir(os.path.join(src, TOKENIZER)):  # re-saving a loaded model keeps its tokenizer
+        shutil.copytree(os.path.join(src, TOKENIZER), dest)
+        return TOKENIZER
+    return None
+
+
+def read_metadata(path: str) -> dict:
+    """The metadata of the checkpoint directory `path`, after checking its format name and version."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint directory {path!r} does not exist")
+    mpath = os.path.join(path, META)
+    if not os.path.isdir(path) or not os.path.isfile(mpath):
+        raise UserError(f"{path}: not a prefixquant checkpoint (no {META})")
+    try:
+        with open(mpath) as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{mpath}: unreadable or truncated metadata ({describe(e)})") from None
+    fmt = str(meta.get("format")) if isinstance(meta, dict) else repr(type(meta).__name__)
+    name, _, version = fmt.partition("/")
+    if name != FORMAT_NAME:
+        raise UserError(f"{mpath}: not a prefixquant checkpoint (format {fmt!r}, expected {FORMAT!r})")
+    if version != str(FORMAT_VERSION):
+        raise UserError(f"{mpath}: format version {version!r} is not supported (this version reads {FORMAT!r})")
+    for key in ("preset", "config", "model", "variables"):
+        if key not in meta:
+            raise UserError(f"{mpath}: metadata has no {key!r}")
+    return meta
+
+
+def load_quantized(path: str, dtype=None):
+    """Rebuild the QuantizedModel saved in directory `path` (fp_model None, report["loaded_from"] = path).
+
+    `dtype` (default: the saved one) is the dtype of the base parameters; qparams keep theirs."""
+    import jax.numpy as jnp
+
+    from prefixquant_jax.config import ModelConfig
+    from prefixquant_jax.quant.presets import Preset
+    from prefixquant_jax.quantize import QuantizedModel
+
+    path = os.path.abspath(path)
+    meta = read_metadata(path)
+    src = os.path.join(path, META)
+    try:
+        config = ModelConfig.from_hf_dict(meta["config"], source=src)
+        names = {f.name for f in dataclasses.fields(Preset)}
+        preset = Preset(**{k: v for k, v in meta["preset"].items() if k in names})
+        recipe = codec.decode(meta["model"].get("recipe"), src)
+        values = _restore_values(path, meta)
+        model = codec.rebuild(config, values, meta, dtype or jnp.dtype(meta["model"]["dtype"]), recipe, src)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{src}: malformed metadata ({describe(e)})") from None
+    report = dict(meta.get("report") or {})
+    report["loaded_from"] = path
+    return QuantizedModel(config=config, model=model, fp_model=None, prefix_kv=load_saved_prefix(path, meta, config),
+                          preset=preset, report=report)
+
+
+def _restore_values(path: str, meta: dict) -> dict:
+    """{variable path: float array as the model holds it}, after the CRC check and weight decoding."""
+    import orbax.checkpoint as ocp
+    from pallas_kernels.int4 import unpack_int4
+
+    sdir = os.path.join(path, STATE)
+    if not os.path.isdir(sdir):
+        raise UserError(f"{sdir}: missing (incomplete checkpoint)")
+    try:
+        tree = ocp.PyTreeCheckpointer().restore(sdir)
+    except Exception as e:  # tensorstore / orbax raise many types for missing or damaged files
+        raise UserError(f"{sdir}: cannot read the Orbax checkpoint, truncated or corrupted ({describe(e)})") from None
+    stored = {}
+    for e in meta["variables"]:
+        p, node = tuple(e["path"]), tree
+        for k in p:
+            if not isinstance(node, dict) or str(k) not in node:
+                raise UserError(f"{sdir}: variable {codec.dotted(p)} is missing (corrupted checkpoint)")
+            node = node[str(k)]
+        stored[p] = np.asarray(node)
+        if codec.crc(stored[p]) != e["crc32"]:
+            raise UserError(f"{sdir}: checksum mismatch for {codec.dotted(p)} (corrupted checkpoint)")
+    values = {}
+    for e in meta["variables"]:
+        p, a = tuple(e["path"]), stored[tuple(e["path"])]
+        if e["stored"] == "int4":
+            a = codec.dequant(np.asarray(unpack_int4(a, axis=0)), stored[tuple(e["scale"])])
+        elif e["stored"] == "int8":
+            a = codec.dequant(a, stored[tuple(e["scale"])])
+        elif e["stored"] != "raw":
+            raise UserError(f"{sdir}: unknown encoding {e['stored']!r} of {codec.dotted(p)}")
+        if list(a.shape) != list(e["shape"]) or str(a.dtype) != e["dtype"]:
+            raise UserError(f"{sdir}: {codec.dotted(p)} is {a.dtype}{list(a.shape)}, metadata says {e['dtype']}{e['shape']}")
+        values[p] = a
+    return values
+
+
+def load_saved_prefix(path: str, meta: dict | None = None, config=None):
+    """The checkpoint's FP prefix KV (None when its preset has no prefix), CRC-checked."""
+    from checkpoints_convert.prefix_io import load_prefix_kv
+
+    meta = read_metadata(path) if meta is None else meta
+    info = meta.get("prefix")
+    if not info:
+        return None
+    f = os.path.join(path, info.get("file", PREFIX))
+    if not os.path.isfile(f):
+        raise UserError(f"{f}: missing (incomplete checkpoint)")
+    if "crc32" in info and codec.file_crc(f) != info["crc32"]:
+        raise UserError(f"{f}: checksum mismatch (corrupted checkpoint)")
+    return load_prefix_kv(f, config)
+
+
+def saved_tokenizer(path: str, meta: dict | None = None):
+    """The tokenizer saved with the checkpoint (UserError when there is none)."""
+    from checkpoints_convert import load_tokenizer
+
+    meta = read_metadata(path) if meta is None else meta
+    if not meta.get("tokenizer"):
+        raise UserError(f"{path}: no tokenizer was saved with this checkpoint (save it with tokenizer=...)")
+    return load_tokenizer(os.path.join(path, meta["tokenizer"]), "hf")

@@ -1,0 +1,39 @@
+"""Pallas kernels for 4-bit inference: W4A4 / W4A8 GEMM, W4 GEMV, fused rotate+quantize, int4-KV decode attention.
+
+Every kernel has a plain-jnp reference beside it (`*_ref`) and an `interpret` argument that defaults
+to True on the CPU backend. Packed int4 layout: pallas_kernels.int4.
+"""
+from pallas_kernels.decode_attention import (
+    decode_attention,
+    decode_attention_ref,
+    pack_kv_uint4,
+    unpack_kv_uint4,
+)
+from pallas_kernels.gemm_w4a4 import w4a4_matmul, w4a4_matmul_ref
+from pallas_kernels.gemm_w4a8 import w4a8_matmul, w4a8_matmul_ref
+from pallas_kernels.gemv_w4 import dequantize_w4, gemv_w4, gemv_w4_ref
+from pallas_kernels.int4 import pack_int4, unpack_int4
+from pallas_kernels.rotate_quant import (
+    hadamard_kron_factors,
+    rotate_quant,
+    rotate_quant_ref,
+)
+
+__all__ = [
+    "decode_attention",
+    "decode_attention_ref",
+    "dequantize_w4",
+    "gemv_w4",
+    "gemv_w4_ref",
+    "hadamard_kron_factors",
+    "pack_int4",
+    "pack_kv_uint4",
+    "rotate_quant",
+    "rotate_quant_ref",
+    "unpack_int4",
+    "unpack_kv_uint4",
+    "w4a4_matmul",
+    "w4a4_matmul_ref",
+    "w4a8_matmul",
+    "w4a8_matmul_ref",
+]

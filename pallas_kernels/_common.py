@@ -1,0 +1,96 @@
+"""Shared helpers for the Pallas kernels: interpret-mode default, block sizes, padding, rounding.
+
+Every kernel in this package is written so that its Triton (GPU) lowering is plausible: in-kernel
+tensors have power-of-two shapes, matmul operands have every dimension >= 16 (Triton's `tl.dot`
+minimum), there is no scratch memory, and reductions over the contraction axis run as a
+`lax.fori_loop` inside one program rather than across grid steps. The wrappers pad inputs to block
+multiples and slice results, so callers may pass any shape.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+MIN_DOT = 16  # smallest M/N/K a Triton dot accepts
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    """None -> True exactly when JAX's default backend is the CPU (Pallas cannot compile there)."""
+    if interpret is None:
+        return jax.default_backend() == "cpu"
+    return bool(interpret)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def round_up(a: int, b: int) -> int:
+    return cdiv(a, b) * b
+
+
+def next_pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def is_pow2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+def row_block(m: int, cap: int = 64, floor: int = MIN_DOT) -> int:
+    """A power-of-two block for a dimension of length m: next_pow2(m) clamped to [floor, cap]."""
+    return max(floor, min(cap, next_pow2(m)))
+
+
+def pad_axis(x, axis: int, multiple: int, value=0):
+    """Zero-pad (or `value`-pad) `axis` of x up to a multiple of `multiple`; no copy when aligned."""
+    n = x.shape[axis]
+    target = round_up(n, multiple)
+    if target == n:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, target - n)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def pad_to(x, axis: int, size: int):
+    """Zero-pad `axis` of x to exactly `size` (>= its length)."""
+    n = x.shape[axis]
+    if size == n:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - n)
+    return jnp.pad(x, widths)
+
+
+def round_half_even(y):
+    """jnp.round (ties to even) from floor/compare/select only, for float32 y.
+
+    The Pallas Triton lowering has no rule for `lax.round`, so kernels use this. Exact: y - floor(y)
+    is exact in float32, so ties are detected exactly and the result equals jnp.round(y) bit for bit.
+    """
+    r = jnp.floor(y)
+    d = y - r
+    odd = (r - 2.0 * jnp.floor(r * 0.5)) != 0.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return jnp.where(up, r + 1.0, r)
+
+
+def unpack_lo_hi(b):
+    """int8 bytes -> (low nibble, high nibble) as sign-extended int8 codes in [-8, 7] (int4.py layout)."""
+    lo = jnp.right_shift(jnp.left_shift(b, 4), 4)
+    hi = jnp.right_shift(b, 4)
+    return lo, hi
+
+
+def unpack_lo_hi_unsigned(b):
+    """int8 bytes -> (low nibble, high nibble) as unsigned codes in [0, 15], dtype int8."""
+    return b & 0xF, jnp.right_shift(b, 4) & 0xF
+
+
+def pack_lo_hi(lo, hi):
+    """Inverse of unpack_lo_hi for int8 codes: byte = (lo & 0xF) | (hi << 4)."""
+    return (lo & 0xF) | jnp.left_shift(hi, 4)

@@ -1,0 +1,107 @@
+"""W4A8 GEMM: int8 activations x packed int4 weights, int32 accumulation, scaled epilogue.
+
+    y[m, n] = x_scale[m] * w_scale[n] * sum_k qx[m, k] * qw[k, n]
+
+Shapes / dtypes / layout:
+  x        int8 [M, K]      activation codes in [-128, 127] (not packed), K even
+  x_scale  f32  [M, 1] (per-token) or [1, 1] (per-tensor)
+  w_packed int8 [K/2, N]    int4 weights [in, out] packed along K (axis 0), pallas_kernels.int4 layout
+  w_scale  f32  [1, N]
+  result   out_dtype [M, N], or the exact int32 accumulator with return_int32=True
+
+The weight nibbles are unpacked to int8 in the kernel; instead of interleaving them back, the
+activations are read with stride 2 (even columns pair with low nibbles, odd with high ones):
+    qx . qw = qx[:, 0::2] . lo(w_bytes) + qx[:, 1::2] . hi(w_bytes).
+The accumulator is exact in int32; converting it to float32 is exact while |acc| < 2^24
+(guaranteed for K <= 16512 since |acc| <= 1016 K).
+
+Grid (M / block_m, N / block_n), K loop inside; zero padding to block multiples, result sliced back.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels._common import pad_axis, resolve_interpret, row_block, unpack_lo_hi
+from pallas_kernels.int4 import unpack_int4
+
+
+def _w4a8_kernel(x_ref, w_ref, xs_ref, ws_ref, o_ref, *, bk: int, nk: int, return_int32: bool):
+    bm, bn = o_ref.shape
+    bkh = bk // 2
+
+    def body(k, acc):
+        start = pl.multiple_of(k * bk, bk)
+        x_even = x_ref[:, pl.ds(start, bkh, stride=2)]
+        x_odd = x_ref[:, pl.ds(start + 1, bkh, stride=2)]
+        w_lo, w_hi = unpack_lo_hi(w_ref[pl.ds(pl.multiple_of(k * bkh, bkh), bkh), :])
+        acc = acc + jnp.dot(x_even, w_lo, preferred_element_type=jnp.int32)
+        return acc + jnp.dot(x_odd, w_hi, preferred_element_type=jnp.int32)
+
+    acc = jax.lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.int32))
+    if return_int32:
+        o_ref[...] = acc
+    else:
+        o_ref[...] = (acc.astype(jnp.float32) * xs_ref[...] * ws_ref[...]).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "return_int32", "block_m", "block_n", "block_k",
+                                             "interpret"))
+def w4a8_matmul(x, x_scale, w_packed, w_scale, out_dtype=jnp.bfloat16, *, return_int32: bool = False,
+                block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
+                interpret: bool | None = None):
+    """y = (x @ unpack(w_packed)) * x_scale * w_scale, [M, N] in out_dtype.
+
+    x int8 [M, K], x_scale f32 [M, 1] or [1, 1], w_packed int8 [K/2, N], w_scale f32 [1, N].
+    return_int32=True returns the exact int32 accumulator [M, N] (scales ignored).
+    """
+    M, K = x.shape
+    Kh, N = w_packed.shape
+    if K != 2 * Kh:
+        raise ValueError(f"K mismatch: x {x.shape} vs packed w {w_packed.shape}")
+    bm = block_m or row_block(M, cap=128)
+    bn = block_n or row_block(N, cap=128)
+    bk = block_k or row_block(K, cap=256, floor=32)
+    if bk % 2:
+        raise ValueError(f"block_k must be even, got {bk}")
+    interpret = resolve_interpret(interpret)
+
+    xq = pad_axis(pad_axis(x.astype(jnp.int8), 0, bm), 1, bk)
+    w = pad_axis(pad_axis(w_packed.astype(jnp.int8), 0, bk // 2), 1, bn)
+    xs = jnp.broadcast_to(jnp.asarray(x_scale, jnp.float32).reshape(-1, 1), (M, 1))
+    xs = pad_axis(xs, 0, bm)
+    ws = pad_axis(jnp.asarray(w_scale, jnp.float32).reshape(1, N), 1, bn)
+    Mp, Kp = xq.shape
+    Np = w.shape[1]
+
+    kernel = functools.partial(_w4a8_kernel, bk=bk, nk=Kp // bk, return_int32=return_int32)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((Mp, Np), jnp.int32 if return_int32 else out_dtype),
+        grid=(Mp // bm, Np // bn),
+        in_specs=[
+            pl.BlockSpec((bm, Kp), lambda i, j: (i, 0)),
+            pl.BlockSpec((Kp // 2, bn), lambda i, j: (0, j)),
+            pl.BlockSpec((bm, 1), lambda i, j: (i, 0)),
+            pl.BlockSpec((1, bn), lambda i, j: (0, j)),
+        ],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        interpret=interpret,
+        name="w4a8_matmul",
+    )(xq, w, xs, ws)
+    return out[:M, :N]
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "return_int32"))
+def w4a8_matmul_ref(x, x_scale, w_packed, w_scale, out_dtype=jnp.bfloat16, *, return_int32: bool = False):
+    """Plain-jnp reference: int32 matmul of x and unpack_int4(w_packed, axis=0), same epilogue order."""
+    qw = unpack_int4(w_packed, axis=0).astype(jnp.int32)
+    acc = jnp.dot(x.astype(jnp.int32), qw, preferred_element_type=jnp.int32)
+    if return_int32:
+        return acc
+    xs = jnp.asarray(x_scale, jnp.float32).reshape(-1, 1)
+    ws = jnp.asarray(w_scale, jnp.float32).reshape(1, -1)
+    return (acc.astype(jnp.float32) * xs * ws).astype(out_dtype)

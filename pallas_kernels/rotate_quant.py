@@ -1,0 +1,189 @@
+"""Fused online rotation + symmetric quantization (+ int4 packing) of activations.
+
+    y = x @ R,    q = clip(round(y / scale), qmin, qmax),    out = pack_int4(q) (bits=4) or q (bits=8)
+
+Rotation R (a [K, K] orthogonal matrix) is never formed; it is a Kronecker product R = kron(P1, P2)
+with P1 [n1, n1], P2 [n2, n2], K = n1 * n2, applied per row as two small matmuls:
+    X = x_row.reshape(n1, n2) (row-major),   Y = P1^T X P2,   y_row = Y.reshape(K)
+which is exactly x_row @ kron(P1, P2). `rotation` selects the pair:
+  * "hadamard": R = prefixquant_jax.rotate.hadamard.hadamard_matrix(K), i.e. y = hadamard_transform(x).
+    With K = m * 2^k (split_pow2) and Sylvester's H_{2^k} = kron(H_{p1}, H_{p2}), we take
+    P1 = kron(H_m / sqrt(m), H_{p1} / sqrt(p1)), P2 = H_{p2} / sqrt(p2) with p2 ~ sqrt(K) (a power of
+    two <= 2^k), so both matmuls stay small (K = 4096: 64 x 64) instead of one dense 2^k x 2^k matmul.
+  * (P1, P2): a FlatQuant-style Kronecker pair, same convention (y = x @ kron(P1, P2), Y = P1^T X P2).
+
+Scale: None -> dynamic per token, scale = max(amax(|y_row|) * clip_ratio / qmax, 1e-8) (the formula
+of prefixquant_jax.quant.ops for symmetric quantizers), returned as f32 [M, 1]; or a static f32
+[1, 1] scale (returned as given). bits=4: codes in [-8, 7], qmax = 7, packed along the last axis with
+the pallas_kernels.int4 layout -> int8 [M, K/2]. bits=8: codes in [-128, 127], int8 [M, K] unpacked.
+
+Kernel: one row per program (grid (M,)). X is loaded as an [n1p, n2p] tile; t = P1^T X; for int4 the
+even and odd output columns come from two dots with P2[:, 0::2] and P2[:, 1::2], so packing is a
+nibble OR with no in-kernel interleave. All math is float32 (input cast in the kernel). To keep tiles
+Triton-friendly (power-of-two, >= 16), n1/n2 are padded to powers of two >= 16 with zero rows/columns
+(a copy of x only when K's factors are not such powers, e.g. K = 576 -> 36 x 16 is padded to 64 x 16,
+and 16 output byte columns for 8 real ones); padded entries are exact zeros and are sliced away.
+Rounding is round-half-to-even (same as jnp.round), implemented with floor/select (see _common).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from pallas_kernels._common import (
+    MIN_DOT,
+    next_pow2,
+    pack_lo_hi,
+    pad_to,
+    resolve_interpret,
+    round_half_even,
+)
+from pallas_kernels.int4 import pack_int4
+from prefixquant_jax.rotate.hadamard import (
+    hadamard_transform,
+    small_factor,
+    split_pow2,
+    sylvester,
+)
+
+EPS = 1e-8  # same floor as prefixquant_jax.quant.ops.EPS
+
+
+def hadamard_kron_factors(K: int) -> tuple[np.ndarray, np.ndarray]:
+    """(P1, P2) float64 with kron(P1, P2) == hadamard_matrix(K) and P2 a Sylvester block of size ~sqrt(K)."""
+    m, p = split_pow2(K)
+    p2 = min(p, max(32, next_pow2(math.isqrt(K - 1) + 1)))
+    p1 = p // p2
+    P1 = np.kron(small_factor(m), sylvester(p1) / np.sqrt(p1))
+    P2 = sylvester(p2) / np.sqrt(p2)
+    return P1, P2
+
+
+def _factors(rotation, K: int):
+    if isinstance(rotation, str):
+        if rotation != "hadamard":
+            raise ValueError(f"unknown rotation {rotation!r} (use 'hadamard' or a (P1, P2) pair)")
+        return hadamard_kron_factors(K)
+    P1, P2 = rotation
+    if P1.shape[0] * P2.shape[0] != K or P1.shape[0] != P1.shape[1] or P2.shape[0] != P2.shape[1]:
+        raise ValueError(f"Kronecker pair {P1.shape} x {P2.shape} does not match K={K}")
+    return P1, P2
+
+
+def _qrange(bits: int):
+    if bits == 4:
+        return -8, 7
+    if bits == 8:
+        return -128, 127
+    raise ValueError(f"bits must be 4 or 8, got {bits}")
+
+
+def _rq_kernel(x_ref, a_ref, *rest, bits: int, dynamic: bool, clip_ratio: float):
+    b_refs, (s_in_ref, o_ref, s_ref) = rest[:-3], rest[-3:]
+    qmin, qmax = _qrange(bits)
+    x = x_ref[...].astype(jnp.float32)
+    t = jnp.dot(a_ref[...], x, preferred_element_type=jnp.float32)  # P1^T X, [n1p, n2p]
+    ys = [jnp.dot(t, b[...], preferred_element_type=jnp.float32) for b in b_refs]  # 1 (int8) or 2 (int4)
+    if dynamic:
+        amax = jnp.zeros((1, 1), jnp.float32)
+        for y in ys:
+            row = jnp.max(jnp.abs(y), axis=1, keepdims=True)
+            amax = jnp.maximum(amax, jnp.max(row, axis=0, keepdims=True))
+        scale = jnp.maximum(amax * clip_ratio / qmax, EPS)
+    else:
+        scale = s_in_ref[...]
+    s_ref[...] = scale
+    qs = [jnp.clip(round_half_even(y / scale), qmin, qmax).astype(jnp.int8) for y in ys]
+    o_ref[...] = pack_lo_hi(qs[0], qs[1]) if bits == 4 else qs[0]
+
+
+def rotate_quant(x, rotation="hadamard", scale=None, *, bits: int = 4, clip_ratio: float = 1.0,
+                 interpret: bool | None = None):
+    """(codes, scale): x [M, K] bf16/f32 rotated by `rotation`, quantized symmetrically and packed.
+
+    rotation: "hadamard" or a Kronecker pair (P1 [n1, n1], P2 [n2, n2]) with n1 * n2 = K.
+    Returns int8 [M, K/2] (bits=4, packed) or int8 [M, K] (bits=8), and scale f32 [M, 1] (dynamic,
+    scale=None) or [1, 1] (static). See the module docstring for the rotation convention.
+    """
+    K = x.shape[1]
+    if K % 2:
+        raise ValueError(f"K must be even, got {K}")
+    P1, P2 = _factors(rotation, K)
+    if bits == 4 and P2.shape[0] % 2:
+        raise ValueError(f"int4 packing needs an even inner factor, got n2={P2.shape[0]}")
+    _qrange(bits)
+    return _rotate_quant(x, jnp.asarray(P1, jnp.float32), jnp.asarray(P2, jnp.float32), scale, bits=bits,
+                         clip_ratio=float(clip_ratio), interpret=resolve_interpret(interpret))
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "clip_ratio", "interpret"))
+def _rotate_quant(x, P1, P2, scale, *, bits: int, clip_ratio: float, interpret: bool):
+    M = x.shape[0]
+    n1, n2 = P1.shape[0], P2.shape[0]
+    n1p, n2p = max(MIN_DOT, next_pow2(n1)), max(MIN_DOT, next_pow2(n2))
+    dynamic = scale is None
+
+    a = pad_to(pad_to(P1.T, 0, n1p), 1, n1p)
+    if bits == 4:
+        nout = max(MIN_DOT, next_pow2(n2 // 2))
+        bs = [pad_to(pad_to(P2[:, 0::2], 0, n2p), 1, nout), pad_to(pad_to(P2[:, 1::2], 0, n2p), 1, nout)]
+    else:
+        nout = n2p
+        bs = [pad_to(pad_to(P2, 0, n2p), 1, nout)]
+    x3 = pad_to(pad_to(x.reshape(M, n1, n2), 1, n1p), 2, n2p)
+    s_in = jnp.ones((1, 1), jnp.float32) if dynamic else jnp.asarray(scale, jnp.float32).reshape(1, 1)
+
+    kernel = functools.partial(_rq_kernel, bits=bits, dynamic=dynamic, clip_ratio=clip_ratio)
+    codes, s_out = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((M, n1p, nout), jnp.int8), jax.ShapeDtypeStruct((M, 1), jnp.float32)),
+        grid=(M,),
+        in_specs=[pl.BlockSpec((None, n1p, n2p), lambda i: (i, 0, 0)),
+                  pl.BlockSpec((n1p, n1p), lambda i: (0, 0))]
+        + [pl.BlockSpec((n2p, nout), lambda i: (0, 0)) for _ in bs]
+        + [pl.BlockSpec((1, 1), lambda i: (0, 0))],
+        out_specs=(pl.BlockSpec((None, n1p, nout), lambda i: (i, 0, 0)), pl.BlockSpec((1, 1), lambda i: (i, 0))),
+        interpret=interpret,
+        name="rotate_quant",
+    )(x3, a, *bs, s_in)
+    width = n2 // 2 if bits == 4 else n2
+    codes = codes[:, :n1, :width].reshape(M, n1 * width)
+    return codes, (s_out if dynamic else s_in)
+
+
+_hadamard_transform_jit = jax.jit(hadamard_transform)
+
+
+def rotate_ref(x, rotation="hadamard"):
+    """Unfused float32 rotation: hadamard_transform(x) or x @ kron(P1, P2) as two einsum contractions."""
+    xf = x.astype(jnp.float32)
+    if isinstance(rotation, str):
+        _factors(rotation, x.shape[-1])
+        return _hadamard_transform_jit(xf)
+    P1, P2 = (jnp.asarray(p, jnp.float32) for p in rotation)
+    X = xf.reshape(x.shape[0], P1.shape[0], P2.shape[0])
+    Y = jnp.einsum("mij,ia,jb->mab", X, P1, P2, precision=jax.lax.Precision.HIGHEST)
+    return Y.reshape(x.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "clip_ratio"))
+def quantize_ref(y, scale=None, *, bits: int = 4, clip_ratio: float = 1.0):
+    """Symmetric quantization of float32 y [M, K] with jnp.round; returns (codes int8 [M, K], scale)."""
+    qmin, qmax = _qrange(bits)
+    if scale is None:
+        amax = jnp.max(jnp.abs(y), axis=-1, keepdims=True)
+        scale = jnp.maximum(amax * clip_ratio / qmax, EPS)
+    else:
+        scale = jnp.asarray(scale, jnp.float32).reshape(1, 1)
+    return jnp.clip(jnp.round(y / scale), qmin, qmax).astype(jnp.int8), scale
+
+
+def rotate_quant_ref(x, rotation="hadamard", scale=None, *, bits: int = 4, clip_ratio: float = 1.0):
+    """Unfused reference of rotate_quant: rotate_ref, quantize_ref, then int4.pack_int4 when bits=4."""
+    q, s = quantize_ref(rotate_ref(x, rotation), scale, bits=bits, clip_ratio=clip_ratio)
+    return (pack_int4(q, axis=-1) if bits == 4 else q), s

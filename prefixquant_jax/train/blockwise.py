@@ -1,0 +1,227 @@
+"""Block-wise fine-tuning of whatever parameters a method marks trainable (PrefixQuant, FlatQuant).
+
+For block l: inputs x_q = outputs of the already-trained quantized blocks 0..l-1 on the training
+samples, target = FP block l on the FP inputs x_fp (both behind the FP prefix KV); loss = MSE; only
+block l changes. Activations live on the host (numpy) between blocks; the device holds one block,
+its optimizer state and one batch. Every block has the same structure, so the train step compiles
+once. The batch is sharded over `jax.devices()` (params replicated): the same code runs on one CPU,
+several forced host devices or a GPU.
+
+Parameter groups are (name, nnx filter, learning rate, projection): PrefixQuant trains QuantParam
+(scales, zero points; lr 5e-5, scales kept positive) and the linear kernels (lr 5e-6); AdamW with
+weight decay 0 and a cosine decay to lr/10, as in the paper.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from prefixquant_jax.calibrate import BlockRunner
+from prefixquant_jax.errors import UserError
+from prefixquant_jax.model import QuantParam
+
+MIN_SCALE = 1e-6
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How to fine-tune. `ckpt_every`: in-block checkpoint period in steps (0: only after each block)."""
+
+    samples: int = 32
+    seqlen: int = 512
+    epochs: int = 2
+    batch_size: int = 4
+    lr_quant: float = 5e-5
+    lr_weight: float = 5e-6
+    weight_decay: float = 0.0
+    final_lr_ratio: float = 0.1
+    train_weights: bool = True
+    ckpt_every: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        for k in ("samples", "seqlen", "epochs", "batch_size"):
+            if getattr(self, k) < 1:
+                raise UserError(f"training {k} must be >= 1, got {getattr(self, k)}")
+        if self.batch_size > self.samples:
+            raise UserError(f"training batch size {self.batch_size} exceeds the {self.samples} training samples")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.samples // self.batch_size
+
+    @property
+    def steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+TRAIN_PRESETS = {
+    # the paper: 512 samples x 1024 tokens, batch 4, 20 epochs (W4A4KV4; 10 for W4A8KV4)
+    "paper": TrainConfig(samples=512, seqlen=1024, batch_size=4, epochs=20),
+    # a CPU-sized default: 32 x 512, batch 4, 4 epochs (32 steps per block); see README for its cost
+    "fast": TrainConfig(samples=32, seqlen=512, batch_size=4, epochs=4),
+}
+
+
+def train_config(preset: str, a_bits: int | None = None, **overrides) -> TrainConfig:
+    if preset not in TRAIN_PRESETS:
+        raise UserError(f"unknown --train-preset {preset!r} (known: {', '.join(TRAIN_PRESETS)})")
+    cfg = TRAIN_PRESETS[preset]
+    if preset == "paper" and a_bits is not None and a_bits >= 8:
+        cfg = dataclasses.replace(cfg, epochs=10)
+    kw = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(cfg, **kw) if kw else cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamGroup:
+    name: str
+    filter: Any
+    lr: float
+    project: Callable | None = None  # applied to the group's state after every update
+
+
+def _positive_scales(state):
+    """Clamp scales (not zero points) to stay positive."""
+    def f(path, x):
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        return x if any(isinstance(n, str) and n.endswith("_zero") for n in names) else jnp.maximum(x, MIN_SCALE)
+    return jax.tree_util.tree_map_with_path(f, state)
+
+
+def prefixquant_groups(cfg: TrainConfig) -> tuple[ParamGroup, ...]:
+    groups = (ParamGroup("quant", QuantParam, cfg.lr_quant, _positive_scales),)
+    if cfg.train_weights:
+        groups += (ParamGroup("weight", nnx.All(nnx.Param, nnx.PathContains("kernel")), cfg.lr_weight),)
+    return groups
+
+
+def _optimizer(groups, cfg: TrainConfig):
+    def adamw(lr):
+        sched = optax.cosine_decay_schedule(lr, max(cfg.steps, 1), alpha=cfg.final_lr_ratio)
+        return optax.adamw(sched, weight_decay=cfg.weight_decay)
+    labels = tuple(g.name for g in groups)
+    return optax.multi_transform({g.name: adamw(g.lr) for g in groups},
+                                 lambda params: tuple(jax.tree.map(lambda _: lab, p) for p, lab in zip(params, labels)))
+
+
+class BlockTrainer:
+    """Jitted train step / loss for any block with the structure of `template_block`."""
+
+    def __init__(self, runner: BlockRunner, template_block, groups, cfg: TrainConfig):
+        self.runner, self.groups, self.cfg = runner, groups, cfg
+        self.filters = tuple(g.filter for g in groups)
+        self.tx = _optimizer(groups, cfg)
+        devices = jax.devices()
+        if cfg.batch_size % len(devices):
+            raise UserError(f"training batch size {cfg.batch_size} is not divisible by the {len(devices)} devices")
+        mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        self.batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        P = runner.P
+        projects = tuple(g.project for g in groups)
+
+        def loss_fn(gd, train, rest, x, ck, cv, cos, sin, target):
+            y = nnx.merge(gd, *train, rest)(x, ck, cv, P, cos, sin)[0]
+            return jnp.mean((y.astype(jnp.float32) - target) ** 2)
+
+        def step(gd, train, opt_state, rest, x, ck, cv, cos, sin, target):
+            loss, grads = jax.value_and_grad(loss_fn, argnums=1)(gd, train, rest, x, ck, cv, cos, sin, target)
+            updates, opt_state = self.tx.update(grads, opt_state, train)
+            train = optax.apply_updates(train, updates)
+            train = tuple(p if f is None else f(p) for p, f in zip(train, projects))
+            return train, opt_state, loss
+
+        self._loss = jax.jit(loss_fn, static_argnums=0)
+        self._step = jax.jit(step, static_argnums=0, donate_argnums=(1, 2))
+
+    def split(self, block):
+        gd, *parts = nnx.split(block, *self.filters, ...)
+        train, rest = tuple(parts[:-1]), parts[-1]
+        return gd, jax.device_put(train, self.replicated), jax.device_put(rest, self.replicated)
+
+    def batch(self, runner_layer: int, x: np.ndarray, target: np.ndarray, idx: np.ndarray):
+        ck, cv = self.runner.cache(runner_layer, len(idx), x.shape[1])
+        put = lambda a: jax.device_put(a, self.batch_sharding)
+        return put(x[idx]), put(ck), put(cv), put(target[idx])
+
+    def mean_loss(self, gd, train, rest, layer, x, target) -> float:
+        B = self.cfg.batch_size
+        tot = 0.0
+        for s in range(0, len(x) - B + 1, B):
+            xb, ck, cv, tb = self.batch(layer, x, target, np.arange(s, s + B))
+            tot += float(self._loss(gd, train, rest, xb, ck, cv, self.runner.cos, self.runner.sin, tb))
+        return tot / (len(x) // B)
+
+    def order(self, layer: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng((self.cfg.seed, layer, epoch)).permutation(self.cfg.samples)
+
+
+def train_blockwise(fp_model, q_model, x0: np.ndarray, prefix_kv, cfg: TrainConfig, groups=None,
+                    train_dir=None, progress: bool = True, chunk: int = 8) -> list[dict]:
+    """Fine-tune q_model block by block in place; returns per-block logs (loss before/after, seconds).
+
+    x0: embedded training tokens [N, L, D] float32 (N = cfg.samples). `train_dir`: a TrainDir for
+    checkpoints and resume (None: no checkpoints).
+    """
+    N, L, _ = x0.shape
+    if N != cfg.samples:
+        raise ValueError(f"x0 has {N} samples, config says {cfg.samples}")
+    groups = groups or prefixquant_groups(cfg)
+    runner = BlockRunner(q_model.config, prefix_kv, L)
+    trainer = BlockTrainer(runner, q_model.layers[0], groups, cfg)
+    x_fp, x_q = x0, x0
+    logs = list(train_dir.meta["blocks"]) if train_dir else []
+    done = len(logs)
+    for layer in range(done):  # resume: restore finished blocks and replay their forward
+        qb = q_model.layers[layer]
+        gd, train, rest = trainer.split(qb)
+        nnx.update(qb, *train_dir.load_block(layer, train))
+        x_q = runner.forward(qb, layer, x_q, chunk)
+        x_fp = runner.forward(fp_model.layers[layer], layer, x_fp, chunk)
+    n_layers = len(q_model.layers)
+    for layer in range(done, n_layers):
+        t0 = time.time()
+        qb = q_model.layers[layer]
+        target = runner.forward(fp_model.layers[layer], layer, x_fp, chunk)
+        gd, train, rest = trainer.split(qb)
+        opt_state = jax.device_put(trainer.tx.init(train), trainer.replicated)
+        loss_before = trainer.mean_loss(gd, train, rest, layer, x_q, target)
+        start = 0
+        if train_dir is not None:
+            start, saved = train_dir.load_inblock(layer, (train, opt_state))
+            if saved is not None:
+                train, opt_state = jax.device_put(saved, trainer.replicated)
+        bar = tqdm(range(start, cfg.steps), desc=f"train block {layer}/{n_layers}", disable=not progress, leave=False)
+        running = None
+        for s in bar:
+            epoch, i = divmod(s, cfg.steps_per_epoch)
+            idx = np.sort(trainer.order(layer, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size])
+            xb, ck, cv, tb = trainer.batch(layer, x_q, target, idx)
+            train, opt_state, loss = trainer._step(gd, train, opt_state, rest, xb, ck, cv, runner.cos, runner.sin, tb)
+            loss = float(loss)
+            if not np.isfinite(loss):
+                raise UserError(f"training diverged: loss {loss} at block {layer} step {s}; lower the learning rates")
+            running = loss if running is None else 0.9 * running + 0.1 * loss
+            bar.set_postfix(loss=f"{running:.3e}")
+            if train_dir is not None and cfg.ckpt_every and (s + 1) % cfg.ckpt_every == 0 and s + 1 < cfg.steps:
+                train_dir.save_inblock(layer, s + 1, (train, opt_state))
+        nnx.update(qb, *train)
+        loss_after = trainer.mean_loss(gd, train, rest, layer, x_q, target)
+        log = {"layer": layer, "loss_before": loss_before, "loss_after": loss_after, "steps": cfg.steps,
+               "seconds": time.time() - t0}
+        if train_dir is not None:
+            train_dir.save_block(layer, train, log)
+        logs.append(log)
+        x_q = runner.forward(qb, layer, x_q, chunk)
+        x_fp = target
+    return logs

@@ -1,0 +1,142 @@
+"""Block-wise trainer: loss goes down, two learning-rate groups, kill-and-resume, data parallel."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from prefixquant_jax.train import TrainConfig, finetune, prefixquant_groups
+from prefixquant_jax.train.blockwise import BlockTrainer
+from prefixquant_jax.calibrate import BlockRunner
+from tests.conftest import TINY_TEXT
+from tests.test_cli import run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("txt") / "t.txt"
+    f.write_text(TINY_TEXT * 3)
+    return str(f)
+
+
+def _quantized(tiny_dir, text_file, preset="w4a4kv4-static"):
+    from checkpoints_convert import load_checkpoint
+    from prefixquant_jax.quant.presets import get_preset
+    from prefixquant_jax.quantize import QuantizeOptions, quantize
+
+    ck = load_checkpoint(tiny_dir)
+    tok = ck.tokenizer()
+    opts = QuantizeOptions(calib_data=text_file, calib_samples=4, calib_seqlen=32, outlier_samples=4, eta=4, progress=False)
+    return quantize(ck, tok, get_preset(preset), opts), tok
+
+
+def test_loss_decreases(tiny_dir, text_file):
+    qm, tok = _quantized(tiny_dir, text_file)
+    cfg = TrainConfig(samples=8, seqlen=32, batch_size=2, epochs=6, lr_quant=1e-3, lr_weight=1e-4)
+    r = finetune(qm, tok, cfg, calib_data=text_file, progress=False)
+    assert len(r["blocks"]) == 2
+    for b in r["blocks"]:  # mean MSE over all training samples, before vs after
+        assert b["loss_after"] < 0.9 * b["loss_before"], b
+
+
+def test_two_lr_groups_step_sizes(tiny_dir, text_file):
+    """Adam's first step moves every parameter with a non-negligible gradient by ~lr of its group."""
+    qm, _ = _quantized(tiny_dir, text_file)
+    cfg = TrainConfig(samples=4, seqlen=32, batch_size=2, epochs=1, lr_quant=1e-3, lr_weight=1e-5)
+    runner = BlockRunner(qm.config, qm.prefix_kv, 32)
+    trainer = BlockTrainer(runner, qm.model.layers[0], prefixquant_groups(cfg), cfg)
+    gd, train, rest = trainer.split(qm.model.layers[0])
+    before = jax.tree.map(np.array, train)
+    x = np.random.default_rng(0).normal(size=(2, 32, qm.config.hidden_size)).astype(np.float32)
+    target = runner.forward(qm.fp_model.layers[0], 0, x, 2)
+    xb, ck, cv, tb = trainer.batch(0, x, target, np.arange(2))
+    opt = trainer.tx.init(train)
+    new, _, _ = trainer._step(gd, train, opt, rest, xb, ck, cv, runner.cos, runner.sin, tb)
+    for group, lr in zip(range(2), (cfg.lr_quant, cfg.lr_weight)):
+        d = np.concatenate([np.abs(np.asarray(a) - b).ravel() for a, b in zip(jax.tree.leaves(new[group]), jax.tree.leaves(before[group]))])
+        # |step| = lr * |g| / (|g| + eps): ~lr where the gradient dwarfs Adam's eps, never above lr
+        assert (d > 0.01 * lr).mean() > 0.5
+        assert np.percentile(d, 99) == pytest.approx(lr, rel=0.05), (group, np.percentile(d, 99))
+        assert d.max() <= lr * 1.001
+
+
+def _train_args(tiny_dir, text_file, *extra):
+    return ["quantize", "--model", tiny_dir, "--preset", "w4a4kv4-static", "--calib-data", text_file,
+            "--calib-samples", "4", "--calib-seqlen", "32", "--outlier-samples", "4", "--eta", "4", "--no-eval",
+            "--train", "--train-samples", "8", "--train-seqlen", "32", "--epochs", "12", "--train-batch-size", "2",
+            "--lr-quant", "1e-3", "--lr-weight", "1e-4", *extra]
+
+
+def _restore_blocks(train_dir):
+    import orbax.checkpoint as ocp
+    c = ocp.StandardCheckpointer()
+    return {b: c.restore(os.path.join(train_dir, "blocks", b)) for b in sorted(os.listdir(os.path.join(train_dir, "blocks")))}
+
+
+def test_kill_and_resume_is_bit_identical(tiny_dir, text_file, tmp_path):
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    r = run_cli(*_train_args(tiny_dir, text_file, "--train-dir", str(ref_dir)))  # uninterrupted, checkpoints only per block
+    assert r.returncode == 0, r.stderr[-2000:]
+    # the same run, SIGKILLed once block 1 has an in-block checkpoint (block 0 finished)
+    cmd = [sys.executable, "-m", "prefixquant_jax.cli", *_train_args(tiny_dir, text_file, "--ckpt-every", "4", "--train-dir", str(cut_dir))]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    inblock = cut_dir / "inblock"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if inblock.is_dir() and any(n.startswith("1000") and n.isdigit() for n in os.listdir(inblock)):
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    assert p.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (cut_dir / "blocks" / "1").exists()  # killed inside block 1
+    r = run_cli(*_train_args(tiny_dir, text_file, "--ckpt-every", "4", "--resume", str(cut_dir)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref, cut = _restore_blocks(ref_dir), _restore_blocks(cut_dir)
+    assert ref.keys() == cut.keys() == {"0", "1"}
+    for b in ref:
+        for k in ref[b]:
+            np.testing.assert_array_equal(np.asarray(ref[b][k]), np.asarray(cut[b][k]), err_msg=f"block {b} leaf {k}")
+    logs = [json.load(open(d / "train.json"))["blocks"] for d in (ref_dir, cut_dir)]
+    assert [b["loss_after"] for b in logs[0]] == [b["loss_after"] for b in logs[1]]
+
+
+def test_train_dir_exists_needs_resume(tiny_dir, text_file, tmp_path):
+    d = tmp_path / "td"
+    d.mkdir()
+    (d / "keep.txt").write_text("mine")
+    from tests.test_cli import assert_one_line_error
+    assert_one_line_error(run_cli(*_train_args(tiny_dir, text_file, "--train-dir", str(d))), "--resume")
+    assert (d / "keep.txt").read_text() == "mine"
+
+
+TWO_DEVICE_SCRIPT = """
+import json, sys
+sys.path.insert(0, {root!r})
+import jax
+from tests.train.test_blockwise import _quantized
+from prefixquant_jax.train import TrainConfig, finetune, prefixquant_groups
+qm, tok = _quantized({tiny!r}, {text!r}, "w4a4kv4-dynamic")
+cfg = TrainConfig(samples=8, seqlen=32, batch_size=4, epochs=2, lr_quant=1e-3, lr_weight=1e-4)
+r = finetune(qm, tok, cfg, calib_data={text!r}, progress=False)
+print(json.dumps({{"devices": jax.device_count(), "blocks": r["blocks"]}}))
+"""
+
+
+def test_two_host_devices_same_loss(tiny_dir, text_file):
+    out = {}
+    for n in (1, 2):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+        r = subprocess.run([sys.executable, "-c", TWO_DEVICE_SCRIPT.format(root=ROOT, tiny=tiny_dir, text=text_file)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out[n] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out[1]["devices"] == 1 and out[2]["devices"] == 2
+    for a, b in zip(out[1]["blocks"], out[2]["blocks"]):
+        for k in ("loss_before", "loss_after"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-12), (k, a, b)
