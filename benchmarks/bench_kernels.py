@@ -18,29 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._timing import timeit  # noqa: E402
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def timeit(fn, *args, iters: int, warmup: int) -> float:
-    """Median milliseconds per call over 3 batches of `iters` calls, after `warmup` calls."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    batches = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        batches.append((time.perf_counter() - t0) * 1e3 / iters)
-    return statistics.median(batches)
 
 
 def _rand_codes(key, shape, lo, hi):

@@ -174,7 +174,7 @@ def metadata(qm, variables, qparams, prefix, tok) -> dict:
         quantizers["weight"] = dataclasses.asdict(recipe.weight)
     eta = report.get("eta", (report.get("outliers") or {}).get("eta"))
     return {
-        "method": "prefixquant",
+        "method": getattr(preset, "method", "prefixquant"),
         "preset": dataclasses.asdict(preset),
         "bits": {"w": preset.w_bits, "a": preset.a_bits, "kv": preset.kv_bits},
         "quantizers": quantizers,

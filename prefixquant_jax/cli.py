@@ -50,6 +50,19 @@ def _add_eval_args(p, data_flag="--data"):
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
 
 
+def _add_backend_arg(p):
+    p.add_argument("--backend", default="fake", choices=("fake", "real"),
+                   help="fake: fake-quantized float model; real: packed int4 integer runtime (needs --model DIR from quantize --save)")
+
+
+def _compiled(loaded, args):
+    """The fake-quant Compiled, or the real int4 runtime's RealCompiled for --backend real."""
+    if getattr(args, "backend", "fake") != "real":
+        return loaded.compiled
+    from prefixquant_jax.runtime import compile_loaded
+    return compile_loaded(loaded, args.model, dtype=_dtype(args.dtype))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="prefixquant", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -58,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_eval_args(p)
     p.add_argument("--import-prefix", metavar="FILE", help="prefix KV safetensors (export-prefix) to put in front of every window")
+    _add_backend_arg(p)
 
     p = sub.add_parser("generate", help="greedy decoding with the KV cache")
     _add_model_args(p)
+    _add_backend_arg(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
@@ -79,15 +94,17 @@ def cmd_eval(args) -> dict:
         raise_user(f"--seqlen must be >= 2, got {args.seqlen}")
     t0 = time.time()
     loaded = load_for_inference(args.model, _dtype(args.dtype), import_prefix=getattr(args, "import_prefix", None))
+    compiled = _compiled(loaded, args)
     prefix_len = 0 if loaded.prefix_kv is None else loaded.prefix_kv.length
     if args.seqlen + prefix_len > loaded.config.max_position_embeddings:
         raise_user(f"--seqlen {args.seqlen} (+ prefix {prefix_len}) exceeds the model's max positions {loaded.config.max_position_embeddings}")
     text = load_text(args.data)
     ids = tokenize(loaded.tokenizer, text)
     win = windows(ids, args.seqlen, args.max_windows)
-    res = perplexity(loaded.compiled, win, loaded.prefix_kv, batch_size=args.batch_size)
-    res.update(model=args.model, data=args.data, dtype=args.dtype, preset=loaded.preset, seconds=time.time() - t0)
-    print(f"{args.model} [{loaded.preset}] on {args.data}: ppl {res['ppl']:.4f} ({res['windows']} windows x {args.seqlen} tokens, {res['seconds']:.1f}s)")
+    res = perplexity(compiled, win, loaded.prefix_kv, batch_size=args.batch_size)
+    res.update(model=args.model, data=args.data, dtype=args.dtype, preset=loaded.preset, seconds=time.time() - t0,
+               backend=getattr(args, "backend", "fake"))
+    print(f"{args.model} [{loaded.preset}{', real int4' if res['backend'] == 'real' else ''}] on {args.data}: ppl {res['ppl']:.4f} ({res['windows']} windows x {args.seqlen} tokens, {res['seconds']:.1f}s)")
     return res
 
 
@@ -98,12 +115,14 @@ def cmd_generate(args) -> dict:
     if args.max_new_tokens < 1:
         raise_user(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     loaded = load_for_inference(args.model, _dtype(args.dtype))
+    compiled = _compiled(loaded, args)
     ids = encode_prompt(loaded.tokenizer, args.prompt, chat=not args.no_chat)
     t0 = time.time()
-    out = greedy(loaded.compiled, ids, args.max_new_tokens, eos_id=loaded.config.eos_token_id, prefix_kv=loaded.prefix_kv)
+    out = greedy(compiled, ids, args.max_new_tokens, eos_id=loaded.config.eos_token_id, prefix_kv=loaded.prefix_kv)
     text = loaded.tokenizer.decode(out, skip_special_tokens=True)
     print(text)
-    return {"model": args.model, "preset": loaded.preset, "prompt": args.prompt, "output": text, "token_ids": out,
+    return {"model": args.model, "preset": loaded.preset, "backend": getattr(args, "backend", "fake"), "prompt": args.prompt, "output": text,
+            "token_ids": out,
             "seconds": time.time() - t0}
 
 

@@ -33,22 +33,42 @@ def _add_train_args(p):
     g.add_argument("--resume", metavar="DIR", help="continue the fine-tuning run checkpointed in DIR (implies --train)")
 
 
+def _add_flat_args(p):
+    g = p.add_argument_group("FlatQuant (presets flatquant-*: always trained with the --train flags, then merged)")
+    g.add_argument("--flat-lr", type=float, default=5e-3, help="learning rate of the transforms (clip logits: 10x)")
+    g.add_argument("--flat-param", choices=("inverse", "orthogonal"), default="inverse",
+                   help="inverse: P learned directly, P^-1 = inv(P); orthogonal: P = U diag(s) V^T (Cayley)")
+    g.add_argument("--flat-alpha", type=float, default=0.3, help="SmoothQuant-style init of the per-channel scales")
+
+
+def _flat_options(args, tok, cfg):
+    from prefixquant_jax.flatquant import FlatOptions
+
+    if not args.flat_lr > 0:
+        raise UserError(f"--flat-lr must be > 0, got {args.flat_lr}")
+    extra = {"flat_lr": args.flat_lr, "flat_param": args.flat_param, "flat_alpha": args.flat_alpha}
+    return FlatOptions(param=args.flat_param, lr=args.flat_lr, alpha=args.flat_alpha,
+                       train=lambda qm, groups: _finetune(args, qm, tok, cfg, groups, extra))
+
+
 def _train_cfg(args, preset):
     from prefixquant_jax.train import train_config
 
-    return train_config(args.train_preset, preset.a_bits, samples=args.train_samples, seqlen=args.train_seqlen,
+    name = "flatquant-paper" if preset.method == "flatquant" and args.train_preset == "paper" else args.train_preset
+    return train_config(name, preset.a_bits, samples=args.train_samples, seqlen=args.train_seqlen,
                         epochs=args.epochs, batch_size=args.train_batch_size, lr_quant=args.lr_quant,
                         lr_weight=args.lr_weight, ckpt_every=args.ckpt_every, seed=args.seed,
                         train_weights=False if args.no_train_weights else None)
 
 
-def _finetune(args, qm, tok, cfg) -> dict:
+def _finetune(args, qm, tok, cfg, groups=None, fingerprint=None) -> dict:
     from prefixquant_jax.train import finetune
 
     if args.resume and args.train_dir and args.resume != args.train_dir:
         raise UserError("give either --train-dir or --resume (the directory to continue), not both")
     r = finetune(qm, tok, cfg, calib_data=args.calib_data, train_dir=args.resume or args.train_dir,
-                 resume=bool(args.resume), overwrite=args.overwrite, fingerprint={"model": args.model})
+                 resume=bool(args.resume), overwrite=args.overwrite, groups=groups,
+                 fingerprint={"model": args.model, **(fingerprint or {})})
     blocks = r["blocks"]
     print(f"fine-tuned {len(blocks)} blocks in {r['seconds']:.0f} s: mean block loss "
           f"{sum(b['loss_before'] for b in blocks) / len(blocks):.3e} -> {sum(b['loss_after'] for b in blocks) / len(blocks):.3e}")
@@ -73,6 +93,7 @@ def add_subcommands(sub, add_model_args, add_eval_args) -> None:
     p.add_argument("--kv-bits", type=int)
     p.add_argument("--prefix-ids", help="comma-separated token ids to use as the prefix instead of detecting them")
     _add_train_args(p)
+    _add_flat_args(p)
     add_eval_args(p, data_flag="--eval-data")
     p.add_argument("--no-fp", action="store_true", help="skip the FP reference evaluation (no fp_ppl / ratio)")
     p.add_argument("--no-eval", action="store_true", help="quantize only")
@@ -98,6 +119,17 @@ def cmd_export_hf(args) -> dict:
     from checkpoints_convert import export_hf, load_checkpoint
     from checkpoints_convert.hf import export_rotated_hf
 
+    from checkpoints_convert.orbax_io import looks_saved
+    if looks_saved(args.model):  # a `quantize --save` directory: its weights as the quantized forward sees them
+        from checkpoints_convert.hf_quantized import export_quantized_hf
+        from checkpoints_convert.orbax_io import load_quantized
+        if args.rotate:
+            raise UserError("--rotate applies to FP checkpoints; a saved quantized model is exported as it was quantized")
+        out, online = export_quantized_hf(load_quantized(args.model), args.out, overwrite=args.overwrite)
+        print(f"wrote {out}")
+        if online:
+            print("not representable in a transformers Llama (kept online in prefixquant): " + "; ".join(online))
+        return {"model": args.model, "out": out, "quantized": True, "online": online}
     ck = load_checkpoint(args.model)
     if args.rotate:
         out = export_rotated_hf(ck.params, ck.config, args.out, seed=args.seed, overwrite=args.overwrite)
@@ -214,7 +246,8 @@ def cmd_quantize(args) -> dict:
     if args.save:  # fail now, not after quantizing
         from checkpoints_convert.orbax_io import check_save_target
         check_save_target(args.save, args.overwrite)
-    train_cfg = _train_cfg(args, preset) if (args.train or args.resume) else None
+    flat = preset.method == "flatquant"  # FlatQuant always trains (--train implied)
+    train_cfg = _train_cfg(args, preset) if (args.train or args.resume or flat) else None
     prefix_ids = None
     if args.prefix_ids:
         try:
@@ -242,8 +275,10 @@ def cmd_quantize(args) -> dict:
         raise UserError(f"training directory {args.train_dir} exists; use --resume {args.train_dir} to continue it or --overwrite")
     if args.resume and os.path.isdir(os.path.join(args.resume, "init")):
         opts = dataclasses.replace(opts, calibrate=False)  # the calibrated scales are restored from DIR/init
+    if flat:
+        opts = dataclasses.replace(opts, flatquant=_flat_options(args, tok, train_cfg))
     qm = quantize(ck, tok, preset, opts)
-    if train_cfg is not None:
+    if train_cfg is not None and not flat:
         qm.report["train"] = _finetune(args, qm, tok, train_cfg)
     res = {"model": args.model, "preset": preset.name, "prefix_tokens": qm.report["prefix_tokens"],
            "prefix_text": qm.report["prefix_text"], "eta": args.eta, "bits": {"w": preset.w_bits, "a": preset.a_bits, "kv": preset.kv_bits},

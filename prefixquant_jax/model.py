@@ -126,6 +126,7 @@ class Block(nnx.Module):
         self.mlp = MLP(p["mlp"], dtype)
         self.recipe = recipe
         self.qparams = nnx.Dict()  # site name -> QuantParam, filled by calibration
+        self.transforms = nnx.Dict()  # FlatQuant's TransformParams (flatquant/transforms.py); empty otherwise
 
     def site(self, name: str, x):
         """Apply whatever the recipe puts at site `name` (identity for the FP model).
@@ -140,7 +141,7 @@ class Block(nnx.Module):
         mod = getattr(self.mlp if name in ("gate", "up", "down") else self.attn, name)
         k = mod.kernel[...]
         if self.recipe is not None:
-            k = self.recipe.apply_weight(name, k, self.qparams)
+            k = self.recipe.apply_weight(name, k, self.qparams, block=self)
         return x @ k
 
     def __call__(self, x, cache_k, cache_v, offset, cos, sin):

@@ -18,6 +18,7 @@ class Loaded:
     preset: str = "fp"
     meta: dict = dataclasses.field(default_factory=dict)
     _tokenizer: Any = None
+    quantized: Any = None  # the QuantizedModel of a saved quantized checkpoint (runtime.pack input); None for FP
 
     @property
     def tokenizer(self):
@@ -65,4 +66,4 @@ def load_saved(path: str, dtype=jnp.float32, import_prefix: str | None = None) -
             raise UserError(f"{import_prefix}: prefix KV k_rotated={prefix_kv.k_rotated} does not fit {path} "
                             f"(preset {qm.preset.name!r}, rotated={qm.preset.rotate})")
     return Loaded(config=qm.config, compiled=Compiled(qm.model), tokenizer_fn=lambda: saved_tokenizer(path),
-                  prefix_kv=prefix_kv, preset=qm.preset.name, meta=qm.report)
+                  prefix_kv=prefix_kv, preset=qm.preset.name, meta=qm.report, quantized=qm)

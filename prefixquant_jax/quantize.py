@@ -40,6 +40,7 @@ class QuantizeOptions:
     progress: bool = True
     calibrate: bool = True  # False: leave static scales unset (a resumed --train restores them)
     prefix_kv: PrefixKV | None = None  # use this prefix KV (e.g. --import-prefix) instead of computing one
+    flatquant: object = None  # flatquant.FlatOptions for method "flatquant" presets (None: defaults)
 
 
 @dataclasses.dataclass
@@ -89,7 +90,8 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
     times["rotate"] = time.time() - t
 
     recipe = preset.recipe()
-    needs_calib = preset.prefix or preset.is_static
+    flat = preset.method == "flatquant"
+    needs_calib = preset.prefix or preset.is_static or flat
     calib = None
     if needs_calib:
         ids = tokenize(tokenizer, load_text(opts.calib_data))
@@ -123,7 +125,11 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
 
     t = time.time()
     q_model = Llama.from_params(config, params, recipe=recipe)
-    if preset.w_bits:
+    if flat:  # learned transforms instead of rotations; weights quantized with LWC in the forward
+        from prefixquant_jax.flatquant.pipeline import init_flatquant
+        recipe, report["flatquant"] = init_flatquant(fp_model, q_model, recipe, calib, prefix_kv, opts.seed,
+                                                     opts.flatquant, opts.progress)
+    elif preset.w_bits:
         init_weight_scales(q_model, preset.weight_spec(), opts.progress)
     times["weights"] = time.time() - t
 
@@ -133,5 +139,11 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
         report["calibration"] = calibrate_static(fp_model, q_model, recipe, calib_x, prefix_kv,
                                                  CalibConfig(grid_samples=opts.grid_samples), opts.progress)
         times["calibrate"] = time.time() - t
+    qm = QuantizedModel(config=config, model=q_model, fp_model=fp_model, prefix_kv=prefix_kv, preset=preset, report=report)
+    if flat:  # FlatQuant always trains, then folds the transforms into the weights
+        from prefixquant_jax.flatquant.pipeline import train_and_merge
+        t = time.time()
+        train_and_merge(qm, tokenizer, opts.calib_data, opts.flatquant, opts.progress)
+        times["train_merge"] = time.time() - t
     report["seconds"] = times
-    return QuantizedModel(config=config, model=q_model, fp_model=fp_model, prefix_kv=prefix_kv, preset=preset, report=report)
+    return qm

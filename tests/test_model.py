@@ -47,3 +47,24 @@ def test_bfloat16_close_to_fp32(tiny_dir):
     b16, _ = Llama.from_params(ck.config, ck.params, jnp.bfloat16)(ids)
     assert b16.dtype == jnp.float32  # logits always fp32
     assert float(jnp.abs(b16 - f32).max()) < 0.1 * float(jnp.abs(f32).max())
+
+
+def test_forward_weight_quant_equals_prequantized_kernels(tiny_dir):
+    """Scales in qparams["w_<name>"] + fake-quant at forward == kernels RTN-quantized offline (clip search alike)."""
+    from prefixquant_jax.quant.ops import quantize_weight
+    from prefixquant_jax.quant.recipe import QuantRecipe
+    from prefixquant_jax.quant.spec import QuantSpec
+    from prefixquant_jax.quantize import WEIGHT_CLIP_GRID, init_weight_scales
+
+    ck = load_checkpoint(tiny_dir)
+    spec = QuantSpec(bits=4, granularity="channel", symmetric=True)
+    live = Llama.from_params(ck.config, ck.params, recipe=QuantRecipe(weight=spec))
+    init_weight_scales(live, spec, progress=False)
+    pre = {**ck.params, "layers": {i: {**lp, **{g: {n: np.asarray(quantize_weight(jnp.asarray(w), spec, WEIGHT_CLIP_GRID))
+                                                     for n, w in lp[g].items()} for g in ("attn", "mlp")}}
+                                   for i, lp in ck.params["layers"].items()}}
+    offline = Llama.from_params(ck.config, pre)
+    tokens = jnp.asarray(rng_tokens(16, ck.config.vocab_size)[None])
+    a, b = live(tokens)[0], offline(tokens)[0]
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)  # same codes; fp32 reassociation only
+    assert not np.allclose(np.asarray(a), np.asarray(Llama.from_params(ck.config, ck.params)(tokens)[0]), atol=1e-3)

@@ -14,9 +14,12 @@ class Preset:
 
     act_dynamic: per-token dynamic activations, else static per-tensor (grid-searched);
     kv_dynamic: per-(token, head) dynamic KV (groups of head_dim), else static per-head.
+    method: "prefixquant" (Hadamard rotations, RTN weights) or "flatquant" (learned affine transforms,
+    LWC/LAC, always trained then merged: prefixquant_jax/flatquant).
     """
 
     name: str
+    method: str = "prefixquant"
     rotate: bool = True
     prefix: bool = True
     w_bits: int | None = 4
@@ -43,6 +46,9 @@ class Preset:
             kv = (QuantSpec(bits=self.kv_bits, granularity="token", symmetric=False, dynamic=True) if self.kv_dynamic
                   else QuantSpec(bits=self.kv_bits, granularity="head", symmetric=False))
             sites += [("k_cache", kv), ("v_cache", kv)]
+        if self.method == "flatquant":
+            from prefixquant_jax.flatquant.recipe import FlatQuantRecipe
+            return FlatQuantRecipe(sites=tuple(sites), weight=self.weight_spec(), kv_original_space=self.prefix)
         if not sites and not self.rotate and self.w_bits is None:
             return None
         return QuantRecipe(sites=tuple(sites), weight=self.weight_spec(), r3=self.rotate, r4=self.rotate)
@@ -61,6 +67,10 @@ PRESETS = {p.name: p for p in [
            description="PrefixQuant-O1: FP prefix, per-token dynamic A4, per-head-group dynamic KV4"),
     Preset(name="w4a8kv4-static", a_bits=8, description="PrefixQuant W4A8KV4, static"),
     Preset(name="w8a8kv8-static", w_bits=8, a_bits=8, kv_bits=8, description="PrefixQuant W8A8KV8, static"),
+    Preset(name="flatquant-w4a4kv4", method="flatquant", rotate=False, prefix=False, act_dynamic=True, kv_dynamic=True,
+           description="FlatQuant: learned Kronecker affine transforms, LWC W4, per-token dynamic A4 (LAC), dynamic KV4"),
+    Preset(name="flatquant-w4a4kv4-static-prefix", method="flatquant", rotate=False,
+           description="FlatQuant + FP prefix: static per-tensor A4, static per-head KV4 (grid-searched, then trained)"),
 ]}
 
 

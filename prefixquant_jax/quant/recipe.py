@@ -64,7 +64,7 @@ class QuantRecipe:
         return fake_quant(x, spec, scale=qparams[name][...], zero=zero)
 
 
-    def apply_weight(self, name: str, kernel, qparams):
+    def apply_weight(self, name: str, kernel, qparams, block=None):
         """The kernel [in, out] of linear `name` as the forward uses it (fake-quantized if it has a scale)."""
         key = "w_" + name
         if self.weight is None or key not in qparams:

@@ -69,6 +69,8 @@ TRAIN_PRESETS = {
     "paper": TrainConfig(samples=512, seqlen=1024, batch_size=4, epochs=20),
     # a CPU-sized default: 32 x 512, batch 4, 4 epochs (32 steps per block); see README for its cost
     "fast": TrainConfig(samples=32, seqlen=512, batch_size=4, epochs=4),
+    # FlatQuant's paper recipe (its transforms' lr 5e-3 is flatquant.FlatOptions.lr / --flat-lr): 128 x 2048, batch 4, 15 epochs
+    "flatquant-paper": TrainConfig(samples=128, seqlen=2048, batch_size=4, epochs=15, train_weights=False),
 }
 
 

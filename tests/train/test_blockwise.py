@@ -128,6 +128,7 @@ print(json.dumps({{"devices": jax.device_count(), "blocks": r["blocks"]}}))
 """
 
 
+@pytest.mark.slow  # two subprocess trainings (~1.5 min)
 def test_two_host_devices_same_loss(tiny_dir, text_file):
     out = {}
     for n in (1, 2):

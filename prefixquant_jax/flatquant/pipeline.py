@@ -1,0 +1,140 @@
+"""FlatQuant in the quantize pipeline: init the transforms, train them block-wise, merge.
+
+`quantize()` (quantize.py) calls `init_flatquant` where PrefixQuant would set RTN weight scales
+(no rotation: the learned transforms replace the Hadamards), runs the static grid search for the
+`-static-prefix` preset as usual, then `train_and_merge`: FlatQuant always trains.
+
+Training uses the generic block-wise trainer (train/blockwise.py) with `flatquant_groups`: the
+transforms and per-channel scales (TransformParam) at `lr`, the LWC/LAC logits (ClipParam) at
+`clip_lr` (FlatQuant's code: 10 x lr), and for static presets the activation/KV scales (QuantParam) at
+the trainer's lr_quant; the weights stay frozen. The paper: 128 samples x 2048 tokens, 15 epochs,
+batch 4, AdamW at lr 5e-3 with a cosine schedule (`--train-preset paper`); the CPU default is the
+trainer's `fast` preset (32 x 512, 4 epochs).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from prefixquant_jax.flatquant.merge import merge_model
+from prefixquant_jax.flatquant.recipe import SITE_TRANSFORM
+from prefixquant_jax.flatquant.transforms import COND_MAX, ClipParam, TransformParam, init_block, positive_scales
+from prefixquant_jax.kv_cache import KVCache
+from prefixquant_jax.model import QuantParam, set_recipe
+from prefixquant_jax.quant.recipe import sown_value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FlatOptions:
+    """`train`: None (the trainer's `fast` preset), a TrainConfig, or a callable (qm, groups) -> report
+    that runs the training itself (the CLI: checkpoints and resume)."""
+
+    param: str = "inverse"  # or "orthogonal"
+    alpha: float = 0.3  # SmoothQuant-style init of the per-channel scales
+    lr: float = 5e-3
+    clip_lr: float | None = None  # None: 10 x lr
+    lwc: bool = True
+    lac: bool = True
+    cond_max: float = COND_MAX
+    train: Any = None
+    merge: bool = True
+
+
+def flatquant_groups(lr: float = 5e-3, clip_lr: float | None = None, quant_lr: float | None = None) -> tuple:
+    """Trainer groups: ClipParam (first: it is also a TransformParam) at clip_lr (10 x lr), the other
+    TransformParams at lr (scales kept positive), QuantParam static scales at quant_lr when given."""
+    from prefixquant_jax.train.blockwise import ParamGroup, _positive_scales
+
+    groups = (ParamGroup("clip", ClipParam, clip_lr if clip_lr is not None else 10 * lr),
+              ParamGroup("transform", TransformParam, lr, positive_scales))
+    if quant_lr is not None:
+        groups += (ParamGroup("quant", QuantParam, quant_lr, _positive_scales),)
+    return groups
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChannelMax:
+    """Recipe that sows the per-channel max |x| at the inputs of the Kronecker transforms (FP model)."""
+
+    def apply_site(self, name, x, qparams, block=None):
+        if name in SITE_TRANSFORM:
+            block.sow(nnx.Intermediate, name, jnp.abs(x.astype(jnp.float32)).max(axis=tuple(range(x.ndim - 1))))
+        return x
+
+    def apply_weight(self, name, kernel, qparams, block=None):
+        return kernel
+
+
+def channel_absmax(model, tokens: np.ndarray, prefix_kv=None, batch_size: int = 4, progress: bool = True) -> list[dict]:
+    """Per layer {site: [n] max |x| over all calibration tokens} for qkv_in, up_gate_in, down_in."""
+    orig = model.layers[0].recipe
+    set_recipe(model, _ChannelMax())
+    gd, state = nnx.split(model)
+    set_recipe(model, orig)
+
+    @jax.jit
+    def run(state, toks, cache, offset):
+        m = nnx.merge(gd, state)
+        m.hidden(toks, cache, offset)
+        return nnx.pop(m, nnx.Intermediate).to_pure_dict()
+
+    P = 0 if prefix_kv is None else prefix_kv.length
+    acc = [dict() for _ in model.layers]
+    for s in tqdm(range(0, len(tokens), batch_size), desc="channel max", disable=not progress, leave=False):
+        toks = jnp.asarray(tokens[s:s + batch_size])
+        cache = (KVCache.empty(model.config, len(toks), P + toks.shape[1]) if prefix_kv is None
+                 else KVCache.with_prefix(prefix_kv, len(toks), P + toks.shape[1]))
+        inter = run(state, toks, cache, P)
+        for i, d in enumerate(acc):
+            for site, v in inter["layers"][i].items():
+                a = np.asarray(sown_value(v))
+                d[site] = a if site not in d else np.maximum(d[site], a)
+    return acc
+
+
+def init_flatquant(fp_model, q_model, recipe, calib: np.ndarray, prefix_kv, seed: int = 0,
+                   opts: FlatOptions | None = None, progress: bool = True):
+    """Give every block of q_model its transforms (SmoothQuant-style scales from the FP model's channel
+    maxima on `calib` behind the prefix) and `recipe` with the chosen parameterization. Returns
+    (recipe, report)."""
+    opts = opts or FlatOptions()
+    recipe = recipe.replace(param=opts.param)
+    set_recipe(q_model, recipe)
+    stats = channel_absmax(fp_model, calib, prefix_kv, progress=progress)
+    lac_sites = [s for s, spec in recipe.sites if spec.dynamic] if opts.lac else []
+    for i, blk in enumerate(q_model.layers):
+        init_block(blk, q_model.config, (seed, i), opts.param, stats[i], opts.alpha,
+                   lwc=opts.lwc and recipe.weight is not None, lac_sites=lac_sites)
+    return recipe, {"param": opts.param, "alpha": opts.alpha, "lr": opts.lr, "lwc": opts.lwc, "lac": lac_sites,
+                    "kv_original_space": recipe.kv_original_space}
+
+
+def _nonempty(groups, block):
+    """Drop the clip group when LWC and LAC are both off (static scales may be restored only later, on resume)."""
+    return tuple(g for g in groups if g.name != "clip" or jax.tree.leaves(nnx.state(block, g.filter)))
+
+
+def train_and_merge(qm, tokenizer, calib_data: str, opts: FlatOptions | None = None, progress: bool = True) -> None:
+    """Train the transforms of `qm.model` block by block against `qm.fp_model`, then merge (in place);
+    reports go to qm.report["train"] and qm.report["flatquant"]."""
+    from prefixquant_jax.train import finetune, train_config
+
+    opts = opts or FlatOptions()
+    train = opts.train if opts.train is not None else train_config("fast")
+    static = any(not spec.dynamic for _, spec in qm.model.layers[0].recipe.sites)
+    quant_lr = getattr(train, "lr_quant", 5e-5) if static else None
+    groups = _nonempty(flatquant_groups(opts.lr, opts.clip_lr, quant_lr), qm.model.layers[0])
+    if callable(train):
+        qm.report["train"] = train(qm, groups)
+    else:
+        qm.report["train"] = finetune(qm, tokenizer, train, calib_data=calib_data, groups=groups, progress=progress)
+    rep = qm.report.setdefault("flatquant", {})
+    if opts.merge:
+        rep["max_condition"] = merge_model(qm.model, opts.cond_max)
+    rep["merged"] = bool(opts.merge)

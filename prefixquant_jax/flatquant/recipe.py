@@ -1,0 +1,183 @@
+"""FlatQuantRecipe: transform, then quantize, at each named site; transformed + clipped kernels.
+
+The recipe is static (frozen, JSON-able); every number lives in the block: `block.transforms`
+(TransformParam / ClipParam, see transforms.py) and `block.qparams` (static scales; after the merge
+also the weight scales `w_<linear>`). `merged` (set by merge.py) says the kernels already hold the
+offline part:
+
+* merged: a kernel is fake-quantized with its scale `qparams["w_<linear>"]` (exactly as QuantRecipe
+  does), or used as is without weight quantization; before the merge the forward builds it from the FP kernel:
+  W' = P^-1 diag(1/s) W (v: then times P_v per KV head; o: (P_o kron P_v)^-1 W), clamps each output
+  channel to [sigmoid(a_min) min, sigmoid(a_max) max] (LWC) and fake-quantizes it with the scale of that
+  clamped column (per-channel symmetric RTN);
+* a site applies the online part of its transform ((x * s) (P1 kron P2); s only while it exists: the
+  merge folds it into a norm or the up kernel and deletes it), then quantizes: dynamic specs with the
+  site's LAC clip factors sigmoid(a_min), sigmoid(a_max) on the per-token range; static specs with
+  `qparams[site]` (grid-searched by calibrate.py, then trained).
+
+K and V (`kv_original_space`): False (FlatQuant's layout) caches codes of k P_k and v P_v, q gets
+P_k^-T and the o site mixes heads only (P_v^-1 sits in the o kernel). True (for an FP prefix, whose KV
+the FP model computes in the original space) caches the dequantized values mapped back, Q(k P_k) P_k^-1
+and Q(v P_v) P_v^-1, and the o site applies P_o kron P_v: the same function, up to fp rounding.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from prefixquant_jax.flatquant.transforms import factor, factors, kron_apply, kron_left
+from prefixquant_jax.quant.ops import EPS, fake_quant, minmax, qparams_from_range, quantize_int, ste_round
+from prefixquant_jax.quant.recipe import QUANT_SITES
+from prefixquant_jax.quant.spec import QuantSpec
+
+SITE_TRANSFORM = {"qkv_in": "qkv", "up_gate_in": "ug", "down_in": "down"}
+INPUT_TRANSFORM = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "ug", "up": "ug", "down": "down"}
+
+
+def lac_fake_quant(x, spec: QuantSpec, a_min, a_max):
+    """Dynamic fake-quantization whose per-token range is shrunk by sigmoid(a_min) (below 0) and
+    sigmoid(a_max) (above 0): learnable activation clipping. Gradients reach a_min / a_max via the scale."""
+    dtype = x.dtype
+    xf = x.astype(jnp.float32)
+    lo, hi = minmax(xf, spec)
+    lo = jnp.minimum(lo, 0.0) * jax.nn.sigmoid(a_min)
+    hi = jnp.maximum(hi, 0.0) * jax.nn.sigmoid(a_max)
+    if spec.symmetric:
+        scale, zero = jnp.maximum(jnp.maximum(-lo, hi) / spec.qmax, EPS), jnp.zeros((), jnp.float32)
+    else:
+        scale = jnp.maximum((hi - lo) / (spec.qmax - spec.qmin), EPS)
+        zero = ste_round(-lo / scale)
+    q = quantize_int(xf, scale, zero, spec)
+    return ((q - zero) * scale).reshape(x.shape).astype(dtype)
+
+
+def _per_head(x, m):
+    """x [..., hd] @ m [hd, hd]."""
+    return jnp.einsum("...d,de->...e", x.astype(jnp.float32), m).astype(x.dtype)
+
+
+def offline_kernel(t, name: str, kernel, param: str):
+    """The kernel [in, out] of linear `name` with the block's transforms folded in (no clipping)."""
+    k = kernel.astype(jnp.float32)
+    tn = INPUT_TRANSFORM.get(name)
+    if tn is not None and f"{tn}_s" in t:
+        k = k / t[f"{tn}_s"][...][:, None]
+    fs = factors(t, tn, param) if tn is not None else []
+    if len(fs) == 2:
+        k = kron_left(fs[0][1], fs[1][1], k)
+    if name == "v" and factors(t, "v", param):
+        pv = factor(t, "v_1", param)[0]
+        hd = pv.shape[0]
+        k = jnp.einsum("ihd,de->ihe", k.reshape(k.shape[0], -1, hd), pv).reshape(k.shape)
+    if name == "o" and factors(t, "o", param):
+        po_inv = factor(t, "o_1", param)[1]
+        fv = factors(t, "v", param)
+        hd = k.shape[0] // po_inv.shape[0]
+        pv_inv = fv[0][1] if fv else jnp.eye(hd, dtype=jnp.float32)
+        k = kron_left(po_inv, pv_inv, k)
+    return k
+
+
+def lwc_clip(k, t, name: str):
+    """Clamp each output channel of k [in, out] to [sigmoid(a_min) * min, sigmoid(a_max) * max] (LWC)."""
+    if f"lwc_{name}_max" not in t:
+        return k
+    lo = k.min(axis=0, keepdims=True) * jax.nn.sigmoid(t[f"lwc_{name}_min"][...])
+    hi = k.max(axis=0, keepdims=True) * jax.nn.sigmoid(t[f"lwc_{name}_max"][...])
+    return jnp.clip(k, lo, hi)
+
+
+def channel_scale(k, spec: QuantSpec):
+    """Per-output-channel symmetric RTN scale [1, out] of k [in, out] (full range of the clamped kernel)."""
+    lo, hi = minmax(k, spec)
+    return qparams_from_range(lo, hi, spec, 1.0)[0]
+
+
+def quantizable_kernel(t, name: str, kernel, param: str):
+    """What the weight quantizer sees: transformed, then LWC-clamped (the merge stores exactly this)."""
+    return lwc_clip(offline_kernel(t, name, kernel, param), t, name)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FlatQuantRecipe:
+    """`sites`/`weight` as in QuantRecipe (weight: per-channel symmetric, static). `param`: "inverse" (P
+    stored, P^-1 = inv(P) in fp32) or "orthogonal" (U diag(sigma) V^T, Cayley). `capture`: sow each
+    quantization site's per-token (min, max) after its transform (calibration)."""
+
+    sites: tuple[tuple[str, QuantSpec], ...] = ()
+    weight: QuantSpec | None = None
+    param: str = "inverse"
+    kv_original_space: bool = False
+    merged: bool = False
+    capture: bool = False
+
+    def spec(self, site: str) -> QuantSpec | None:
+        return dict(self.sites).get(site)
+
+    def replace(self, **kw) -> "FlatQuantRecipe":
+        return dataclasses.replace(self, **kw)
+
+    def _has(self, t, name: str) -> bool:
+        return f"{name}_1" in t or f"{name}_1_base" in t
+
+    def _transform(self, name: str, x, t):
+        tn = SITE_TRANSFORM.get(name)
+        if tn is not None and self._has(t, tn):
+            if f"{tn}_s" in t:
+                x = (x.astype(jnp.float32) * t[f"{tn}_s"][...]).astype(x.dtype)
+            (p1, _), (p2, _) = factors(t, tn, self.param)
+            return kron_apply(x, p1, p2)
+        if name == "o_in" and self._has(t, "o"):
+            po = factor(t, "o_1", self.param)[0]
+            if self.kv_original_space and self._has(t, "v"):
+                return kron_apply(x, po, factor(t, "v_1", self.param)[0])
+            H = po.shape[0]  # values are cached as v P_v already: mix heads only (P_o kron I)
+            xr = x.astype(jnp.float32).reshape(*x.shape[:-1], H, x.shape[-1] // H)
+            return jnp.einsum("ik,...id->...kd", po, xr).reshape(x.shape).astype(x.dtype)
+        if name == "k_cache" and self._has(t, "k"):
+            return _per_head(x, factor(t, "k_1", self.param)[0])
+        return x
+
+    def _quantize(self, name: str, x, qparams, t):
+        spec = self.spec(name)
+        if spec is None:
+            return x
+        if spec.dynamic:
+            if f"lac_{name}_max" in t:
+                return lac_fake_quant(x, spec, t[f"lac_{name}_min"][...], t[f"lac_{name}_max"][...])
+            return fake_quant(x, spec)
+        zero = qparams[name + "_zero"][...] if (name + "_zero") in qparams else None
+        return fake_quant(x, spec, scale=qparams[name][...], zero=zero)
+
+    def apply_site(self, name: str, x, qparams, block=None):
+        t = block.transforms
+        if name == "q_rot":  # q P_k^-T keeps q . k: (q P^-T)(k P)^T = q k^T
+            if self.kv_original_space or not self._has(t, "k"):
+                return x
+            return _per_head(x, factor(t, "k_1", self.param)[1].T)
+        if name in ("k_rot", "down_rot"):
+            return x
+        x = self._transform(name, x, t)
+        if self.capture and name in QUANT_SITES:
+            xf = x.astype(jnp.float32)
+            block.sow(nnx.Intermediate, name + "_min", xf.min(axis=-1))
+            block.sow(nnx.Intermediate, name + "_max", xf.max(axis=-1))
+        x = self._quantize(name, x, qparams, t)
+        if self.kv_original_space and name in ("k_cache", "v_cache") and self._has(t, name[0]):
+            x = _per_head(x, factor(t, name[0] + "_1", self.param)[1])
+        return x
+
+    def apply_weight(self, name: str, kernel, qparams, block=None):
+        key = "w_" + name
+        if self.merged:  # the kernel holds the transforms and the clipping
+            return kernel if (self.weight is None or key not in qparams) else fake_quant(kernel, self.weight, scale=qparams[key][...])
+        if block is None:
+            raise ValueError("FlatQuantRecipe.apply_weight needs the block (its transforms)")
+        t = block.transforms
+        if self.weight is None:
+            return offline_kernel(t, name, kernel, self.param).astype(kernel.dtype)
+        k = quantizable_kernel(t, name, kernel, self.param)
+        return fake_quant(k, self.weight, scale=channel_scale(k, self.weight)).astype(kernel.dtype)

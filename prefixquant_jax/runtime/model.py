@@ -1,0 +1,255 @@
+"""Functional real-quant Llama forward over a PackedModel: integer GEMMs and an integer KV cache.
+
+Per layer, for tokens x [B, L, D] at absolute positions P + row .. P + row + L - 1 (P = prefix length):
+
+    h  = RMSNorm(x)                                   float, compute dtype
+    qkv_in:  codes, s = quantize(h)                   static [1,1] or dynamic per-token [M,1] scale, no rotation
+             (R1 is already in the weights); int4 codes packed two per byte, int8 codes for 8 bits
+    q|k|v = GEMM(codes, s, W_qkv)                     W4A4 (a 4 bits) / W4A8 (a 8 bits) kernel, int32
+                                                      accumulation, epilogue acc * s_x * s_w; W8: int8 XLA dot
+    q, k  = R3(RoPE(q)), R3(RoPE(k))                  online Hadamard on head_dim (hadamard_transform)
+    k, v  -> codes clip(round(x / s) + z, 0, 2^b-1)   static per head, written at cache rows row..row+L-1
+    attention  prefill (L > 1): plain jnp over [FP prefix ; dequantized cache rows] (causal mask);
+               decode (L == 1, 4-bit KV): decode_attention over the FP prefix block + the int4 cache
+    o_in:    quantize(attn) -> GEMM(W_o)              (R2 is in the weights)
+    up_gate_in: quantize(RMSNorm(x)) -> GEMM(W_gate|up), m = silu(gate) * up
+    down_in: R4 Hadamard fused into the quantizer (rotate_quant) -> GEMM(W_down)
+
+A site whose preset is FP (ActSpec None) runs the float matmul with the dequantized kernel.
+Backends (static, RuntimeSpec.backend): "kernels" runs the Pallas kernels (rotate_quant, w4a4/w4a8
+GEMM, decode_attention; sites without a rotation go through rotate_quant with an identity Kronecker
+pair); "xla" runs the same integer pipeline through their jnp references (quantize_ref,
+w4a4_matmul_ref, w4a8_matmul_ref, decode_attention_ref). 8-bit KV has no decode kernel: decode then
+uses the plain jnp attention over the dequantized cache, in both backends.
+
+The quantizers round exactly as prefixquant_jax.quant.ops.fake_quant does, and integer accumulation is
+exact, so the logits differ from the fake-quant model's only by float summation order (and the rare
+quantization code that this flips at a rounding tie; a 4-bit model can amplify one such flip on later
+tokens, as it amplifies any 1-ulp perturbation of its inputs). On a GPU, rotate_quant's f32 dots may run
+in TF32, which rounds the activation before quantization: more codes at ties then differ from "xla".
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels._common import next_pow2, round_up
+from pallas_kernels.decode_attention import (
+    decode_attention,
+    decode_attention_ref,
+    pack_kv_uint4,
+    unpack_kv_uint4,
+)
+from pallas_kernels.gemm_w4a4 import w4a4_matmul, w4a4_matmul_ref
+from pallas_kernels.gemm_w4a8 import w4a8_matmul, w4a8_matmul_ref
+from pallas_kernels.int4 import pack_int4, unpack_int4
+from pallas_kernels.rotate_quant import quantize_ref, rotate_quant
+from prefixquant_jax.model import apply_rope, attention, rope_tables
+from prefixquant_jax.rotate.hadamard import hadamard_transform
+from prefixquant_jax.runtime.pack import (
+    ActSpec,
+    PackedLayer,
+    PackedModel,
+    QWeight,
+    RuntimeSpec,
+)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class QuantKVCache:
+    """Integer KV cache of the tokens behind the FP prefix (the prefix lives in the PackedModel).
+
+    k[i], v[i] for layer i: 4-bit KV int8 [B, T, KV, hd/2] (uint4 codes packed along hd, the
+    decode_attention layout) or 8-bit KV uint8 [B, T, KV, hd]. Row t holds position P + t. Rows at or
+    past the write point are masked by causality, so an unwritten tail (zero codes) is harmless.
+    """
+
+    k: list
+    v: list
+
+    @property
+    def rows(self) -> int:
+        return self.k[0].shape[1]
+
+
+def cache_rows(rows: int) -> int:
+    """`rows` rounded up to decode_attention's block (its default block_t), so it never pads (copies) the cache."""
+    return round_up(rows, max(16, min(64, next_pow2(rows))))
+
+
+def empty_cache(pm: PackedModel, batch: int, rows: int) -> QuantKVCache:
+    """A zero cache of at least `rows` rows (rounded up by cache_rows) for every layer."""
+    c, s = pm.config, pm.spec
+    T = cache_rows(rows)
+    shape = (batch, T, c.num_kv_heads, c.head_dim // 2 if s.kv_bits == 4 else c.head_dim)
+    dt = jnp.int8 if s.kv_bits == 4 else jnp.uint8
+    return QuantKVCache(k=[jnp.zeros(shape, dt) for _ in range(c.num_layers)],
+                        v=[jnp.zeros(shape, dt) for _ in range(c.num_layers)])
+
+
+def rms_norm(x, w, eps: float):
+    """prefixquant_jax.model.RMSNorm as a function: fp32 statistics, result in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+@functools.cache
+def identity_pair(K: int) -> tuple[np.ndarray, np.ndarray]:
+    """(I_n1, I_n2), n1 * n2 = K, n2 the largest power of two <= 64 dividing K: rotate_quant's "no rotation"."""
+    n2 = 2
+    while K % (n2 * 2) == 0 and n2 < 64:
+        n2 *= 2
+    return np.eye(K // n2), np.eye(n2)
+
+
+def quantize_act(x, a: ActSpec, scale, rotate: bool, backend: str):
+    """x [M, K] -> (codes, scale): int8 [M, K/2] packed int4 (a.bits 4) or int8 [M, K]; scale f32 [1, 1]
+    (static, given) or [M, 1] (dynamic per token). `rotate`: Hadamard over K first (R4)."""
+    s = None if a.dynamic else scale
+    if backend == "kernels":
+        rot = "hadamard" if rotate else identity_pair(x.shape[-1])
+        return rotate_quant(x, rot, s, bits=a.bits, clip_ratio=a.clip_ratio)
+    y = hadamard_transform(x) if rotate else x
+    q, s = quantize_ref(y.astype(jnp.float32), s, bits=a.bits, clip_ratio=a.clip_ratio)
+    return (pack_int4(q, axis=-1) if a.bits == 4 else q), s
+
+
+def int_matmul(codes, x_scale, a_bits: int, w: QWeight, backend: str, out_dtype):
+    """(codes x w.codes) * x_scale * w.scale, [M, N] in out_dtype; int32 accumulation."""
+    if w.bits == 4:
+        if a_bits == 4:
+            fn = w4a4_matmul if backend == "kernels" else w4a4_matmul_ref
+        else:
+            fn = w4a8_matmul if backend == "kernels" else w4a8_matmul_ref
+        return fn(codes, x_scale, w.codes, w.scale, out_dtype)
+    qx = unpack_int4(codes, axis=-1) if a_bits == 4 else codes  # W8: no kernel, XLA int8 dot
+    acc = jnp.dot(qx, w.codes, preferred_element_type=jnp.int32)
+    return (acc.astype(jnp.float32) * x_scale * w.scale).astype(out_dtype)
+
+
+def linear(spec: RuntimeSpec, lp: PackedLayer, site: str, w: QWeight, x, rotate: bool = False):
+    """The linear fed by activation site `site`: x [..., K] -> [..., N] in the compute dtype."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    a = spec.act_spec(site)
+    if a is None:  # FP activations: float matmul with the dequantized kernel
+        y = (hadamard_transform(x2) if rotate else x2) @ w.dequantize(spec.compute_dtype)
+    else:
+        codes, s = quantize_act(x2, a, lp.act_scale.get(site), rotate, spec.backend)
+        y = int_matmul(codes, s, a.bits, w, spec.backend, spec.compute_dtype)
+    return y.reshape(*lead, -1)
+
+
+def quantize_kv(x, scale, zero, bits: int):
+    """x [B, L, KV, hd] -> codes clip(round(x / scale) + zero, 0, 2^bits - 1) per head (scale, zero [KV]);
+    4 bits: int8 [B, L, KV, hd/2] packed; 8 bits: uint8 [B, L, KV, hd]."""
+    if bits == 4:
+        return pack_kv_uint4(x, scale, zero)
+    c = jnp.round(x.astype(jnp.float32) / scale[:, None]) + zero[:, None]
+    return jnp.clip(c, 0, 255).astype(jnp.uint8)
+
+
+def dequantize_kv(codes, scale, zero, bits: int):
+    """(codes - zero) * scale, float32 [B, T, KV, hd]."""
+    if bits == 4:
+        return unpack_kv_uint4(codes, scale, zero)
+    return (codes.astype(jnp.float32) - zero[:, None]) * scale[:, None]
+
+
+def _attend_dequantized(spec, lp, q, kc, vc, pk, pv, row):
+    """Plain jnp attention of q [B, L, H, hd] over [prefix ; dequantized cache]: [B, L, H * hd]."""
+    B = q.shape[0]
+    k = dequantize_kv(kc, lp.k_scale, lp.k_zero, spec.kv_bits)
+    v = dequantize_kv(vc, lp.v_scale, lp.v_zero, spec.kv_bits)
+    if spec.prefix_len:
+        k = jnp.concatenate([jnp.broadcast_to(pk[None], (B,) + pk.shape), k], axis=1)
+        v = jnp.concatenate([jnp.broadcast_to(pv[None], (B,) + pv.shape), v], axis=1)
+    return attention(q, k.astype(q.dtype), v.astype(q.dtype), spec.prefix_len + row, spec.config.num_kv_heads)
+
+
+def _attend_decode(spec, lp, q, kc, vc, pk, pv, row):
+    """decode_attention (or its reference) for one token q [B, 1, H, hd]: [B, 1, H * hd]."""
+    B, _, H, hd = q.shape
+    fn = decode_attention if spec.backend == "kernels" else decode_attention_ref
+    lengths = jnp.full((B,), row + 1, jnp.int32)
+    o = fn(q[:, 0], kc, vc, lengths, lp.k_scale, lp.k_zero, lp.v_scale, lp.v_zero,
+           pk if spec.prefix_len else None, pv if spec.prefix_len else None)
+    return o.reshape(B, 1, H * hd)
+
+
+def layer(spec: RuntimeSpec, lp: PackedLayer, x, kc, vc, pk, pv, row, cos, sin):
+    """One decoder layer over x [B, L, D] written at cache rows row..row+L-1; returns (x, kc, vc)."""
+    c = spec.config
+    B, L, _ = x.shape
+    H, KV, hd = c.num_heads, c.num_kv_heads, c.head_dim
+    qkv = linear(spec, lp, "qkv_in", lp.qkv, rms_norm(x, lp.input_norm, c.rms_norm_eps))
+    q = qkv[..., :H * hd].reshape(B, L, H, hd)
+    k = qkv[..., H * hd:(H + KV) * hd].reshape(B, L, KV, hd)
+    v = qkv[..., (H + KV) * hd:].reshape(B, L, KV, hd)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if spec.r3:
+        q, k = hadamard_transform(q), hadamard_transform(k)
+    kc = jax.lax.dynamic_update_slice(kc, quantize_kv(k, lp.k_scale, lp.k_zero, spec.kv_bits), (0, row, 0, 0))
+    vc = jax.lax.dynamic_update_slice(vc, quantize_kv(v, lp.v_scale, lp.v_zero, spec.kv_bits), (0, row, 0, 0))
+    attend = _attend_decode if (L == 1 and spec.kv_bits == 4) else _attend_dequantized
+    a = attend(spec, lp, q, kc, vc, pk, pv, row)
+    x = x + linear(spec, lp, "o_in", lp.o, a)
+    gu = linear(spec, lp, "up_gate_in", lp.gate_up, rms_norm(x, lp.post_norm, c.rms_norm_eps))
+    F = gu.shape[-1] // 2
+    m = jax.nn.silu(gu[..., :F]) * gu[..., F:]
+    return x + linear(spec, lp, "down_in", lp.down, m, rotate=spec.r4), kc, vc
+
+
+def hidden(pm: PackedModel, tokens, cache: QuantKVCache, row):
+    """Final-normed hidden [B, L, D] of tokens [B, L] at cache rows row..row+L-1 (positions P + row + i)
+    and the updated cache. L == 1 takes the decode path (decode_attention for 4-bit KV)."""
+    spec = pm.spec
+    L = tokens.shape[1]
+    cos, sin = rope_tables(spec.config, spec.prefix_len + row + jnp.arange(L))
+    x = pm.embed[tokens]
+    ks, vs = [], []
+    for i, lp in enumerate(pm.layers):
+        pk = pm.prefix_k[i] if spec.prefix_len else None
+        pv = pm.prefix_v[i] if spec.prefix_len else None
+        x, kc, vc = layer(spec, lp, x, cache.k[i], cache.v[i], pk, pv, row, cos, sin)
+        ks.append(kc)
+        vs.append(vc)
+    return rms_norm(x, pm.final_norm, spec.config.rms_norm_eps), QuantKVCache(k=ks, v=vs)
+
+
+def head(pm: PackedModel, h):
+    """Logits float32 [..., V] (lm_head, or the tied embedding)."""
+    w = pm.embed.T if pm.lm_head is None else pm.lm_head
+    return jnp.dot(h, w, preferred_element_type=jnp.float32)
+
+
+def forward(pm: PackedModel, tokens, cache: QuantKVCache, row):
+    """(logits f32 [B, L, V], cache) for tokens [B, L] written at cache rows row..row+L-1."""
+    h, cache = hidden(pm, tokens, cache, row)
+    return head(pm, h), cache
+
+
+hidden_jit = jax.jit(hidden)
+hidden_jit_donating = jax.jit(hidden, donate_argnums=(2,))
+head_jit = jax.jit(head)
+
+
+def prefill(pm: PackedModel, tokens, rows: int | None = None):
+    """Tokens [B, L] behind the prefix (positions P..P+L-1): (logits f32 [B, L, V], a fresh cache of
+    cache_rows(max(rows, L)) rows with rows 0..L-1 written). Jitted per shape (hidden and head)."""
+    B, L = tokens.shape
+    h, cache = hidden_jit(pm, tokens, empty_cache(pm, B, max(rows or L, L)), 0)
+    return head_jit(pm, h), cache
+
+
+def decode_step(pm: PackedModel, token, cache: QuantKVCache, row):
+    """One token [B, 1] at cache row `row` (position P + row) after rows 0..row-1: (logits f32 [B, 1, V],
+    cache). The given cache is donated (do not reuse it)."""
+    h, cache = hidden_jit_donating(pm, token, cache, row)
+    return head_jit(pm, h), cache

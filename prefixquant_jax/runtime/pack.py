@@ -1,0 +1,247 @@
+"""Pack a fake-quantized model (QuantizedModel) into real integer tensors for the int4 runtime.
+
+The fake-quant model keeps float kernels and fake-quantizes them at every forward; here the same
+quantizers are applied once and their integer codes are stored:
+
+  weights    codes = clip(round(kernel / w_scale), qmin, qmax), w_scale = max(qparams["w_<name>"], 1e-8)
+             [1, out]; 4-bit codes packed two per byte along axis 0 (pallas_kernels.int4 layout:
+             int8 [in/2, out]), 8-bit codes as int8 [in, out]. q|k|v and gate|up are concatenated along
+             `out` (one GEMM each: same input, per-column scales, so the result is column-wise identical).
+  activations  static sites: scale max(qparams[site], 1e-8) f32 [1, 1]; dynamic (per token) sites: no
+             stored scale; FP sites: nothing. The per-site spec lives in the static RuntimeSpec.
+  KV cache   static per head, asymmetric: scale max(qparams[k|v_cache], 1e-8) f32 [KV], zero
+             round(qparams[k|v_cache_zero]) f32 [KV], codes in [0, 2^b - 1].
+  FP         embed [V, D], final_norm [D], lm_head [D, V] (or None when tied), norms [D] in the compute
+             dtype; the prefix KV per layer [P, KV, hd] in float32 (K after RoPE and R3, as attention reads it).
+
+`pack(qm)` raises a one-line UserError for what the integer runtime cannot run: a method other than
+"prefixquant" (FlatQuant's online transforms), no weight quantization, weight/activation/KV bits other
+than 4 or 8, per-token dynamic KV (the int4 decode kernel takes one static scale and zero per head),
+an FP KV cache, and static sites without a scale.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prefixquant_jax.config import ModelConfig
+from prefixquant_jax.errors import UserError
+from prefixquant_jax.quant.recipe import ACT_SITES, QuantRecipe
+
+EPS = 1e-8  # prefixquant_jax.quant.ops.EPS: the fake quantizer floors every scale at this
+BACKENDS = ("kernels", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class ActSpec:
+    """How one activation site is quantized: bits 4 (int4 packed) or 8 (int8); dynamic = per token."""
+
+    bits: int
+    dynamic: bool
+    clip_ratio: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeSpec:
+    """Static (hashable) description of a packed model; part of the jitted graph.
+
+    act: (site, ActSpec or None) for qkv_in, o_in, up_gate_in, down_in (None: FP activations, float matmul).
+    backend: "kernels" (Pallas; interpret mode off GPU) or "xla" (the same integer pipeline via the
+    kernels' *_ref jnp references). dtype: compute dtype name ("float32" or "bfloat16").
+    """
+
+    config: ModelConfig
+    w_bits: int
+    act: tuple[tuple[str, ActSpec | None], ...]
+    kv_bits: int
+    r3: bool
+    r4: bool
+    prefix_len: int
+    backend: str
+    dtype: str
+    preset: str = ""
+
+    def act_spec(self, site: str) -> ActSpec | None:
+        return dict(self.act)[site]
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QWeight:
+    """Integer weight like qwix's QArray: codes int8 [in/2, out] (bits 4, packed along in) or
+    [in, out] (bits 8), per-output-channel scale f32 [1, out]; bits is static."""
+
+    codes: jax.Array
+    scale: jax.Array
+    bits: int = dataclasses.field(metadata={"static": True})
+
+    def dequantize(self, dtype=jnp.float32):
+        """codes * scale as a float [in, out] (the fake-quant kernel)."""
+        from pallas_kernels.int4 import unpack_int4
+        q = unpack_int4(self.codes, axis=0) if self.bits == 4 else self.codes
+        return (q.astype(jnp.float32) * self.scale).astype(dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedLayer:
+    """One decoder layer. qkv: [D, (H + 2 KV) hd]; o: [H hd, D]; gate_up: [D, 2F]; down: [F, D].
+    act_scale: {site: f32 [1, 1]} for static activation sites only. k_/v_scale, k_/v_zero: f32 [KV]."""
+
+    input_norm: jax.Array
+    post_norm: jax.Array
+    qkv: QWeight
+    o: QWeight
+    gate_up: QWeight
+    down: QWeight
+    act_scale: dict
+    k_scale: jax.Array
+    k_zero: jax.Array
+    v_scale: jax.Array
+    v_zero: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedModel:
+    """The whole packed model; `spec` is static. prefix_k/v: per layer f32 [P, KV, hd] (empty lists when P = 0)."""
+
+    embed: jax.Array
+    final_norm: jax.Array
+    lm_head: jax.Array | None
+    layers: list
+    prefix_k: list
+    prefix_v: list
+    spec: RuntimeSpec = dataclasses.field(metadata={"static": True})
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.spec.config
+
+    @property
+    def dtype(self):
+        return self.spec.compute_dtype
+
+
+def default_backend() -> str:
+    """"kernels" on a GPU (Pallas compiles there), else "xla"."""
+    return "kernels" if jax.default_backend() in ("gpu", "cuda", "rocm") else "xla"
+
+
+def runtime_spec(qm, backend: str | None = None, dtype=None) -> RuntimeSpec:
+    """Check that the integer runtime can run `qm`'s preset and describe it; UserError (one line) if not."""
+    preset = qm.preset
+    name = getattr(preset, "name", "?")
+    backend = backend or default_backend()
+    if backend not in BACKENDS:
+        raise UserError(f"unknown runtime backend {backend!r} (one of {', '.join(BACKENDS)})")
+    recipe = qm.model.layers[0].recipe
+    unsupported = f"preset {name!r} cannot run on the real int4 backend:"
+    method = getattr(preset, "method", "prefixquant")
+    if method != "prefixquant" or (recipe is not None and type(recipe) is not QuantRecipe):
+        raise UserError(f"{unsupported} method {method!r} has online transforms the int4 runtime does not implement "
+                        "(use --backend fake)")
+    if recipe is None or recipe.weight is None:
+        raise UserError(f"{unsupported} its weights are not quantized (use --backend fake)")
+    w = recipe.weight
+    if w.bits not in (4, 8) or w.granularity != "channel" or not w.symmetric:
+        raise UserError(f"{unsupported} weights must be symmetric per-channel 4 or 8 bits, got {w.bits} bits {w.granularity}")
+    act = []
+    for site in ACT_SITES:
+        s = recipe.spec(site)
+        if s is None:
+            act.append((site, None))
+            continue
+        if s.bits not in (4, 8) or not s.symmetric or s.granularity != ("token" if s.dynamic else "tensor"):
+            raise UserError(f"{unsupported} activation site {site} must be symmetric 4 or 8 bits, static per tensor or "
+                            f"dynamic per token, got {s.bits} bits {s.granularity}{' dynamic' if s.dynamic else ''}")
+        act.append((site, ActSpec(bits=s.bits, dynamic=s.dynamic, clip_ratio=s.clip_ratio)))
+    kv = [recipe.spec(s) for s in ("k_cache", "v_cache")]
+    if any(s is None for s in kv):
+        raise UserError(f"{unsupported} its KV cache is not quantized (the runtime stores an integer KV cache)")
+    if any(s.dynamic or s.granularity != "head" or s.symmetric for s in kv):
+        raise UserError(f"{unsupported} its KV cache is quantized per token (dynamic); the int4 decode attention "
+                        "takes one static scale and zero point per head (use --backend fake)")
+    if kv[0].bits != kv[1].bits or kv[0].bits not in (4, 8):
+        raise UserError(f"{unsupported} KV bits must be 4 or 8, got {kv[0].bits}/{kv[1].bits}")
+    P = 0 if qm.prefix_kv is None else qm.prefix_kv.length
+    dt = jnp.dtype(dtype or qm.model.dtype).name
+    return RuntimeSpec(config=qm.config, w_bits=w.bits, act=tuple(act), kv_bits=kv[0].bits, r3=recipe.r3, r4=recipe.r4,
+                       prefix_len=P, backend=backend, dtype=dt, preset=name)
+
+
+def quantize_weight(kernel, scale, bits: int) -> QWeight:
+    """QWeight of a float kernel [in, out] with scale [1, out], exactly as quant.ops.fake_quant rounds it."""
+    from pallas_kernels.int4 import pack_int4
+    s = jnp.maximum(jnp.asarray(scale, jnp.float32).reshape(1, -1), EPS)
+    lim = 2 ** (bits - 1)
+    q = jnp.clip(jnp.round(jnp.asarray(kernel, jnp.float32) / s), -lim, lim - 1).astype(jnp.int8)
+    if bits == 4:
+        if q.shape[0] % 2:
+            raise UserError(f"int4 weights need an even input size, got {q.shape[0]}")
+        q = pack_int4(q, axis=0)
+    return QWeight(codes=q, scale=s, bits=bits)
+
+
+def _concat(ws: list[QWeight]) -> QWeight:
+    return QWeight(codes=jnp.concatenate([w.codes for w in ws], axis=1),
+                   scale=jnp.concatenate([w.scale for w in ws], axis=1), bits=ws[0].bits)
+
+
+def _qp(blk, key: str, i: int):
+    if key not in blk.qparams:
+        raise UserError(f"layer {i} has no quantizer parameter {key!r} (an uncalibrated model?); the real backend needs it")
+    return jnp.asarray(blk.qparams[key][...], jnp.float32)
+
+
+def _pack_layer(blk, spec: RuntimeSpec, i: int) -> PackedLayer:
+    cdt = spec.compute_dtype
+
+    def wq(name):
+        mod = getattr(blk.mlp if name in ("gate", "up", "down") else blk.attn, name)
+        return quantize_weight(mod.kernel[...], _qp(blk, "w_" + name, i), spec.w_bits)
+
+    act_scale = {}
+    for site, a in spec.act:
+        if a is not None and not a.dynamic:
+            act_scale[site] = jnp.maximum(_qp(blk, site, i), EPS).reshape(1, 1)
+    kv = {}
+    for s in ("k", "v"):
+        kv[s + "_scale"] = jnp.maximum(_qp(blk, s + "_cache", i), EPS).reshape(-1)
+        z = _qp(blk, s + "_cache_zero", i) if (s + "_cache_zero") in blk.qparams else jnp.zeros_like(kv[s + "_scale"])
+        kv[s + "_zero"] = jnp.round(z).reshape(-1)
+    return PackedLayer(input_norm=jnp.asarray(blk.input_norm.weight[...], cdt),
+                       post_norm=jnp.asarray(blk.post_norm.weight[...], cdt),
+                       qkv=_concat([wq("q"), wq("k"), wq("v")]), o=wq("o"),
+                       gate_up=_concat([wq("gate"), wq("up")]), down=wq("down"), act_scale=act_scale, **kv)
+
+
+def pack(qm, backend: str | None = None, dtype=None, prefix_kv=None) -> PackedModel:
+    """PackedModel of QuantizedModel `qm` (its model's qparams and prefix KV; `prefix_kv` overrides the latter).
+
+    backend: "kernels" | "xla" | None (default_backend()). dtype: compute dtype (default: the model's)."""
+    if prefix_kv is not None:
+        qm = dataclasses.replace(qm, prefix_kv=prefix_kv)
+    spec = runtime_spec(qm, backend, dtype)
+    m, c = qm.model, qm.config
+    layers = [_pack_layer(b, spec, i) for i, b in enumerate(m.layers)]
+    pk, pv = [], []
+    if qm.prefix_kv is not None:
+        for a in qm.prefix_kv.k:
+            pk.append(jnp.asarray(np.asarray(a)[0], jnp.float32))
+        for a in qm.prefix_kv.v:
+            pv.append(jnp.asarray(np.asarray(a)[0], jnp.float32))
+        if len(pk) != c.num_layers or pk[0].shape != (spec.prefix_len, c.num_kv_heads, c.head_dim):
+            raise UserError(f"prefix KV has {len(pk)} layers of {tuple(pk[0].shape) if pk else ()}; the model needs "
+                            f"{c.num_layers} of {(spec.prefix_len, c.num_kv_heads, c.head_dim)}")
+    cdt = spec.compute_dtype
+    return PackedModel(embed=jnp.asarray(m.embed[...], cdt), final_norm=jnp.asarray(m.final_norm.weight[...], cdt),
+                       lm_head=None if m.lm_head is None else jnp.asarray(m.lm_head[...], cdt),
+                       layers=layers, prefix_k=pk, prefix_v=pv, spec=spec)

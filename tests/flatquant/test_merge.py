@@ -1,0 +1,103 @@
+"""FlatQuant on a tiny Llama: with quantization off the transformed model (trained or merged) is the FP
+model; with quantization on the merged model matches the unmerged one (same weight codes up to ties)."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prefixquant_jax.flatquant import FlatQuantRecipe, merge_model
+from prefixquant_jax.flatquant.recipe import channel_scale, quantizable_kernel
+from prefixquant_jax.flatquant.transforms import ClipParam, TransformBase, init_block
+from prefixquant_jax.model import Llama
+from prefixquant_jax.quant.recipe import WEIGHT_NAMES
+from prefixquant_jax.quant.spec import QuantSpec
+
+A4 = QuantSpec(bits=4, granularity="token", symmetric=True, dynamic=True)
+KV4 = QuantSpec(bits=4, granularity="token", symmetric=False, dynamic=True)
+W4 = QuantSpec(bits=4, granularity="channel", symmetric=True)
+QSITES = tuple((s, A4) for s in ("qkv_in", "o_in", "up_gate_in", "down_in")) + (("k_cache", KV4), ("v_cache", KV4))
+
+
+@pytest.fixture(scope="module")
+def ck(tiny_dir):
+    from checkpoints_convert import load_checkpoint
+    return load_checkpoint(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return jnp.asarray(np.random.default_rng(0).integers(3, 300, size=(2, 24)), jnp.int32)
+
+
+def flat_model(ck, recipe, seed=0):
+    """A model whose transforms look trained: non-orthogonal factors, uneven scales, active clipping."""
+    c = ck.config
+    q = Llama.from_params(c, ck.params, recipe=recipe)
+    rng = np.random.default_rng(seed)
+    stats = {"qkv_in": rng.uniform(0.5, 3, c.hidden_size), "up_gate_in": rng.uniform(0.5, 3, c.hidden_size),
+             "down_in": rng.uniform(0.5, 3, c.intermediate_size)}
+    lac = [s for s, spec in recipe.sites if spec.dynamic]
+    for i, b in enumerate(q.layers):
+        init_block(b, c, (seed, i), recipe.param, stats, lwc=recipe.weight is not None, lac_sites=lac)
+        for key, var in b.transforms.items():
+            a = np.asarray(var[...])
+            if isinstance(var, ClipParam):
+                new = rng.uniform(0.5, 4.0, a.shape)
+            elif isinstance(var, TransformBase) or key.endswith("_s"):
+                continue
+            elif key.endswith("_sigma"):
+                new = a * rng.uniform(0.7, 1.4, a.shape)
+            else:
+                new = a + 0.15 * rng.standard_normal(a.shape)
+            var[...] = jnp.asarray(new, jnp.float32)
+    return q
+
+
+@pytest.mark.parametrize("param,kv_orig", [("inverse", False), ("orthogonal", True)])
+def test_quant_off_equals_fp_and_merged(ck, tokens, param, kv_orig):
+    ref = np.asarray(Llama.from_params(ck.config, ck.params)(tokens)[0])
+    q = flat_model(ck, FlatQuantRecipe(param=param, kv_original_space=kv_orig))
+    out = np.asarray(q(tokens)[0])
+    merge_model(q)
+    assert q.layers[0].recipe.merged and "qkv_s" not in q.layers[0].transforms
+    merged = np.asarray(q(tokens)[0])
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    np.testing.assert_allclose(merged, out, atol=1e-5)
+
+
+def _codes(q):
+    """Integer weight codes per (layer, linear) as the forward uses them."""
+    out = {}
+    for i, b in enumerate(q.layers):
+        for name in WEIGHT_NAMES:
+            mod = getattr(b.mlp if name in ("gate", "up", "down") else b.attn, name)
+            if b.recipe.merged:
+                k, s = mod.kernel[...], b.qparams["w_" + name][...]
+            else:
+                k = quantizable_kernel(b.transforms, name, mod.kernel[...], b.recipe.param)
+                s = channel_scale(k, W4)
+            out[i, name] = np.clip(np.round(np.asarray(k) / np.asarray(s)), -8, 7)
+    return out
+
+
+@pytest.mark.parametrize("kv_orig", [False, True])
+def test_merged_equals_unmerged_quantized(ck, tokens, kv_orig):
+    q = flat_model(ck, FlatQuantRecipe(sites=QSITES, weight=W4, kv_original_space=kv_orig), seed=1)
+    fp = np.asarray(Llama.from_params(ck.config, ck.params)(tokens)[0])
+    before, codes0 = np.asarray(q(tokens)[0]), _codes(q)
+    merge_model(q)
+    after, codes1 = np.asarray(q(tokens)[0]), _codes(q)
+    for key in codes0:
+        assert (codes0[key] == codes1[key]).mean() >= 0.999, key
+    quant_err = np.abs(before - fp).mean()
+    assert quant_err > 1e-4  # quantization is really on
+    assert np.abs(after - before).mean() < 0.02 * quant_err, (np.abs(after - before).mean(), quant_err)
+    assert np.abs(after - before).max() < 0.2 * np.abs(before - fp).max()
+
+
+def test_kv_layouts_agree(ck, tokens):
+    """Cached codes of k P_k / v P_v with q P_k^-T (FlatQuant) == dequantized back to the original space."""
+    outs = [np.asarray(flat_model(ck, FlatQuantRecipe(sites=QSITES, weight=W4, kv_original_space=o), seed=2)(tokens)[0])
+            for o in (False, True)]
+    fp = np.asarray(Llama.from_params(ck.config, ck.params)(tokens)[0])
+    assert np.abs(outs[0] - outs[1]).mean() < 0.02 * np.abs(outs[0] - fp).mean()
+
