@@ -30,6 +30,7 @@ def compiled(smollm2):
     return Compiled(Llama.from_params(ck.config, ck.params))
 
 
+@pytest.mark.slow  # ~2 min of CPU eval; logits and greedy parity stay in the default run
 def test_ppl_two_windows_matches_transformers(smollm2, hf_model, compiled):
     _, tok = smollm2
     win = windows(tokenize(tok, load_text("wikitext2")), 2048, max_windows=2)
