@@ -20,13 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from prefixquant_jax.flatquant.merge import merge_model
 from prefixquant_jax.flatquant.recipe import SITE_TRANSFORM
 from prefixquant_jax.flatquant.transforms import COND_MAX, ClipParam, TransformParam, init_block, positive_scales
-from prefixquant_jax.kv_cache import KVCache
 from prefixquant_jax.model import QuantParam, set_recipe
+from prefixquant_jax.prefix.outliers import sown_batches
 from prefixquant_jax.quant.recipe import sown_value
 
 
@@ -73,24 +72,8 @@ class _ChannelMax:
 
 def channel_absmax(model, tokens: np.ndarray, prefix_kv=None, batch_size: int = 4, progress: bool = True) -> list[dict]:
     """Per layer {site: [n] max |x| over all calibration tokens} for qkv_in, up_gate_in, down_in."""
-    orig = model.layers[0].recipe
-    set_recipe(model, _ChannelMax())
-    gd, state = nnx.split(model)
-    set_recipe(model, orig)
-
-    @jax.jit
-    def run(state, toks, cache, offset):
-        m = nnx.merge(gd, state)
-        m.hidden(toks, cache, offset)
-        return nnx.pop(m, nnx.Intermediate).to_pure_dict()
-
-    P = 0 if prefix_kv is None else prefix_kv.length
     acc = [dict() for _ in model.layers]
-    for s in tqdm(range(0, len(tokens), batch_size), desc="channel max", disable=not progress, leave=False):
-        toks = jnp.asarray(tokens[s:s + batch_size])
-        cache = (KVCache.empty(model.config, len(toks), P + toks.shape[1]) if prefix_kv is None
-                 else KVCache.with_prefix(prefix_kv, len(toks), P + toks.shape[1]))
-        inter = run(state, toks, cache, P)
+    for inter in sown_batches(model, _ChannelMax(), tokens, prefix_kv, batch_size, progress, "channel max"):
         for i, d in enumerate(acc):
             for site, v in inter["layers"][i].items():
                 a = np.asarray(sown_value(v))

@@ -20,16 +20,12 @@ from prefixquant_jax.kv_cache import KVCache
 from prefixquant_jax.model import set_recipe
 
 
-def capture_token_ranges(model, tokens: np.ndarray, prefix_kv=None, batch_size: int = 4, progress=True, desc="stats"):
-    """Per-site per-token (min, max) of every quantization site, for all layers.
-
-    Returns {site: (mins, maxs)} with arrays [layers, N, L] (KV sites: [layers, N, L, KV]).
-    The model's recipe is used with capture switched on (rotations apply; quantizers too, if any).
-    """
-    from prefixquant_jax.quant.recipe import QuantRecipe, pair_ranges, sown_value
-
+def sown_batches(model, recipe, tokens: np.ndarray, prefix_kv=None, batch_size: int = 4, progress=True, desc="stats"):
+    """Run `model` with `recipe` (one that sows nnx.Intermediate) over tokens [N, L] in batches behind the
+    prefix KV; yield each batch's sown values as a pure dict {"layers": {i: {name: value}}}. The model's
+    own recipe is left as it was."""
     orig = model.layers[0].recipe
-    set_recipe(model, (orig or QuantRecipe()).replace(capture=True))
+    set_recipe(model, recipe)
     graphdef, state = nnx.split(model)
     set_recipe(model, orig)
 
@@ -40,12 +36,24 @@ def capture_token_ranges(model, tokens: np.ndarray, prefix_kv=None, batch_size: 
         return nnx.pop(m, nnx.Intermediate).to_pure_dict()
 
     P = 0 if prefix_kv is None else prefix_kv.length
-    out = collections.defaultdict(list)
     for s in tqdm(range(0, len(tokens), batch_size), desc=desc, disable=not progress, leave=False):
         toks = jnp.asarray(tokens[s:s + batch_size])
         cache = (KVCache.empty(model.config, len(toks), P + toks.shape[1]) if prefix_kv is None
                  else KVCache.with_prefix(prefix_kv, len(toks), P + toks.shape[1]))
-        inter = run(state, toks, cache, P)
+        yield run(state, toks, cache, P)
+
+
+def capture_token_ranges(model, tokens: np.ndarray, prefix_kv=None, batch_size: int = 4, progress=True, desc="stats"):
+    """Per-site per-token (min, max) of every quantization site, for all layers.
+
+    Returns {site: (mins, maxs)} with arrays [layers, N, L] (KV sites: [layers, N, L, KV]).
+    The model's recipe is used with capture switched on (rotations apply; quantizers too, if any).
+    """
+    from prefixquant_jax.quant.recipe import QuantRecipe, pair_ranges, sown_value
+
+    out = collections.defaultdict(list)
+    for inter in sown_batches(model, (model.layers[0].recipe or QuantRecipe()).replace(capture=True), tokens,
+                              prefix_kv, batch_size, progress, desc):
         for key in inter["layers"][0]:
             out[key].append(np.stack([np.asarray(sown_value(inter["layers"][i][key])) for i in range(len(model.layers))]))
     return pair_ranges({k: np.concatenate(v, axis=1) for k, v in out.items()})
