@@ -64,6 +64,14 @@ def tiny_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """A small UTF-8 text (TINY_TEXT x 3) for calibration / eval data flags."""
+    f = tmp_path_factory.mktemp("txt") / "t.txt"
+    f.write_text(TINY_TEXT * 3)
+    return str(f)
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     make_tiny_hf(path)

@@ -3,15 +3,7 @@ import json
 
 import pytest
 
-from tests.conftest import TINY_TEXT
 from tests.test_cli import assert_one_line_error, run_cli
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    f = tmp_path_factory.mktemp("txt") / "t.txt"
-    f.write_text(TINY_TEXT * 3)
-    return str(f)
 
 
 def common(tiny_dir, text_file):

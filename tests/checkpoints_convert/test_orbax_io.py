@@ -13,15 +13,8 @@ import pytest
 import prefixquant_jax as pq
 from checkpoints_convert import load_checkpoint, orbax_io
 from prefixquant_jax.errors import UserError
-from tests.conftest import TINY_TEXT, rng_tokens
+from tests.conftest import rng_tokens
 from tests.test_cli import assert_one_line_error, run_cli
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    f = tmp_path_factory.mktemp("txt") / "t.txt"
-    f.write_text(TINY_TEXT * 3)
-    return str(f)
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import TINY_TEXT
 from tests.test_cli import run_cli
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    f = tmp_path_factory.mktemp("txt") / "t.txt"
-    f.write_text(TINY_TEXT * 3)
-    return str(f)
 
 
 def test_training_lowers_block_loss_then_merges(tiny_dir, text_file):

@@ -25,7 +25,7 @@ from prefixquant_jax.quant.presets import get_preset
 from prefixquant_jax.quantize import QuantizeOptions, init_weight_scales, quantize
 from prefixquant_jax.runner import Compiled
 from prefixquant_jax.runtime import RealCompiled, decode_step, pack, prefill
-from tests.conftest import TINY_TEXT, rng_tokens
+from tests.conftest import rng_tokens
 from tests.test_cli import assert_one_line_error
 
 TOL = 1e-5
@@ -35,13 +35,6 @@ def close(a, b, tol=TOL):
     a, b = np.asarray(a), np.asarray(b)
     err = np.abs(a - b).max()
     assert err <= tol * (1 + np.abs(b).max()), (err, np.abs(b).max())
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    f = tmp_path_factory.mktemp("txt") / "t.txt"
-    f.write_text(TINY_TEXT * 3)
-    return str(f)
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,9 @@ import pytest
 from prefixquant_jax.train import TrainConfig, finetune, prefixquant_groups
 from prefixquant_jax.train.blockwise import BlockTrainer
 from prefixquant_jax.calibrate import BlockRunner
-from tests.conftest import TINY_TEXT
 from tests.test_cli import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    f = tmp_path_factory.mktemp("txt") / "t.txt"
-    f.write_text(TINY_TEXT * 3)
-    return str(f)
 
 
 def _quantized(tiny_dir, text_file, preset="w4a4kv4-static"):
