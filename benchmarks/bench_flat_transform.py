@@ -14,13 +14,12 @@ and the ratios kron / linear, hadamard / linear, kron / hadamard. Default sizes:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._timing import timeit  # noqa: E402
+from benchmarks._timing import timeit, write_json  # noqa: E402
 
 import jax
 import jax.numpy as jnp
@@ -71,11 +70,7 @@ def main(argv=None) -> int:
         print(f"{r['n']:>6d}x{r['out']:<5d} {r['kron'][0]:>4d}x{r['kron'][1]:<4d} {r['kron_ms']:8.3f} {r['hadamard_ms']:8.3f} "
               f"{r['linear_ms']:9.3f} {r['kron_over_linear']:8.3f} {r['hadamard_over_linear']:8.3f} {r['kron_over_hadamard']:9.3f}")
     res = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "rows": rows}
-    if args.json == "-":
-        print(json.dumps(res, indent=1))
-    elif args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(res, args.json)
     return 0
 
 

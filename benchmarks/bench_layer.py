@@ -19,13 +19,12 @@ Caches are not donated (each call copies its cache once, a few MB, in both layer
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._timing import timeit  # noqa: E402
+from benchmarks._timing import timeit, write_json  # noqa: E402
 
 import jax
 import jax.numpy as jnp
@@ -144,11 +143,7 @@ def main(argv=None) -> int:
     rows = bench(config, L, T, 4, opt)
     if opt.json:
         doc = {"device": dev.device_kind, "backend": backend, "jax": jax.__version__, "iters": opt.iters, "results": rows}
-        if opt.json == "-":
-            print(json.dumps(doc, indent=1))
-        else:
-            with open(opt.json, "w") as f:
-                json.dump(doc, f, indent=1)
+        write_json(doc, opt.json)
     return 0
 
 
