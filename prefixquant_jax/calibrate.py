@@ -78,12 +78,19 @@ class BlockRunner:
             b(x, ck, cv, P, cos, sin)
             return nnx.pop(b, nnx.Intermediate).to_pure_dict()
 
+        def gram(gd, state, x, ck, cv, cos, sin):
+            b = nnx.merge(gd, state)
+            b.recipe = b.recipe.replace(capture_gram=True)
+            b(x, ck, cv, P, cos, sin)
+            return nnx.pop(b, nnx.Intermediate).to_pure_dict()
+
         def loss(gd, state, x, ck, cv, cos, sin, target):
             y = nnx.merge(gd, state)(x, ck, cv, P, cos, sin)[0]
             return jnp.mean((y.astype(jnp.float32) - target) ** 2)
 
         self._fwd = jax.jit(fwd, static_argnums=0)
         self._capture = jax.jit(capture, static_argnums=0)
+        self._gram = jax.jit(gram, static_argnums=0)
         self._loss = jax.jit(loss, static_argnums=0)
 
     def cache(self, layer: int, n: int, L: int):
@@ -113,6 +120,15 @@ class BlockRunner:
             for k, v in self._capture(gd, state, xb, ck, cv, self.cos, self.sin).items():
                 acc.setdefault(k, []).append(np.asarray(sown_value(v)))
         return pair_ranges({k: np.concatenate(v) for k, v in acc.items()})
+
+    def grams(self, block, layer, x: np.ndarray, chunk: int) -> dict:
+        """{site: sum over all tokens of x^T x [C, C] (float64)} at each activation site, as `block` runs."""
+        gd, state = nnx.split(block)
+        acc: dict = {}
+        for xb, ck, cv in self._chunks(layer, x, chunk):
+            for k, v in self._gram(gd, state, xb, ck, cv, self.cos, self.sin).items():
+                acc[k[:-len("_gram")]] = acc.get(k[:-len("_gram")], 0.0) + np.asarray(sown_value(v), np.float64)
+        return acc
 
     def loss(self, block, x, ck, cv, target) -> float:
         gd, state = nnx.split(block)
@@ -147,9 +163,9 @@ def calibrate_static(fp_model, q_model, recipe, calib_x: np.ndarray, prefix_kv, 
                 spec = recipe.spec(s)
                 lo, hi = ranges[s]
                 scale, zero = qparams_from_range(jnp.asarray(lo), jnp.asarray(hi), spec, ratios[s])
-                qb.qparams[s].value = scale
+                qb.qparams[s][...] = scale
                 if not spec.symmetric:
-                    qb.qparams[s + "_zero"].value = zero
+                    qb.qparams[s + "_zero"][...] = zero
             return runner.loss(qb, xg, ck, cv, tg)
 
         ratios = {s: 1.0 for s in sites}

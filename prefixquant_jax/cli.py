@@ -48,6 +48,8 @@ def _add_eval_args(p, data_flag="--data"):
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--eval-log", metavar="FILE.jsonl", help="append each window's NLL here and skip windows already in it "
+                   "(resume a killed evaluation; the file is tied to this exact model and data)")
 
 
 def _add_backend_arg(p):
@@ -101,7 +103,7 @@ def cmd_eval(args) -> dict:
     text = load_text(args.data)
     ids = tokenize(loaded.tokenizer, text)
     win = windows(ids, args.seqlen, args.max_windows)
-    res = perplexity(compiled, win, loaded.prefix_kv, batch_size=args.batch_size)
+    res = perplexity(compiled, win, loaded.prefix_kv, batch_size=args.batch_size, log_path=args.eval_log)
     res.update(model=args.model, data=args.data, dtype=args.dtype, preset=loaded.preset, seconds=time.time() - t0,
                backend=getattr(args, "backend", "fake"))
     print(f"{args.model} [{loaded.preset}{', real int4' if res['backend'] == 'real' else ''}] on {args.data}: ppl {res['ppl']:.4f} ({res['windows']} windows x {args.seqlen} tokens, {res['seconds']:.1f}s)")

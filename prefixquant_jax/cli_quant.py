@@ -92,6 +92,8 @@ def add_subcommands(sub, add_model_args, add_eval_args) -> None:
     p.add_argument("--a-bits", type=int)
     p.add_argument("--kv-bits", type=int)
     p.add_argument("--prefix-ids", help="comma-separated token ids to use as the prefix instead of detecting them")
+    p.add_argument("--gptq", action="store_true", help="GPTQ weights on the RTN scales (calibration inputs' Hessians) instead of RTN")
+    p.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ Hessian dampening, fraction of the mean diagonal")
     _add_train_args(p)
     _add_flat_args(p)
     add_eval_args(p, data_flag="--eval-data")
@@ -181,6 +183,8 @@ def _check_calib(args):
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     if args.eta <= 1:
         raise UserError(f"--eta must be > 1, got {args.eta}")
+    if getattr(args, "gptq_damp", 0.01) <= 0:
+        raise UserError(f"--gptq-damp must be > 0, got {args.gptq_damp}")
 
 
 def cmd_analyze(args) -> dict:
@@ -269,7 +273,7 @@ def cmd_quantize(args) -> dict:
     tok = ck.tokenizer()
     opts = QuantizeOptions(calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                            outlier_samples=args.outlier_samples, grid_samples=args.grid_samples, eta=args.eta,
-                           seed=args.seed, prefix_ids=prefix_ids, prefix_kv=imported)
+                           seed=args.seed, prefix_ids=prefix_ids, prefix_kv=imported, gptq=args.gptq, gptq_damp=args.gptq_damp)
     if (args.train_dir and not args.resume and not args.overwrite and os.path.isdir(args.train_dir)
             and os.listdir(args.train_dir)):  # fail before the slow stages, not after them
         raise UserError(f"training directory {args.train_dir} exists; use --resume {args.train_dir} to continue it or --overwrite")
@@ -279,7 +283,7 @@ def cmd_quantize(args) -> dict:
         opts = dataclasses.replace(opts, flatquant=_flat_options(args, tok, train_cfg))
     qm = quantize(ck, tok, preset, opts)
     if train_cfg is not None and not flat:
-        qm.report["train"] = _finetune(args, qm, tok, train_cfg)
+        qm.report["train"] = _finetune(args, qm, tok, train_cfg, fingerprint={"gptq_damp": args.gptq_damp} if args.gptq else None)
     res = {"model": args.model, "preset": preset.name, "prefix_tokens": qm.report["prefix_tokens"],
            "prefix_text": qm.report["prefix_text"], "eta": args.eta, "bits": {"w": preset.w_bits, "a": preset.a_bits, "kv": preset.kv_bits},
            "quantize_seconds": time.time() - t0, "report": qm.report}
@@ -298,7 +302,8 @@ def cmd_quantize(args) -> dict:
     if not args.no_eval:
         win = windows(tokenize(tok, load_text(args.eval_data)), args.seqlen, args.max_windows)
         t = time.time()
-        r = perplexity(Compiled(qm.model), win, qm.prefix_kv, batch_size=args.batch_size, desc=preset.name)
+        r = perplexity(Compiled(qm.model), win, qm.prefix_kv, batch_size=args.batch_size, desc=preset.name,
+                       log_path=args.eval_log)
         res.update(ppl=r["ppl"], windows=r["windows"], seqlen=r["seqlen"], tokens=r["tokens"], eval_seconds=time.time() - t)
         rows = [(preset.name, r["ppl"], res["quantize_seconds"] + res["eval_seconds"])]
         if not args.no_fp and preset.name != "fp":

@@ -1,4 +1,4 @@
-"""The PrefixQuant pipeline: rotate -> find outlier tokens -> FP prefix KV -> RTN weights -> calibrate.
+"""The PrefixQuant pipeline: rotate -> find outlier tokens -> FP prefix KV -> RTN (or GPTQ) weights -> calibrate.
 
 `quantize(checkpoint, preset, options)` returns a `QuantizedModel`: a Llama whose recipe fake-quantizes
 the named sites, its static qparams, the FP prefix KV and a report of every stage.
@@ -41,6 +41,8 @@ class QuantizeOptions:
     calibrate: bool = True  # False: leave static scales unset (a resumed --train restores them)
     prefix_kv: PrefixKV | None = None  # use this prefix KV (e.g. --import-prefix) instead of computing one
     flatquant: object = None  # flatquant.FlatOptions for method "flatquant" presets (None: defaults)
+    gptq: bool = False  # GPTQ weights (quant/gptq.py) instead of RTN, on the same per-channel scales
+    gptq_damp: float = 0.01  # Hessian dampening, fraction of its mean diagonal
 
 
 @dataclasses.dataclass
@@ -91,7 +93,9 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
 
     recipe = preset.recipe()
     flat = preset.method == "flatquant"
-    needs_calib = preset.prefix or preset.is_static or flat
+    if opts.gptq and (flat or not preset.w_bits):
+        raise UserError(f"--gptq needs a PrefixQuant preset with quantized weights, not {preset.name!r}")
+    needs_calib = preset.prefix or preset.is_static or flat or opts.gptq
     calib = None
     if needs_calib:
         ids = tokenize(tokenizer, load_text(opts.calib_data))
@@ -132,10 +136,16 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
     elif preset.w_bits:
         init_weight_scales(q_model, preset.weight_spec(), opts.progress)
     times["weights"] = time.time() - t
+    if needs_calib:
+        calib_x = np.asarray(jnp.asarray(params["embed"])[jnp.asarray(calib)], np.float32)
+    if opts.gptq:  # deterministic, so a resumed --train redoes it (its untrained blocks need the GPTQ kernels)
+        from prefixquant_jax.quant.gptq import gptq_model
+        t = time.time()
+        report["gptq"] = gptq_model(q_model, recipe, calib_x, prefix_kv, opts.gptq_damp, progress=opts.progress)
+        times["gptq"] = time.time() - t
 
     if preset.is_static and recipe is not None and opts.calibrate:
         t = time.time()
-        calib_x = np.asarray(jnp.asarray(params["embed"])[jnp.asarray(calib)], np.float32)
         report["calibration"] = calibrate_static(fp_model, q_model, recipe, calib_x, prefix_kv,
                                                  CalibConfig(grid_samples=opts.grid_samples), opts.progress)
         times["calibrate"] = time.time() - t

@@ -12,22 +12,30 @@ from prefixquant_jax.runner import Compiled
 
 
 def perplexity(compiled: Compiled, windows: np.ndarray, prefix_kv=None, batch_size: int = 1,
-               progress: bool = True, desc: str = "ppl") -> dict:
+               progress: bool = True, desc: str = "ppl", log_path: str | None = None) -> dict:
     """ppl = exp(sum NLL / (n_windows * (L - 1))): each window of L tokens predicts its tokens 1..L-1.
 
     With `prefix_kv` (P rows), every window sits at positions P..P+L-1 behind the prefix; prefix
-    tokens are never scored. One compilation per batch shape.
+    tokens are never scored. One compilation per batch shape. With `log_path`, every batch's NLL
+    sum is appended there (eval/window_log.py) and batches already in it are not recomputed.
     """
     config = compiled.model.config
     n, L = windows.shape
     P = 0 if prefix_kv is None else prefix_kv.length
     if P + L > config.max_position_embeddings:
         raise UserError(f"seqlen {L} (+ prefix {P}) exceeds the model's max positions {config.max_position_embeddings}")
-    total, t0 = 0.0, time.time()
+    log = None
+    if log_path is not None:
+        from prefixquant_jax.eval.window_log import WindowLog, eval_fingerprint
+        log = WindowLog(log_path, eval_fingerprint(compiled.state, L, prefix_kv, batch_size))
+    total, t0, reused = 0.0, time.time(), 0
     bar = tqdm(total=n, desc=desc, unit="win", disable=not progress, leave=False)
     for s in range(0, n, batch_size):
         batch = windows[s:s + batch_size]
-        if len(batch) < batch_size:  # keep one compiled shape: pad with copies, score only real rows
+        nll_part = None if log is None else log.get(s, batch)
+        if nll_part is not None:
+            reused += len(batch)
+        elif len(batch) < batch_size:  # keep one compiled shape: pad with copies, score only real rows
             nll_part = 0.0
             for row in batch:
                 nll_part += float(compiled.nll(compiled.state, row[None], compiled.cache(1, P + L, prefix_kv), P))
@@ -35,10 +43,12 @@ def perplexity(compiled: Compiled, windows: np.ndarray, prefix_kv=None, batch_si
             nll_part = float(compiled.nll(compiled.state, batch, compiled.cache(len(batch), P + L, prefix_kv), P))
         if not math.isfinite(nll_part):
             raise UserError(f"non-finite loss in windows {s}..{s + len(batch) - 1} (NaN/inf in the model's outputs)")
+        if log is not None and log.get(s, batch) is None:
+            log.add(s, batch, nll_part)
         total += nll_part
         bar.update(len(batch))
         bar.set_postfix(ppl=f"{math.exp(total / ((s + len(batch)) * (L - 1))):.3f}")
     bar.close()
     nll = total / (n * (L - 1))
     return {"ppl": math.exp(nll), "nll": nll, "windows": n, "seqlen": L, "tokens": int(n * L),
-            "prefix_len": P, "seconds": time.time() - t0}
+            "prefix_len": P, "seconds": time.time() - t0, "windows_from_log": reused}

@@ -32,6 +32,7 @@ class QuantRecipe:
 
     `capture`: sow per-token (min, max) of every quantization site's input as nnx.Intermediate
     (activation sites: [B, L]; KV sites: [B, L, KV]), used by outlier detection and calibration.
+    `capture_gram`: sow sum over tokens of x^T x [C, C] at each activation site (GPTQ's Hessian).
     """
 
     sites: tuple[tuple[str, QuantSpec], ...] = ()
@@ -39,6 +40,7 @@ class QuantRecipe:
     r3: bool = False
     r4: bool = False
     capture: bool = False
+    capture_gram: bool = False
 
     def spec(self, site: str) -> QuantSpec | None:
         return dict(self.sites).get(site)
@@ -51,6 +53,9 @@ class QuantRecipe:
             return hadamard_transform(x) if self.r3 else x
         if name == "down_rot":
             return hadamard_transform(x) if self.r4 else x
+        if self.capture_gram and block is not None and name in ACT_SITES:
+            xf = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+            block.sow(nnx.Intermediate, name + "_gram", xf.T @ xf)
         if self.capture and block is not None and name in QUANT_SITES:
             xf = x.astype(jnp.float32)
             block.sow(nnx.Intermediate, name + "_min", xf.min(axis=-1))

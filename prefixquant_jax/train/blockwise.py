@@ -188,8 +188,9 @@ def train_blockwise(fp_model, q_model, x0: np.ndarray, prefix_kv, cfg: TrainConf
         qb = q_model.layers[layer]
         gd, train, rest = trainer.split(qb)
         nnx.update(qb, *train_dir.load_block(layer, train))
-        x_q = runner.forward(qb, layer, x_q, chunk)
-        x_fp = runner.forward(fp_model.layers[layer], layer, x_fp, chunk)
+        if done < len(q_model.layers):  # the inputs matter only if some block is left to train
+            x_q = runner.forward(qb, layer, x_q, chunk)
+            x_fp = runner.forward(fp_model.layers[layer], layer, x_fp, chunk)
     n_layers = len(q_model.layers)
     for layer in range(done, n_layers):
         t0 = time.time()

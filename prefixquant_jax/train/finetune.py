@@ -24,6 +24,15 @@ def set_qparams(model, tree: dict) -> None:
             blk.qparams[k] = QuantParam(jnp.asarray(a, jnp.float32))
 
 
+def preset_fingerprint(preset: dict) -> dict:
+    """The preset fields that decide the run: not the description, and not a field at its default
+    (so a field added to Preset later does not orphan older training directories)."""
+    from prefixquant_jax.quant.presets import Preset
+
+    defaults = {f.name: f.default for f in dataclasses.fields(Preset) if f.default is not dataclasses.MISSING}
+    return {k: v for k, v in preset.items() if k != "description" and (k not in defaults or v != defaults[k])}
+
+
 def finetune(qm, tokenizer, cfg: TrainConfig, *, calib_data: str = "wikitext2-valid", train_dir: str | None = None,
              resume: bool = False, overwrite: bool = False, groups=None, progress: bool = True,
              fingerprint: dict | None = None) -> dict:
@@ -39,10 +48,11 @@ def finetune(qm, tokenizer, cfg: TrainConfig, *, calib_data: str = "wikitext2-va
     x0 = np.asarray(qm.model.embed[...][jnp.asarray(tokens)], np.float32)
     td = None
     if train_dir is not None:
-        fp = {"preset": dataclasses.asdict(qm.preset), "prefix_tokens": list(qm.report.get("prefix_tokens", [])),
+        fp = {"preset": preset_fingerprint(dataclasses.asdict(qm.preset)), "prefix_tokens": list(qm.report.get("prefix_tokens", [])),
               "calib_data": calib_data, "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "ckpt_every"},
               **(fingerprint or {})}
-        td = TrainDir(train_dir, fp, resume=resume, overwrite=overwrite)
+        td = TrainDir(train_dir, fp, resume=resume, overwrite=overwrite,
+                      normalize={"preset": preset_fingerprint})
         if resume and td.has("init"):
             set_qparams(qm.model, td.load_init())
         else:

@@ -42,18 +42,24 @@ def unflat(d: dict, template):
 
 
 class TrainDir:
-    """One training run's directory. `fingerprint` must match on resume (same model, preset, data, config)."""
+    """One training run's directory. `fingerprint` must match on resume (same model, preset, data, config).
 
-    def __init__(self, path: str, fingerprint: dict, resume: bool, overwrite: bool = False):
+    `normalize` maps a fingerprint key to a function applied to the stored value before comparing
+    (e.g. to read a directory written before a field was added)."""
+
+    def __init__(self, path: str, fingerprint: dict, resume: bool, overwrite: bool = False, normalize: dict | None = None):
         self.path = os.path.abspath(path)
         self.meta_file = os.path.join(self.path, "train.json")
         if resume:
             if not os.path.isfile(self.meta_file):
                 raise UserError(f"--resume {path}: no train.json there (not a training directory)")
             self.meta = self._read_meta()
-            if self.meta.get("fingerprint") != fingerprint:
-                diff = sorted(k for k in set(fingerprint) | set(self.meta.get("fingerprint", {}))
-                              if fingerprint.get(k) != self.meta.get("fingerprint", {}).get(k))
+            stored = dict(self.meta.get("fingerprint") or {})
+            for k, f in (normalize or {}).items():
+                if k in stored:
+                    stored[k] = f(stored[k])
+            if stored != fingerprint:
+                diff = sorted(k for k in set(fingerprint) | set(stored) if fingerprint.get(k) != stored.get(k))
                 raise UserError(f"--resume {path}: the run there differs in {', '.join(diff)}")
         else:
             if os.path.exists(self.path) and os.listdir(self.path):

@@ -133,3 +133,25 @@ def test_two_host_devices_same_loss(tiny_dir, text_file):
     for a, b in zip(out[1]["blocks"], out[2]["blocks"]):
         for k in ("loss_before", "loss_after"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-12), (k, a, b)
+
+
+def test_resume_accepts_directory_from_before_a_preset_field(tmp_path):
+    """A training dir whose stored preset lacks a field added later (at its default) still resumes;
+    a real difference is still refused."""
+    import dataclasses
+
+    from prefixquant_jax.errors import UserError
+    from prefixquant_jax.quant.presets import get_preset
+    from prefixquant_jax.train.finetune import preset_fingerprint
+    from prefixquant_jax.train.state_io import TrainDir
+
+    old = dataclasses.asdict(get_preset("w4a4kv4-static"))
+    old.pop("method")
+    old["description"] = "an older wording"
+    TrainDir(str(tmp_path), {"preset": old, "model": "m"}, resume=False).close()
+    norm = {"preset": preset_fingerprint}
+    now = preset_fingerprint(dataclasses.asdict(get_preset("w4a4kv4-static")))
+    TrainDir(str(tmp_path), {"preset": now, "model": "m"}, resume=True, normalize=norm).close()
+    other = preset_fingerprint(dataclasses.asdict(get_preset("w4a4kv4-static", a_bits=8)))
+    with pytest.raises(UserError, match="differs in preset"):
+        TrainDir(str(tmp_path), {"preset": other, "model": "m"}, resume=True, normalize=norm)

@@ -1,0 +1,88 @@
+"""A resumable perplexity evaluation: per-batch NLL sums appended to a JSONL file.
+
+    line 1   {"format": "prefixquant-ppl-log/1", "fingerprint": <sha256>}
+    then     {"start": s, "count": n, "tokens": <hash of the batch>, "nll": x}   one line per finished batch
+
+The fingerprint hashes what every sum depends on (the model state, the prefix KV, the window
+length, the batch size); each line also carries a hash of its own tokens, so a log can be
+continued by the same evaluation over more windows (e.g. the first N windows, then the full
+test) but never mixed with another model's or another text's numbers. A line torn by a kill is
+dropped on reopen.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import jax
+import numpy as np
+
+from prefixquant_jax.errors import UserError
+
+FORMAT = "prefixquant-ppl-log/1"
+
+
+def batch_hash(batch: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(batch, np.int64).tobytes()).hexdigest()[:16]
+
+
+def eval_fingerprint(state, seqlen: int, prefix_kv, batch_size: int) -> str:
+    h = hashlib.sha256()
+    trees = [state] if prefix_kv is None else [state, list(prefix_kv.k), list(prefix_kv.v)]
+    for leaf in jax.tree.leaves(trees):
+        if not isinstance(leaf, (np.ndarray, jax.Array, np.generic, int, float, bool)):
+            h.update(repr(leaf).encode())  # static metadata a pytree may carry as a leaf
+            continue
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    h.update(f"seqlen={seqlen}|batch={batch_size}".encode())
+    return h.hexdigest()
+
+
+class WindowLog:
+    def __init__(self, path: str, fingerprint: str):
+        self.path = path
+        self.done: dict[tuple[int, int, str], float] = {}
+        if os.path.exists(path):
+            self._read(fingerprint)
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._append({"format": FORMAT, "fingerprint": fingerprint})
+
+    def _read(self, fingerprint: str) -> None:
+        with open(self.path, "rb") as f:
+            raw = f.read()
+        if raw and not raw.endswith(b"\n"):  # a kill mid-write: drop the torn line
+            with open(self.path, "r+b") as f:
+                f.truncate(raw.rfind(b"\n") + 1)
+            raw = raw[:raw.rfind(b"\n") + 1]
+        lines = raw.decode("utf-8", "replace").splitlines()
+        try:
+            head = json.loads(lines[0])
+            rows = [json.loads(x) for x in lines[1:]]
+        except (IndexError, ValueError):
+            raise UserError(f"--eval-log {self.path}: not a perplexity log (unreadable JSON lines)") from None
+        if not isinstance(head, dict) or head.get("format") != FORMAT:
+            raise UserError(f"--eval-log {self.path}: not a perplexity log (format {head.get('format') if isinstance(head, dict) else None!r})")
+        if head.get("fingerprint") != fingerprint:
+            raise UserError(f"--eval-log {self.path} belongs to another evaluation (model, prefix, seqlen or batch size "
+                            "differ); give a new file")
+        for r in rows:
+            self.done[(int(r["start"]), int(r["count"]), str(r["tokens"]))] = float(r["nll"])
+
+    def _append(self, obj: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(obj) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def get(self, start: int, batch: np.ndarray) -> float | None:
+        """The logged NLL sum of `batch` (windows start..start+len-1), None if not logged for these tokens."""
+        return self.done.get((start, len(batch), batch_hash(batch)))
+
+    def add(self, start: int, batch: np.ndarray, nll: float) -> None:
+        key = (start, len(batch), batch_hash(batch))
+        self.done[key] = nll
+        self._append({"start": start, "count": len(batch), "tokens": key[2], "nll": nll})
