@@ -136,10 +136,13 @@ class Block(nnx.Module):
             return x
         return self.recipe.apply_site(name, x, self.qparams, self)
 
+    def linear_module(self, name: str) -> Linear:
+        """The Linear called `name` (q k v o under attn, gate up down under mlp)."""
+        return getattr(self.mlp if name in ("gate", "up", "down") else self.attn, name)
+
     def linear(self, name: str, x):
         """x @ kernel of linear `name` (q k v o gate up down), as the recipe quantizes it."""
-        mod = getattr(self.mlp if name in ("gate", "up", "down") else self.attn, name)
-        k = mod.kernel[...]
+        k = self.linear_module(name).kernel[...]
         if self.recipe is not None:
             k = self.recipe.apply_weight(name, k, self.qparams, block=self)
         return x @ k

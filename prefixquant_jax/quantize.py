@@ -61,8 +61,7 @@ def init_weight_scales(model: Llama, spec, progress=True) -> None:
     f = jax.jit(lambda w: weight_scale(w, spec, WEIGHT_CLIP_GRID))
     for blk in tqdm(model.layers, desc="weights", disable=not progress, leave=False):
         for name in WEIGHT_NAMES:
-            mod = getattr(blk.mlp if name in ("gate", "up", "down") else blk.attn, name)
-            blk.qparams["w_" + name] = QuantParam(f(mod.kernel[...]))
+            blk.qparams["w_" + name] = QuantParam(f(blk.linear_module(name).kernel[...]))
 
 
 def find_prefix(unrotated_model, tokenizer, calib: np.ndarray, eta: float, progress=True) -> dict:

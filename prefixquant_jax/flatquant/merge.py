@@ -25,17 +25,13 @@ from prefixquant_jax.model import QuantParam
 from prefixquant_jax.quant.recipe import WEIGHT_NAMES
 
 
-def _module(block, name):
-    return getattr(block.mlp if name in ("gate", "up", "down") else block.attn, name)
-
-
 def merge_block(block, recipe) -> None:
     if block.recipe.merged:
         return
     t = block.transforms
     new = {}
     for name in WEIGHT_NAMES:
-        kernel = _module(block, name).kernel[...]
+        kernel = block.linear_module(name).kernel[...]
         if recipe.weight is None:
             new[name] = offline_kernel(t, name, kernel, recipe.param)
         else:
@@ -43,7 +39,7 @@ def merge_block(block, recipe) -> None:
     if "down_s" in t:
         new["up"] = new["up"] * t["down_s"][...][None, :]
     for name, k in new.items():
-        var = _module(block, name).kernel
+        var = block.linear_module(name).kernel
         var[...] = k.astype(var[...].dtype)
         if recipe.weight is not None:
             block.qparams["w_" + name] = QuantParam(channel_scale(k, recipe.weight))

@@ -100,7 +100,7 @@ def gptq_model(q_model, recipe, calib_x: np.ndarray, prefix_kv, damp: float = 0.
         grams = runner.grams(blk, layer, x, chunk)
         errs = {}
         for name, site in LINEAR_INPUT.items():
-            mod = getattr(blk.mlp if name in ("gate", "up", "down") else blk.attn, name)
+            mod = blk.linear_module(name)
             w = np.asarray(mod.kernel[...], np.float32)
             scale = np.asarray(blk.qparams["w_" + name][...], np.float32)
             g = grams[site]

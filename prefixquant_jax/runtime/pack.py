@@ -205,8 +205,7 @@ def _pack_layer(blk, spec: RuntimeSpec, i: int) -> PackedLayer:
     cdt = spec.compute_dtype
 
     def wq(name):
-        mod = getattr(blk.mlp if name in ("gate", "up", "down") else blk.attn, name)
-        return quantize_weight(mod.kernel[...], _qp(blk, "w_" + name, i), spec.w_bits)
+        return quantize_weight(blk.linear_module(name).kernel[...], _qp(blk, "w_" + name, i), spec.w_bits)
 
     act_scale = {}
     for site, a in spec.act:

@@ -69,7 +69,7 @@ def _codes(q):
     out = {}
     for i, b in enumerate(q.layers):
         for name in WEIGHT_NAMES:
-            mod = getattr(b.mlp if name in ("gate", "up", "down") else b.attn, name)
+            mod = b.linear_module(name)
             if b.recipe.merged:
                 k, s = mod.kernel[...], b.qparams["w_" + name][...]
             else:
