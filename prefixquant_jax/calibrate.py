@@ -127,7 +127,8 @@ class BlockRunner:
         acc: dict = {}
         for xb, ck, cv in self._chunks(layer, x, chunk):
             for k, v in self._gram(gd, state, xb, ck, cv, self.cos, self.sin).items():
-                acc[k[:-len("_gram")]] = acc.get(k[:-len("_gram")], 0.0) + np.asarray(sown_value(v), np.float64)
+                site = k.removesuffix("_gram")
+                acc[site] = acc.get(site, 0.0) + np.asarray(sown_value(v), np.float64)
         return acc
 
     def loss(self, block, x, ck, cv, target) -> float:

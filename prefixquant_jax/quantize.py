@@ -135,7 +135,8 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
     elif preset.w_bits:
         init_weight_scales(q_model, preset.weight_spec(), opts.progress)
     times["weights"] = time.time() - t
-    if needs_calib:
+    static_calib = preset.is_static and recipe is not None and opts.calibrate
+    if opts.gptq or static_calib:  # both run block by block on the embedded calibration tokens
         calib_x = np.asarray(jnp.asarray(params["embed"])[jnp.asarray(calib)], np.float32)
     if opts.gptq:  # deterministic, so a resumed --train redoes it (its untrained blocks need the GPTQ kernels)
         from prefixquant_jax.quant.gptq import gptq_model
@@ -143,7 +144,7 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
         report["gptq"] = gptq_model(q_model, recipe, calib_x, prefix_kv, opts.gptq_damp, progress=opts.progress)
         times["gptq"] = time.time() - t
 
-    if preset.is_static and recipe is not None and opts.calibrate:
+    if static_calib:
         t = time.time()
         report["calibration"] = calibrate_static(fp_model, q_model, recipe, calib_x, prefix_kv,
                                                  CalibConfig(grid_samples=opts.grid_samples), opts.progress)

@@ -32,8 +32,9 @@ def perplexity(compiled: Compiled, windows: np.ndarray, prefix_kv=None, batch_si
     bar = tqdm(total=n, desc=desc, unit="win", disable=not progress, leave=False)
     for s in range(0, n, batch_size):
         batch = windows[s:s + batch_size]
-        nll_part = None if log is None else log.get(s, batch)
-        if nll_part is not None:
+        logged = None if log is None else log.get(s, batch)
+        if logged is not None:
+            nll_part = logged
             reused += len(batch)
         elif len(batch) < batch_size:  # keep one compiled shape: pad with copies, score only real rows
             nll_part = 0.0
@@ -43,7 +44,7 @@ def perplexity(compiled: Compiled, windows: np.ndarray, prefix_kv=None, batch_si
             nll_part = float(compiled.nll(compiled.state, batch, compiled.cache(len(batch), P + L, prefix_kv), P))
         if not math.isfinite(nll_part):
             raise UserError(f"non-finite loss in windows {s}..{s + len(batch) - 1} (NaN/inf in the model's outputs)")
-        if log is not None and log.get(s, batch) is None:
+        if log is not None and logged is None:
             log.add(s, batch, nll_part)
         total += nll_part
         bar.update(len(batch))

@@ -51,12 +51,18 @@ def gptq_kernel(kernel, gram, scale, spec: QuantSpec, damp: float = 0.01, block:
     """
     if not (spec.symmetric and spec.granularity == "channel"):
         raise UserError(f"GPTQ supports symmetric per-channel weights only, got {spec.granularity} symmetric={spec.symmetric}")
-    W = np.array(kernel, np.float64)
-    n = W.shape[0]
+    n = np.shape(kernel)[0]
     if np.shape(gram) != (n, n):
         raise UserError(f"GPTQ: Gram matrix {np.shape(gram)} does not match kernel rows {n}")
+    return _gptq_with_factor(kernel, _inverse_hessian_factor(gram, damp), scale, spec, block)
+
+
+def _gptq_with_factor(kernel, factor, scale, spec: QuantSpec, block: int = 128) -> np.ndarray:
+    """gptq_kernel given `factor` = _inverse_hessian_factor(gram, damp), shared by linears fed by one input."""
+    U, dead = factor
+    W = np.array(kernel, np.float64)
+    n = W.shape[0]
     s = np.asarray(scale, np.float64).reshape(1, -1)
-    U, dead = _inverse_hessian_factor(gram, damp)
     W[dead] = 0.0
     Q = np.zeros_like(W)
     for b0 in range(0, n, block):
@@ -98,15 +104,17 @@ def gptq_model(q_model, recipe, calib_x: np.ndarray, prefix_kv, damp: float = 0.
     for layer, blk in enumerate(tqdm(q_model.layers, desc="gptq", disable=not progress, leave=False)):
         blk.recipe = fp_view
         grams = runner.grams(blk, layer, x, chunk)
+        for site, g in grams.items():
+            if not np.all(np.isfinite(g)):
+                raise UserError(f"GPTQ: non-finite activations at layer {layer} {site}")
+        factors = {site: _inverse_hessian_factor(g, damp) for site, g in grams.items()}  # once per shared input
         errs = {}
         for name, site in LINEAR_INPUT.items():
             mod = blk.linear_module(name)
             w = np.asarray(mod.kernel[...], np.float32)
             scale = np.asarray(blk.qparams["w_" + name][...], np.float32)
             g = grams[site]
-            if not np.all(np.isfinite(g)):
-                raise UserError(f"GPTQ: non-finite activations at layer {layer} {site}")
-            new = gptq_kernel(w, g, scale, recipe.weight, damp)
+            new = _gptq_with_factor(w, factors[site], scale, recipe.weight)
             errs[name] = (output_error(w, _round_rows(w, scale, recipe.weight), g), output_error(w, new, g))
             mod.kernel[...] = jnp.asarray(new, mod.kernel[...].dtype)
         blk.recipe = wq_view
