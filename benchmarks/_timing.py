@@ -32,3 +32,22 @@ def write_json(doc: dict, path: str | None) -> None:
     else:
         with open(path, "w") as f:
             json.dump(doc, f, indent=1)
+
+
+def add_common_args(ap, *, iters: int, warmup: int) -> None:
+    """--json, --iters, --warmup and --allow-cpu, shared by the GPU benchmark scripts."""
+    ap.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH ('-' for stdout)")
+    ap.add_argument("--iters", type=int, default=iters)
+    ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--allow-cpu", action="store_true", help="tiny shapes in interpret mode on CPU (script check)")
+
+
+def on_gpu_or_allowed(script: str, allow_cpu: bool) -> bool | None:
+    """True on a GPU; False off a GPU with --allow-cpu (run the tiny check); None: print why and stop."""
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return True
+    if not allow_cpu:
+        print(f"{script}: needs a GPU (JAX backend is {backend!r}); use --allow-cpu for a tiny interpret-mode check.")
+        return None
+    return False

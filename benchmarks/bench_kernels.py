@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._timing import timeit, write_json  # noqa: E402
+from benchmarks._timing import add_common_args, on_gpu_or_allowed, timeit, write_json  # noqa: E402
 
 import jax
 import jax.numpy as jnp
@@ -129,18 +129,15 @@ def _fmt(r):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH ('-' for stdout)")
-    ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--warmup", type=int, default=5)
+    add_common_args(ap, iters=50, warmup=5)
     ap.add_argument("--no-sweep", action="store_true", help="skip the W4A4 M sweep")
-    ap.add_argument("--allow-cpu", action="store_true", help="run tiny shapes in interpret mode on CPU (script check)")
     opt = ap.parse_args(argv)
 
     backend = jax.default_backend()
-    if backend != "gpu":
-        if not opt.allow_cpu:
-            print(f"bench_kernels: needs a GPU (JAX backend is {backend!r}); use --allow-cpu for a tiny interpret-mode check.")
-            return 0
+    gpu = on_gpu_or_allowed("bench_kernels", opt.allow_cpu)
+    if gpu is None:
+        return 0
+    if not gpu:
         opt.interpret, opt.iters, opt.warmup = True, 1, 1
         gemm_shapes, sweep = [(128, 64)], [16, 32]
         gemv_shapes, gemv_ms, rot_shapes = [(128, 64)], [1, 3], [(16, 576, 64)]

@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._timing import timeit, write_json  # noqa: E402
+from benchmarks._timing import add_common_args, on_gpu_or_allowed, timeit, write_json  # noqa: E402
 
 import jax
 import jax.numpy as jnp
@@ -116,19 +116,16 @@ def bench(config: ModelConfig, L: int, T: int, P: int, opt) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH ('-' for stdout)")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
+    add_common_args(ap, iters=20, warmup=3)
     ap.add_argument("--a-bits", type=int, default=4, choices=(4, 8), help="activation bits (8: W4A8 GEMM)")
     ap.add_argument("--dynamic", action="store_true", help="per-token dynamic activation scales (default: static)")
-    ap.add_argument("--allow-cpu", action="store_true", help="tiny shapes in interpret mode on CPU (script check)")
     opt = ap.parse_args(argv)
 
     backend = jax.default_backend()
-    if backend != "gpu":
-        if not opt.allow_cpu:
-            print(f"bench_layer: needs a GPU (JAX backend is {backend!r}); use --allow-cpu for a tiny interpret-mode check.")
-            return 0
+    gpu = on_gpu_or_allowed("bench_layer", opt.allow_cpu)
+    if gpu is None:
+        return 0
+    if not gpu:
         opt.iters, opt.warmup = 1, 1
         config = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
                              num_kv_heads=2, head_dim=16, max_position_embeddings=256)
