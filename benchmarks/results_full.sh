@@ -4,15 +4,21 @@
 # For each NAME (a preset, optionally + "-gptq" for GPTQ weights, then + "-ft" for block-wise fine-tuning):
 #   1. quantize once and save it:  runs/models/NAME   (skipped when that directory exists;
 #      -ft rows checkpoint their training in runs/ft/NAME and resume it)
-#   2. evaluate the saved model:   prefixquant eval --model runs/models/NAME --eval-log runs/full/NAME.jsonl
+#   2. evaluate the saved model:   prefixquant eval --model runs/models/NAME --eval-log results/full/NAME.jsonl
 #      (every finished window is logged; a rerun continues where the last one stopped)
-# Results: runs/full/NAME.json. Usage: benchmarks/results_full.sh NAME [NAME ...]
+# Saved models (hundreds of MB) stay in the untracked runs/; the logs and JSON reports are small and go
+# to results/full/ (tracked), so a row survives a new checkout. A re-quantized model that is not
+# bit-identical to the one a log was written for cannot reuse it: that log is moved aside to
+# NAME.jsonl.stale-N (never deleted) and the evaluation starts over.
+# Then `python benchmarks/results_full_table.py` prints the RESULTS.md table.
+# Usage: benchmarks/results_full.sh NAME [NAME ...]
 #   e.g. benchmarks/results_full.sh fp w4a4kv4-static w4a4kv4-static-ft w4a4kv4-static-gptq-ft
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CS=${CALIB_SAMPLES:-16}
 PQ=.venv/bin/prefixquant
-mkdir -p runs/models runs/full runs/ft
+OUT=results/full
+mkdir -p runs/models runs/ft "$OUT"
 for name in "$@"; do
   base=${name%-ft}
   preset=${base%-gptq}
@@ -24,10 +30,21 @@ for name in "$@"; do
     if [ "$name" != "$base" ]; then
       if [ -d "runs/ft/$name" ]; then cmd+=(--resume "runs/ft/$name"); else cmd+=(--train --train-dir "runs/ft/$name"); fi
     fi
-    echo "+ ${cmd[*]} --json runs/full/$name.quantize.json"
-    "${cmd[@]}" --json "runs/full/$name.quantize.json"
+    echo "+ ${cmd[*]} --json $OUT/$name.quantize.json" | tee "$OUT/$name.quantize.cmd"
+    "${cmd[@]}" --json "$OUT/$name.quantize.json"
   fi
-  cmd=($PQ eval --model "$model" --eval-log "runs/full/$name.jsonl")
-  echo "+ ${cmd[*]} --json runs/full/$name.json"
-  "${cmd[@]}" --json "runs/full/$name.json"
+  log=$OUT/$name.jsonl
+  cmd=($PQ eval --model "$model" --eval-log "$log")
+  echo "+ ${cmd[*]} --json $OUT/$name.json" | tee "$OUT/$name.eval.cmd"
+  if ! "${cmd[@]}" --json "$OUT/$name.json" 2> >(tee "$OUT/.$name.err" >&2); then
+    if grep -q "belongs to another evaluation" "$OUT/.$name.err"; then
+      n=1; while [ -e "$log.stale-$n" ]; do n=$((n + 1)); done
+      echo "! $log was written for a model that is not bit-identical to $model: moved to $log.stale-$n, starting over"
+      mv "$log" "$log.stale-$n"
+      "${cmd[@]}" --json "$OUT/$name.json"
+    else
+      rm -f "$OUT/.$name.err"; exit 1
+    fi
+  fi
+  rm -f "$OUT/.$name.err"
 done

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 MIN_DOT = 16  # smallest M/N/K a Triton dot accepts
 
@@ -94,3 +95,46 @@ def unpack_lo_hi_unsigned(b):
 def pack_lo_hi(lo, hi):
     """Inverse of unpack_lo_hi for int8 codes: byte = (lo & 0xF) | (hi << 4)."""
     return (lo & 0xF) | jnp.left_shift(hi, 4)
+
+
+def tiled_matmul_call(kernel, x, w, *, rows=(), cols=(), block_m: int, block_n: int, kx_multiple: int,
+                      kw_multiple: int, out_dtype, name: str, interpret: bool):
+    """The pallas_call shared by the GEMM/GEMV kernels: one program per [block_m, block_n] output tile.
+
+    x [M, Kx] and w [Kw, N] are zero-padded to (block_m, kx_multiple) and (kw_multiple, block_n); each
+    program sees x's full (padded) K for its rows and w's full K for its columns, and loops over K
+    itself. `rows`: per-row operands [M, r] (e.g. activation scales), blocked (block_m, r); `cols`:
+    per-column operands [c, N] (e.g. weight scales), blocked (c, block_n). The kernel is called as
+    kernel(x_ref, w_ref, *row_refs, *col_refs, o_ref). Returns the [M, N] result (padding sliced off).
+    """
+    M, N = x.shape[0], w.shape[1]
+    x = pad_axis(pad_axis(x, 0, block_m), 1, kx_multiple)
+    w = pad_axis(pad_axis(w, 0, kw_multiple), 1, block_n)
+    rows = [pad_axis(r, 0, block_m) for r in rows]
+    cols = [pad_axis(c, 1, block_n) for c in cols]
+    Mp, Np = x.shape[0], w.shape[1]
+    in_specs = ([pl.BlockSpec((block_m, x.shape[1]), lambda i, j: (i, 0)),
+                 pl.BlockSpec((w.shape[0], block_n), lambda i, j: (0, j))]
+                + [pl.BlockSpec((block_m, r.shape[1]), lambda i, j: (i, 0)) for r in rows]
+                + [pl.BlockSpec((c.shape[0], block_n), lambda i, j: (0, j)) for c in cols])
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
+        grid=(Mp // block_m, Np // block_n),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
+        interpret=interpret,
+        name=name,
+    )(x, w, *rows, *cols)
+    return out[:M, :N]
+
+
+def gemm_blocks(M: int, N: int, K: int, block_m, block_n, block_k, cap_m: int = 128, cap_n: int = 128,
+                cap_k: int = 256):
+    """Default (block_m, block_n, block_k): powers of two clamped to [16, cap]; block_k (in int4 codes) even."""
+    bm = block_m or row_block(M, cap=cap_m)
+    bn = block_n or row_block(N, cap=cap_n)
+    bk = block_k or row_block(K, cap=cap_k, floor=32)
+    if bk % 2:
+        raise ValueError(f"block_k must be even, got {bk}")
+    return bm, bn, bk

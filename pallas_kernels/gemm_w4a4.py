@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import pad_axis, resolve_interpret, row_block, unpack_lo_hi
+from pallas_kernels._common import cdiv, gemm_blocks, resolve_interpret, tiled_matmul_call, unpack_lo_hi
 from pallas_kernels.int4 import unpack_int4
 
 
@@ -50,15 +50,6 @@ def _w4a4_kernel(x_ref, w_ref, xs_ref, ws_ref, o_ref, *, bkh: int, nk: int, retu
         o_ref[...] = (acc.astype(jnp.float32) * xs_ref[...] * ws_ref[...]).astype(o_ref.dtype)
 
 
-def _blocks(M: int, N: int, K: int, block_m, block_n, block_k):
-    bm = block_m or row_block(M, cap=128)
-    bn = block_n or row_block(N, cap=128)
-    bk = block_k or row_block(K, cap=256, floor=32)
-    if bk % 2:
-        raise ValueError(f"block_k must be even, got {bk}")
-    return bm, bn, bk
-
-
 @functools.partial(jax.jit, static_argnames=("out_dtype", "return_int32", "block_m", "block_n", "block_k",
                                              "interpret"))
 def w4a4_matmul(x_packed, x_scale, w_packed, w_scale, out_dtype=jnp.bfloat16, *, return_int32: bool = False,
@@ -74,35 +65,15 @@ def w4a4_matmul(x_packed, x_scale, w_packed, w_scale, out_dtype=jnp.bfloat16, *,
     Kh2, N = w_packed.shape
     if Kh != Kh2:
         raise ValueError(f"packed K mismatch: x {x_packed.shape} vs w {w_packed.shape}")
-    bm, bn, bk = _blocks(M, N, 2 * Kh, block_m, block_n, block_k)
+    bm, bn, bk = gemm_blocks(M, N, 2 * Kh, block_m, block_n, block_k)
     bkh = bk // 2
-    interpret = resolve_interpret(interpret)
-
-    x = pad_axis(pad_axis(x_packed.astype(jnp.int8), 0, bm), 1, bkh)
-    w = pad_axis(pad_axis(w_packed.astype(jnp.int8), 0, bkh), 1, bn)
     xs = jnp.broadcast_to(jnp.asarray(x_scale, jnp.float32).reshape(-1, 1), (M, 1))
-    xs = pad_axis(xs, 0, bm)
-    ws = pad_axis(jnp.asarray(w_scale, jnp.float32).reshape(1, N), 1, bn)
-    Mp, Khp = x.shape
-    Np = w.shape[1]
-    odt = jnp.int32 if return_int32 else out_dtype
-
-    kernel = functools.partial(_w4a4_kernel, bkh=bkh, nk=Khp // bkh, return_int32=return_int32)
-    out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((Mp, Np), odt),
-        grid=(Mp // bm, Np // bn),
-        in_specs=[
-            pl.BlockSpec((bm, Khp), lambda i, j: (i, 0)),
-            pl.BlockSpec((Khp, bn), lambda i, j: (0, j)),
-            pl.BlockSpec((bm, 1), lambda i, j: (i, 0)),
-            pl.BlockSpec((1, bn), lambda i, j: (0, j)),
-        ],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-        interpret=interpret,
-        name="w4a4_matmul",
-    )(x, w, xs, ws)
-    return out[:M, :N]
+    ws = jnp.asarray(w_scale, jnp.float32).reshape(1, N)
+    kernel = functools.partial(_w4a4_kernel, bkh=bkh, nk=cdiv(Kh, bkh), return_int32=return_int32)
+    return tiled_matmul_call(kernel, x_packed.astype(jnp.int8), w_packed.astype(jnp.int8), rows=[xs], cols=[ws],
+                             block_m=bm, block_n=bn, kx_multiple=bkh, kw_multiple=bkh,
+                             out_dtype=jnp.int32 if return_int32 else out_dtype, name="w4a4_matmul",
+                             interpret=resolve_interpret(interpret))
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "return_int32"))

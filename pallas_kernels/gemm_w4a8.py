@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import pad_axis, resolve_interpret, row_block, unpack_lo_hi
+from pallas_kernels._common import cdiv, gemm_blocks, resolve_interpret, tiled_matmul_call, unpack_lo_hi
 from pallas_kernels.int4 import unpack_int4
 
 
@@ -62,37 +62,14 @@ def w4a8_matmul(x, x_scale, w_packed, w_scale, out_dtype=jnp.bfloat16, *, return
     Kh, N = w_packed.shape
     if K != 2 * Kh:
         raise ValueError(f"K mismatch: x {x.shape} vs packed w {w_packed.shape}")
-    bm = block_m or row_block(M, cap=128)
-    bn = block_n or row_block(N, cap=128)
-    bk = block_k or row_block(K, cap=256, floor=32)
-    if bk % 2:
-        raise ValueError(f"block_k must be even, got {bk}")
-    interpret = resolve_interpret(interpret)
-
-    xq = pad_axis(pad_axis(x.astype(jnp.int8), 0, bm), 1, bk)
-    w = pad_axis(pad_axis(w_packed.astype(jnp.int8), 0, bk // 2), 1, bn)
+    bm, bn, bk = gemm_blocks(M, N, K, block_m, block_n, block_k)
     xs = jnp.broadcast_to(jnp.asarray(x_scale, jnp.float32).reshape(-1, 1), (M, 1))
-    xs = pad_axis(xs, 0, bm)
-    ws = pad_axis(jnp.asarray(w_scale, jnp.float32).reshape(1, N), 1, bn)
-    Mp, Kp = xq.shape
-    Np = w.shape[1]
-
-    kernel = functools.partial(_w4a8_kernel, bk=bk, nk=Kp // bk, return_int32=return_int32)
-    out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((Mp, Np), jnp.int32 if return_int32 else out_dtype),
-        grid=(Mp // bm, Np // bn),
-        in_specs=[
-            pl.BlockSpec((bm, Kp), lambda i, j: (i, 0)),
-            pl.BlockSpec((Kp // 2, bn), lambda i, j: (0, j)),
-            pl.BlockSpec((bm, 1), lambda i, j: (i, 0)),
-            pl.BlockSpec((1, bn), lambda i, j: (0, j)),
-        ],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-        interpret=interpret,
-        name="w4a8_matmul",
-    )(xq, w, xs, ws)
-    return out[:M, :N]
+    ws = jnp.asarray(w_scale, jnp.float32).reshape(1, N)
+    kernel = functools.partial(_w4a8_kernel, bk=bk, nk=cdiv(K, bk), return_int32=return_int32)
+    return tiled_matmul_call(kernel, x.astype(jnp.int8), w_packed.astype(jnp.int8), rows=[xs], cols=[ws],
+                             block_m=bm, block_n=bn, kx_multiple=bk, kw_multiple=bk // 2,
+                             out_dtype=jnp.int32 if return_int32 else out_dtype, name="w4a8_matmul",
+                             interpret=resolve_interpret(interpret))
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "return_int32"))

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import pad_axis, resolve_interpret, row_block, unpack_lo_hi
+from pallas_kernels._common import cdiv, resolve_interpret, row_block, tiled_matmul_call, unpack_lo_hi
 from pallas_kernels.int4 import unpack_int4
 
 
@@ -78,30 +78,10 @@ def gemv_w4(x, w_packed, w_scale, out_dtype=None, *, block_n: int | None = None,
             raise ValueError(f"group size {bk} must be even")
     else:
         bk = block_k or row_block(K, cap=512, floor=32)
-    interpret = resolve_interpret(interpret)
-
-    xp = pad_axis(pad_axis(x, 0, bm), 1, bk)
-    w = pad_axis(pad_axis(w_packed.astype(jnp.int8), 0, bk // 2), 1, bn)
-    s = pad_axis(s, 1, bn)
-    Mp, Kp = xp.shape
-    Np = w.shape[1]
-    G = s.shape[0]
-
-    kernel = functools.partial(_gemv_kernel, bk=bk, nk=Kp // bk, grouped=grouped)
-    out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
-        grid=(Mp // bm, Np // bn),
-        in_specs=[
-            pl.BlockSpec((bm, Kp), lambda i, j: (i, 0)),
-            pl.BlockSpec((Kp // 2, bn), lambda i, j: (0, j)),
-            pl.BlockSpec((G, bn), lambda i, j: (0, j)),
-        ],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-        interpret=interpret,
-        name="gemv_w4",
-    )(xp, w, s)
-    return out[:M, :N]
+    kernel = functools.partial(_gemv_kernel, bk=bk, nk=cdiv(K, bk), grouped=grouped)
+    return tiled_matmul_call(kernel, x, w_packed.astype(jnp.int8), cols=[s], block_m=bm, block_n=bn,
+                             kx_multiple=bk, kw_multiple=bk // 2, out_dtype=out_dtype, name="gemv_w4",
+                             interpret=resolve_interpret(interpret))
 
 
 def dequantize_w4(w_packed, w_scale):

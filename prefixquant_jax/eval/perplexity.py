@@ -24,10 +24,11 @@ def perplexity(compiled: Compiled, windows: np.ndarray, prefix_kv=None, batch_si
     P = 0 if prefix_kv is None else prefix_kv.length
     if P + L > config.max_position_embeddings:
         raise UserError(f"seqlen {L} (+ prefix {P}) exceeds the model's max positions {config.max_position_embeddings}")
-    log = None
+    log = fingerprint = None
     if log_path is not None:
         from prefixquant_jax.eval.window_log import WindowLog, eval_fingerprint
-        log = WindowLog(log_path, eval_fingerprint(compiled.state, L, prefix_kv, batch_size))
+        fingerprint = eval_fingerprint(compiled.state, L, prefix_kv, batch_size)
+        log = WindowLog(log_path, fingerprint)
     total, t0, reused = 0.0, time.time(), 0
     bar = tqdm(total=n, desc=desc, unit="win", disable=not progress, leave=False)
     for s in range(0, n, batch_size):
@@ -52,4 +53,5 @@ def perplexity(compiled: Compiled, windows: np.ndarray, prefix_kv=None, batch_si
     bar.close()
     nll = total / (n * (L - 1))
     return {"ppl": math.exp(nll), "nll": nll, "windows": n, "seqlen": L, "tokens": int(n * L),
-            "prefix_len": P, "seconds": time.time() - t0, "windows_from_log": reused}
+            "prefix_len": P, "seconds": time.time() - t0, "windows_from_log": reused,
+            **({"log_fingerprint": fingerprint} if fingerprint else {})}
