@@ -25,6 +25,12 @@ COARSE = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 FINE_STEPS = (-0.05, 0.05)
 
 
+def _sown(block, *args) -> dict:
+    """Run block(*args) and return what its recipe sowed (nnx.Intermediate), as a pure dict."""
+    _, inter = nnx.capture(lambda b, *a: b(*a), nnx.Intermediate)(block, *args)
+    return nnx.to_pure_dict(inter)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CalibConfig:
     grid_samples: int = 2  # calibration samples used inside the grid search (the rest only for ranges)
@@ -75,14 +81,12 @@ class BlockRunner:
         def capture(gd, state, x, ck, cv, cos, sin):
             b = nnx.merge(gd, state)
             b.recipe = b.recipe.replace(capture=True, sites=())
-            b(x, ck, cv, P, cos, sin)
-            return nnx.pop(b, nnx.Intermediate).to_pure_dict()
+            return _sown(b, x, ck, cv, P, cos, sin)
 
         def gram(gd, state, x, ck, cv, cos, sin):
             b = nnx.merge(gd, state)
             b.recipe = b.recipe.replace(capture_gram=True)
-            b(x, ck, cv, P, cos, sin)
-            return nnx.pop(b, nnx.Intermediate).to_pure_dict()
+            return _sown(b, x, ck, cv, P, cos, sin)
 
         def loss(gd, state, x, ck, cv, cos, sin, target):
             y = nnx.merge(gd, state)(x, ck, cv, P, cos, sin)[0]

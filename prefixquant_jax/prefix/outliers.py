@@ -31,9 +31,8 @@ def sown_batches(model, recipe, tokens: np.ndarray, prefix_kv=None, batch_size: 
 
     @jax.jit
     def run(state, toks, cache, offset):
-        m = nnx.merge(graphdef, state)
-        m.hidden(toks, cache, offset)
-        return nnx.pop(m, nnx.Intermediate).to_pure_dict()
+        _, inter = nnx.capture(lambda m: m.hidden(toks, cache, offset), nnx.Intermediate)(nnx.merge(graphdef, state))
+        return nnx.to_pure_dict(inter)
 
     P = 0 if prefix_kv is None else prefix_kv.length
     for s in tqdm(range(0, len(tokens), batch_size), desc=desc, disable=not progress, leave=False):
