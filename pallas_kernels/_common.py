@@ -138,3 +138,24 @@ def gemm_blocks(M: int, N: int, K: int, block_m, block_n, block_k, cap_m: int = 
     if bk % 2:
         raise ValueError(f"block_k must be even, got {bk}")
     return bm, bn, bk
+
+
+def int_gemm_program(pairs, nk: int, xs_ref, ws_ref, o_ref, return_int32: bool) -> None:
+    """Body of one int GEMM program: acc = sum over k < nk of the int8 dots in pairs(k) (a list of
+    (x_codes, w_codes)), int32 accumulation; then o = acc (return_int32) or acc * x_scale * w_scale."""
+    def body(k, acc):
+        for xk, wk in pairs(k):
+            acc = acc + jnp.dot(xk, wk, preferred_element_type=jnp.int32)
+        return acc
+
+    acc = jax.lax.fori_loop(0, nk, body, jnp.zeros(o_ref.shape, jnp.int32))
+    if return_int32:
+        o_ref[...] = acc
+    else:
+        o_ref[...] = (acc.astype(jnp.float32) * xs_ref[...] * ws_ref[...]).astype(o_ref.dtype)
+
+
+def gemm_scales(x_scale, w_scale, M: int, N: int):
+    """(x_scale as f32 [M, 1] from [M, 1] or [1, 1], w_scale as f32 [1, N])."""
+    xs = jnp.broadcast_to(jnp.asarray(x_scale, jnp.float32).reshape(-1, 1), (M, 1))
+    return xs, jnp.asarray(w_scale, jnp.float32).reshape(1, N)

@@ -25,27 +25,22 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import cdiv, gemm_blocks, resolve_interpret, tiled_matmul_call, unpack_lo_hi
+from pallas_kernels._common import (cdiv, gemm_blocks, gemm_scales, int_gemm_program, resolve_interpret,
+                                    tiled_matmul_call, unpack_lo_hi)
 from pallas_kernels.int4 import unpack_int4
 
 
 def _w4a8_kernel(x_ref, w_ref, xs_ref, ws_ref, o_ref, *, bk: int, nk: int, return_int32: bool):
-    bm, bn = o_ref.shape
     bkh = bk // 2
 
-    def body(k, acc):
+    def pairs(k):
         start = pl.multiple_of(k * bk, bk)
         x_even = x_ref[:, pl.ds(start, bkh, stride=2)]
         x_odd = x_ref[:, pl.ds(start + 1, bkh, stride=2)]
         w_lo, w_hi = unpack_lo_hi(w_ref[pl.ds(pl.multiple_of(k * bkh, bkh), bkh), :])
-        acc = acc + jnp.dot(x_even, w_lo, preferred_element_type=jnp.int32)
-        return acc + jnp.dot(x_odd, w_hi, preferred_element_type=jnp.int32)
+        return [(x_even, w_lo), (x_odd, w_hi)]
 
-    acc = jax.lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.int32))
-    if return_int32:
-        o_ref[...] = acc
-    else:
-        o_ref[...] = (acc.astype(jnp.float32) * xs_ref[...] * ws_ref[...]).astype(o_ref.dtype)
+    int_gemm_program(pairs, nk, xs_ref, ws_ref, o_ref, return_int32)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "return_int32", "block_m", "block_n", "block_k",
@@ -63,8 +58,7 @@ def w4a8_matmul(x, x_scale, w_packed, w_scale, out_dtype=jnp.bfloat16, *, return
     if K != 2 * Kh:
         raise ValueError(f"K mismatch: x {x.shape} vs packed w {w_packed.shape}")
     bm, bn, bk = gemm_blocks(M, N, K, block_m, block_n, block_k)
-    xs = jnp.broadcast_to(jnp.asarray(x_scale, jnp.float32).reshape(-1, 1), (M, 1))
-    ws = jnp.asarray(w_scale, jnp.float32).reshape(1, N)
+    xs, ws = gemm_scales(x_scale, w_scale, M, N)
     kernel = functools.partial(_w4a8_kernel, bk=bk, nk=cdiv(K, bk), return_int32=return_int32)
     return tiled_matmul_call(kernel, x.astype(jnp.int8), w_packed.astype(jnp.int8), rows=[xs], cols=[ws],
                              block_m=bm, block_n=bn, kx_multiple=bk, kw_multiple=bk // 2,

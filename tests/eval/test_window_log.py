@@ -2,7 +2,6 @@
 windows, refuses another model's log."""
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
