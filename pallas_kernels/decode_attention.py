@@ -181,17 +181,19 @@ def decode_attention(q, k_cache, v_cache, lengths, k_scale, k_zero, v_scale, v_z
 
 
 def pack_kv_uint4(x, scale, zero):
-    """Quantize x [..., KV, hd] with per-head (scale, zero) [KV] to codes in [0, 15] and pack along hd."""
-    s = jnp.asarray(scale, jnp.float32)[:, None]
-    z = jnp.asarray(zero, jnp.float32)[:, None]
+    """Quantize x [..., KV, hd] to codes in [0, 15] and pack along hd. (scale, zero): per head [KV], or
+    any shape that broadcasts against x[..., 0] (e.g. per token and head [B, L, KV])."""
+    s = jnp.asarray(scale, jnp.float32)[..., None]
+    z = jnp.asarray(zero, jnp.float32)[..., None]
     codes = jnp.clip(jnp.round(x.astype(jnp.float32) / s) + z, 0, 15)
     return pack_int4(codes.astype(jnp.int8), axis=-1)
 
 
 def unpack_kv_uint4(packed, scale, zero):
-    """Dequantize packed [..., KV, hd/2] uint4 codes: (c - zero) * scale, float32 [..., KV, hd]."""
+    """Dequantize packed [..., KV, hd/2] uint4 codes: (c - zero) * scale, float32 [..., KV, hd]; (scale, zero)
+    as in pack_kv_uint4."""
     codes = (unpack_int4(packed, axis=-1) & 0xF).astype(jnp.float32)
-    return (codes - jnp.asarray(zero, jnp.float32)[:, None]) * jnp.asarray(scale, jnp.float32)[:, None]
+    return (codes - jnp.asarray(zero, jnp.float32)[..., None]) * jnp.asarray(scale, jnp.float32)[..., None]
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale",))

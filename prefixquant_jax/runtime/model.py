@@ -8,9 +8,11 @@ Per layer, for tokens x [B, L, D] at absolute positions P + row .. P + row + L -
     q|k|v = GEMM(codes, s, W_qkv)                     W4A4 (a 4 bits) / W4A8 (a 8 bits) kernel, int32
                                                       accumulation, epilogue acc * s_x * s_w; W8: int8 XLA dot
     q, k  = R3(RoPE(q)), R3(RoPE(k))                  online Hadamard on head_dim (hadamard_transform)
-    k, v  -> codes clip(round(x / s) + z, 0, 2^b-1)   static per head, written at cache rows row..row+L-1
+    k, v  -> codes clip(round(x / s) + z, 0, 2^b-1)   static per head, or dynamic per (token, head) (s, z from
+                                                      the token's range, stored beside its codes), written at
+                                                      cache rows row..row+L-1
     attention  prefill (L > 1): plain jnp over [FP prefix ; dequantized cache rows] (causal mask);
-               decode (L == 1, 4-bit KV): decode_attention over the FP prefix block + the int4 cache
+               decode (L == 1, 4-bit static KV): decode_attention over the FP prefix block + the int4 cache
     o_in:    quantize(attn) -> GEMM(W_o)              (R2 is in the weights)
     up_gate_in: quantize(RMSNorm(x)) -> GEMM(W_gate|up), m = silu(gate) * up
     down_in: R4 Hadamard fused into the quantizer (rotate_quant) -> GEMM(W_down)
@@ -20,7 +22,8 @@ Backends (static, RuntimeSpec.backend): "kernels" runs the Pallas kernels (rotat
 GEMM, decode_attention; sites without a rotation go through rotate_quant with an identity Kronecker
 pair); "xla" runs the same integer pipeline through their jnp references (quantize_ref,
 w4a4_matmul_ref, w4a8_matmul_ref, decode_attention_ref). 8-bit KV has no decode kernel: decode then
-uses the plain jnp attention over the dequantized cache, in both backends.
+uses the plain jnp attention over the dequantized cache, in both backends; so does dynamic KV (the
+decode kernel takes one scale and zero per head, not per cached token).
 
 The quantizers round exactly as prefixquant_jax.quant.ops.fake_quant does, and integer accumulation is
 exact, so the logits differ from the fake-quant model's only by float summation order (and the rare
@@ -49,6 +52,8 @@ from pallas_kernels.gemm_w4a8 import w4a8_matmul, w4a8_matmul_ref
 from pallas_kernels.int4 import pack_int4, unpack_int4
 from pallas_kernels.rotate_quant import quantize_ref, rotate_quant
 from prefixquant_jax.model import apply_rope, attention, rope_tables
+from prefixquant_jax.quant.ops import EPS, dynamic_qparams
+from prefixquant_jax.quant.spec import QuantSpec
 from prefixquant_jax.rotate.hadamard import hadamard_transform
 from prefixquant_jax.runtime.pack import (
     ActSpec,
@@ -67,10 +72,13 @@ class QuantKVCache:
     k[i], v[i] for layer i: 4-bit KV int8 [B, T, KV, hd/2] (uint4 codes packed along hd, the
     decode_attention layout) or 8-bit KV uint8 [B, T, KV, hd]. Row t holds position P + t. Rows at or
     past the write point are masked by causality, so an unwritten tail (zero codes) is harmless.
+    k_sz[i], v_sz[i]: dynamic KV only (else empty lists), f32 [B, T, KV, 2], each row's (scale, zero).
     """
 
     k: list
     v: list
+    k_sz: list = dataclasses.field(default_factory=list)
+    v_sz: list = dataclasses.field(default_factory=list)
 
     @property
     def rows(self) -> int:
@@ -88,8 +96,10 @@ def empty_cache(pm: PackedModel, batch: int, rows: int) -> QuantKVCache:
     T = cache_rows(rows)
     shape = (batch, T, c.num_kv_heads, c.head_dim // 2 if s.kv_bits == 4 else c.head_dim)
     dt = jnp.int8 if s.kv_bits == 4 else jnp.uint8
-    return QuantKVCache(k=[jnp.zeros(shape, dt) for _ in range(c.num_layers)],
-                        v=[jnp.zeros(shape, dt) for _ in range(c.num_layers)])
+    n = c.num_layers
+    sz = [jnp.zeros((batch, T, c.num_kv_heads, 2), jnp.float32) for _ in range(2 * n)] if s.kv_dynamic else []
+    return QuantKVCache(k=[jnp.zeros(shape, dt) for _ in range(n)], v=[jnp.zeros(shape, dt) for _ in range(n)],
+                        k_sz=sz[:n], v_sz=sz[n:])
 
 
 def rms_norm(x, w, eps: float):
@@ -147,35 +157,59 @@ def linear(spec: RuntimeSpec, lp: PackedLayer, site: str, w: QWeight, x, rotate:
 
 
 def quantize_kv(x, scale, zero, bits: int):
-    """x [B, L, KV, hd] -> codes clip(round(x / scale) + zero, 0, 2^bits - 1) per head (scale, zero [KV]);
-    4 bits: int8 [B, L, KV, hd/2] packed; 8 bits: uint8 [B, L, KV, hd]."""
+    """x [B, L, KV, hd] -> codes clip(round(x / scale) + zero, 0, 2^bits - 1), (scale, zero) per head [KV]
+    or per token and head [B, L, KV]; 4 bits: int8 [B, L, KV, hd/2] packed; 8 bits: uint8 [B, L, KV, hd]."""
     if bits == 4:
         return pack_kv_uint4(x, scale, zero)
-    c = jnp.round(x.astype(jnp.float32) / scale[:, None]) + zero[:, None]
+    c = jnp.round(x.astype(jnp.float32) / scale[..., None]) + zero[..., None]
     return jnp.clip(c, 0, 255).astype(jnp.uint8)
 
 
 def dequantize_kv(codes, scale, zero, bits: int):
-    """(codes - zero) * scale, float32 [B, T, KV, hd]."""
+    """(codes - zero) * scale, float32 [B, T, KV, hd]; (scale, zero) as in quantize_kv."""
     if bits == 4:
         return unpack_kv_uint4(codes, scale, zero)
-    return (codes.astype(jnp.float32) - zero[:, None]) * scale[:, None]
+    return (codes.astype(jnp.float32) - zero[..., None]) * scale[..., None]
 
 
-def _attend_dequantized(spec, lp, q, kc, vc, pk, pv, row):
+def dynamic_kv_qparams(x, bits: int, clip: float):
+    """Per-(token, head) asymmetric (scale, zero) of x [B, L, KV, hd], each [B, L, KV]: the fake quantizer's
+    own dynamic range rule (quant.ops.dynamic_qparams), so the codes equal the fake-quant model's."""
+    spec = QuantSpec(bits=bits, granularity="token", symmetric=False, dynamic=True, clip_ratio=clip)
+    scale, zero = dynamic_qparams(x.astype(jnp.float32), spec)
+    return jnp.maximum(scale, EPS)[..., 0], zero[..., 0]
+
+
+def _write_kv(spec: RuntimeSpec, x, scale, zero, codes, sz, row):
+    """Quantize x [B, L, KV, hd] and write it at cache rows row..row+L-1 of codes (and of sz, dynamic KV)."""
+    if spec.kv_dynamic:
+        scale, zero = dynamic_kv_qparams(x, spec.kv_bits, spec.kv_clip)
+        sz = jax.lax.dynamic_update_slice(sz, jnp.stack([scale, zero], axis=-1), (0, row, 0, 0))
+    codes = jax.lax.dynamic_update_slice(codes, quantize_kv(x, scale, zero, spec.kv_bits), (0, row, 0, 0))
+    return codes, sz
+
+
+def _kv_qparams(spec: RuntimeSpec, scale, zero, sz):
+    """(scale, zero) to dequantize a cache: the layer's per-head [KV], or the rows' own [B, T, KV]."""
+    return (sz[..., 0], sz[..., 1]) if spec.kv_dynamic else (scale, zero)
+
+
+def _attend_dequantized(spec, lp, q, kv, pk, pv, row):
     """Plain jnp attention of q [B, L, H, hd] over [prefix ; dequantized cache]: [B, L, H * hd]."""
     B = q.shape[0]
-    k = dequantize_kv(kc, lp.k_scale, lp.k_zero, spec.kv_bits)
-    v = dequantize_kv(vc, lp.v_scale, lp.v_zero, spec.kv_bits)
+    kc, vc, ksz, vsz = kv
+    k = dequantize_kv(kc, *_kv_qparams(spec, lp.k_scale, lp.k_zero, ksz), spec.kv_bits)
+    v = dequantize_kv(vc, *_kv_qparams(spec, lp.v_scale, lp.v_zero, vsz), spec.kv_bits)
     if spec.prefix_len:
         k = jnp.concatenate([jnp.broadcast_to(pk[None], (B,) + pk.shape), k], axis=1)
         v = jnp.concatenate([jnp.broadcast_to(pv[None], (B,) + pv.shape), v], axis=1)
     return attention(q, k.astype(q.dtype), v.astype(q.dtype), spec.prefix_len + row, spec.config.num_kv_heads)
 
 
-def _attend_decode(spec, lp, q, kc, vc, pk, pv, row):
-    """decode_attention (or its reference) for one token q [B, 1, H, hd]: [B, 1, H * hd]."""
+def _attend_decode(spec, lp, q, kv, pk, pv, row):
+    """decode_attention (or its reference) for one token q [B, 1, H, hd] (4-bit static KV): [B, 1, H * hd]."""
     B, _, H, hd = q.shape
+    kc, vc = kv[:2]
     fn = decode_attention if spec.backend == "kernels" else decode_attention_ref
     lengths = jnp.full((B,), row + 1, jnp.int32)
     o = fn(q[:, 0], kc, vc, lengths, lp.k_scale, lp.k_zero, lp.v_scale, lp.v_zero,
@@ -183,8 +217,9 @@ def _attend_decode(spec, lp, q, kc, vc, pk, pv, row):
     return o.reshape(B, 1, H * hd)
 
 
-def layer(spec: RuntimeSpec, lp: PackedLayer, x, kc, vc, pk, pv, row, cos, sin):
-    """One decoder layer over x [B, L, D] written at cache rows row..row+L-1; returns (x, kc, vc)."""
+def layer(spec: RuntimeSpec, lp: PackedLayer, x, kv, pk, pv, row, cos, sin):
+    """One decoder layer over x [B, L, D] written at cache rows row..row+L-1. kv: this layer's cache
+    (k codes, v codes, k_sz, v_sz), the last two None for static KV; returns (x, kv)."""
     c = spec.config
     B, L, _ = x.shape
     H, KV, hd = c.num_heads, c.num_kv_heads, c.head_dim
@@ -195,15 +230,16 @@ def layer(spec: RuntimeSpec, lp: PackedLayer, x, kc, vc, pk, pv, row, cos, sin):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if spec.r3:
         q, k = hadamard_transform(q), hadamard_transform(k)
-    kc = jax.lax.dynamic_update_slice(kc, quantize_kv(k, lp.k_scale, lp.k_zero, spec.kv_bits), (0, row, 0, 0))
-    vc = jax.lax.dynamic_update_slice(vc, quantize_kv(v, lp.v_scale, lp.v_zero, spec.kv_bits), (0, row, 0, 0))
-    attend = _attend_decode if (L == 1 and spec.kv_bits == 4) else _attend_dequantized
-    a = attend(spec, lp, q, kc, vc, pk, pv, row)
+    kc, ksz = _write_kv(spec, k, lp.k_scale, lp.k_zero, kv[0], kv[2], row)
+    vc, vsz = _write_kv(spec, v, lp.v_scale, lp.v_zero, kv[1], kv[3], row)
+    kv = (kc, vc, ksz, vsz)
+    attend = _attend_decode if (L == 1 and spec.kv_bits == 4 and not spec.kv_dynamic) else _attend_dequantized
+    a = attend(spec, lp, q, kv, pk, pv, row)
     x = x + linear(spec, lp, "o_in", lp.o, a)
     gu = linear(spec, lp, "up_gate_in", lp.gate_up, rms_norm(x, lp.post_norm, c.rms_norm_eps))
     F = gu.shape[-1] // 2
     m = jax.nn.silu(gu[..., :F]) * gu[..., F:]
-    return x + linear(spec, lp, "down_in", lp.down, m, rotate=spec.r4), kc, vc
+    return x + linear(spec, lp, "down_in", lp.down, m, rotate=spec.r4), kv
 
 
 def hidden(pm: PackedModel, tokens, cache: QuantKVCache, row):
@@ -213,14 +249,16 @@ def hidden(pm: PackedModel, tokens, cache: QuantKVCache, row):
     L = tokens.shape[1]
     cos, sin = rope_tables(spec.config, spec.prefix_len + row + jnp.arange(L))
     x = pm.embed[tokens]
-    ks, vs = [], []
+    out = []
     for i, lp in enumerate(pm.layers):
         pk = pm.prefix_k[i] if spec.prefix_len else None
         pv = pm.prefix_v[i] if spec.prefix_len else None
-        x, kc, vc = layer(spec, lp, x, cache.k[i], cache.v[i], pk, pv, row, cos, sin)
-        ks.append(kc)
-        vs.append(vc)
-    return rms_norm(x, pm.final_norm, spec.config.rms_norm_eps), QuantKVCache(k=ks, v=vs)
+        kv = (cache.k[i], cache.v[i]) + ((cache.k_sz[i], cache.v_sz[i]) if spec.kv_dynamic else (None, None))
+        x, kv = layer(spec, lp, x, kv, pk, pv, row, cos, sin)
+        out.append(kv)
+    k, v, k_sz, v_sz = ([kv[j] for kv in out] for j in range(4))
+    cache = QuantKVCache(k=k, v=v, k_sz=k_sz if spec.kv_dynamic else [], v_sz=v_sz if spec.kv_dynamic else [])
+    return rms_norm(x, pm.final_norm, spec.config.rms_norm_eps), cache
 
 
 def head(pm: PackedModel, h):

@@ -10,14 +10,15 @@ quantizers are applied once and their integer codes are stored:
   activations  static sites: scale max(qparams[site], 1e-8) f32 [1, 1]; dynamic (per token) sites: no
              stored scale; FP sites: nothing. The per-site spec lives in the static RuntimeSpec.
   KV cache   static per head, asymmetric: scale max(qparams[k|v_cache], 1e-8) f32 [KV], zero
-             round(qparams[k|v_cache_zero]) f32 [KV], codes in [0, 2^b - 1].
+             round(qparams[k|v_cache_zero]) f32 [KV], codes in [0, 2^b - 1]. Dynamic per (token, head)
+             (O1, QuaRot): nothing stored here; each token's scale and zero are computed when it is
+             written and kept in the cache beside its codes (runtime.model.QuantKVCache).
   FP         embed [V, D], final_norm [D], lm_head [D, V] (or None when tied), norms [D] in the compute
              dtype; the prefix KV per layer [P, KV, hd] in float32 (K after RoPE and R3, as attention reads it).
 
 `pack(qm)` raises a one-line UserError for what the integer runtime cannot run: a method other than
 "prefixquant" (FlatQuant's online transforms), no weight quantization, weight/activation/KV bits other
-than 4 or 8, per-token dynamic KV (the int4 decode kernel takes one static scale and zero per head),
-an FP KV cache, and static sites without a scale.
+than 4 or 8, an FP or symmetric KV cache, and static sites without a scale.
 """
 from __future__ import annotations
 
@@ -51,12 +52,15 @@ class RuntimeSpec:
     act: (site, ActSpec or None) for qkv_in, o_in, up_gate_in, down_in (None: FP activations, float matmul).
     backend: "kernels" (Pallas; interpret mode off GPU) or "xla" (the same integer pipeline via the
     kernels' *_ref jnp references). dtype: compute dtype name ("float32" or "bfloat16").
+    kv_dynamic: per-(token, head) asymmetric KV with clip ratio kv_clip, else static per head.
     """
 
     config: ModelConfig
     w_bits: int
     act: tuple[tuple[str, ActSpec | None], ...]
     kv_bits: int
+    kv_dynamic: bool
+    kv_clip: float
     r3: bool
     r4: bool
     prefix_len: int
@@ -93,7 +97,8 @@ class QWeight:
 @dataclasses.dataclass(frozen=True)
 class PackedLayer:
     """One decoder layer. qkv: [D, (H + 2 KV) hd]; o: [H hd, D]; gate_up: [D, 2F]; down: [F, D].
-    act_scale: {site: f32 [1, 1]} for static activation sites only. k_/v_scale, k_/v_zero: f32 [KV]."""
+    act_scale: {site: f32 [1, 1]} for static activation sites only. k_/v_scale, k_/v_zero: f32 [KV] (static
+    KV), empty [0] for dynamic KV."""
 
     input_norm: jax.Array
     post_norm: jax.Array
@@ -166,15 +171,17 @@ def runtime_spec(qm, backend: str | None = None, dtype=None) -> RuntimeSpec:
     kv = [recipe.spec(s) for s in ("k_cache", "v_cache")]
     if any(s is None for s in kv):
         raise UserError(f"{unsupported} its KV cache is not quantized (the runtime stores an integer KV cache)")
-    if any(s.dynamic or s.granularity != "head" or s.symmetric for s in kv):
-        raise UserError(f"{unsupported} its KV cache is quantized per token (dynamic); the int4 decode attention "
-                        "takes one static scale and zero point per head (use --backend fake)")
+    if (any(s.symmetric or s.granularity != ("token" if s.dynamic else "head") for s in kv)
+            or kv[0].dynamic != kv[1].dynamic or kv[0].clip_ratio != kv[1].clip_ratio):
+        raise UserError(f"{unsupported} its K and V caches must be asymmetric, static per head or dynamic per "
+                        f"(token, head), got {kv[0].granularity}/{kv[1].granularity}")
     if kv[0].bits != kv[1].bits or kv[0].bits not in (4, 8):
         raise UserError(f"{unsupported} KV bits must be 4 or 8, got {kv[0].bits}/{kv[1].bits}")
     P = 0 if qm.prefix_kv is None else qm.prefix_kv.length
     dt = jnp.dtype(dtype or qm.model.dtype).name
-    return RuntimeSpec(config=qm.config, w_bits=w.bits, act=tuple(act), kv_bits=kv[0].bits, r3=recipe.r3, r4=recipe.r4,
-                       prefix_len=P, backend=backend, dtype=dt, preset=name)
+    return RuntimeSpec(config=qm.config, w_bits=w.bits, act=tuple(act), kv_bits=kv[0].bits, kv_dynamic=kv[0].dynamic,
+                       kv_clip=kv[0].clip_ratio, r3=recipe.r3, r4=recipe.r4, prefix_len=P, backend=backend, dtype=dt,
+                       preset=name)
 
 
 def quantize_weight(kernel, scale, bits: int) -> QWeight:
@@ -213,6 +220,9 @@ def _pack_layer(blk, spec: RuntimeSpec, i: int) -> PackedLayer:
             act_scale[site] = jnp.maximum(_qp(blk, site, i), EPS).reshape(1, 1)
     kv = {}
     for s in ("k", "v"):
+        if spec.kv_dynamic:  # computed per token at write time and kept in the cache
+            kv[s + "_scale"] = kv[s + "_zero"] = jnp.zeros((0,), jnp.float32)
+            continue
         kv[s + "_scale"] = jnp.maximum(_qp(blk, s + "_cache", i), EPS).reshape(-1)
         z = _qp(blk, s + "_cache_zero", i) if (s + "_cache_zero") in blk.qparams else jnp.zeros_like(kv[s + "_scale"])
         kv[s + "_zero"] = jnp.round(z).reshape(-1)

@@ -78,8 +78,9 @@ def fake_logits(qm, toks, prefix=True):
     return np.asarray(out)
 
 
-@pytest.mark.parametrize("kw", [{}, {"act_dynamic": True, "a_bits": 8}, {"w_bits": 8, "a_bits": 8, "kv_bits": 8}],
-                         ids=["w4a4kv4-static", "w4a8kv4-dynamic", "w8a8kv8-static"])
+@pytest.mark.parametrize("kw", [{}, {"act_dynamic": True, "a_bits": 8}, {"w_bits": 8, "a_bits": 8, "kv_bits": 8},
+                                {"act_dynamic": True, "kv_dynamic": True}, {"kv_dynamic": True, "kv_bits": 8}],
+                         ids=["w4a4kv4-static", "w4a8kv4-dynamic", "w8a8kv8-static", "w4a4kv4-dynamic", "kv8-dynamic"])
 def test_real_xla_matches_fake(tiny, kw):
     qm = variant(tiny[0], **kw) if kw else tiny[0]
     toks = np.stack([rng_tokens(12, 320, seed=s) for s in ((1,) if not kw else (1, 2))])  # batch 2 for variants
@@ -91,9 +92,11 @@ def test_real_xla_matches_fake(tiny, kw):
         assert np.abs(fp - fake).max() > 1e3 * TOL * (1 + np.abs(fake).max())
 
 
-@pytest.mark.parametrize("with_prefix", [True, False], ids=["prefix1", "prefix0"])
-def test_prefill_then_decode_equals_one_prefill(tiny, with_prefix):
-    qm = tiny[0] if with_prefix else dataclasses.replace(tiny[0], prefix_kv=None)
+@pytest.mark.parametrize("with_prefix,kv_dynamic", [(True, False), (False, False), (True, True)],
+                         ids=["prefix1", "prefix0", "prefix1-kv-dynamic"])
+def test_prefill_then_decode_equals_one_prefill(tiny, with_prefix, kv_dynamic):
+    qm = variant(tiny[0], act_dynamic=True, kv_dynamic=True) if kv_dynamic else tiny[0]
+    qm = qm if with_prefix else dataclasses.replace(qm, prefix_kv=None)
     pm = pack(qm, backend="xla")
     assert pm.spec.prefix_len == (1 if with_prefix else 0)
     toks = jnp.asarray(rng_tokens(12, 320, seed=3)[None])
@@ -106,11 +109,18 @@ def test_prefill_then_decode_equals_one_prefill(tiny, with_prefix):
     close(np.concatenate(outs, axis=1), full)
     for a, b in zip(cache.k + cache.v, cache_full.k + cache_full.v):  # identical int4 cache rows
         np.testing.assert_array_equal(np.asarray(a)[:, :12], np.asarray(b)[:, :12])
+    # dynamic KV: each row's (scale, zero) comes from that token's K/V, which one-token decode computes
+    # in another float order than the 12-token prefill: equal up to float32 rounding, zeros exactly
+    assert len(cache.k_sz) == (len(qm.model.layers) if kv_dynamic else 0)
+    for a, b in zip(cache.k_sz + cache.v_sz, cache_full.k_sz + cache_full.v_sz):
+        np.testing.assert_allclose(np.asarray(a)[:, :12], np.asarray(b)[:, :12], rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(a)[:, :12, :, 1], np.asarray(b)[:, :12, :, 1])
     close(full, fake_logits(qm, np.asarray(toks), prefix=with_prefix))
 
 
-def test_kernels_backend_equals_xla(tiny):
-    qm = tiny[0]
+@pytest.mark.parametrize("kv_dynamic", [False, True], ids=["kv-static", "kv-dynamic"])
+def test_kernels_backend_equals_xla(tiny, kv_dynamic):
+    qm = variant(tiny[0], kv_dynamic=True) if kv_dynamic else tiny[0]
     toks = jnp.asarray(rng_tokens(6, 320, seed=4)[None])
     res = {}
     for backend in ("kernels", "xla"):  # kernels: Pallas in interpret mode on CPU
@@ -132,9 +142,9 @@ def test_greedy_real_matches_fake(tiny):
     assert len(fake) == 8 and real == fake
 
 
-@pytest.mark.parametrize("kw,msg", [({"kv_dynamic": True}, "per token"), ({"w_bits": None}, "not quantized"),
+@pytest.mark.parametrize("kw,msg", [({"kv_bits": None}, "kv cache is not quantized"), ({"w_bits": None}, "not quantized"),
                                     ({"w_bits": 3}, "4 or 8"), ({"a_bits": 6}, "4 or 8"), ({"kv_bits": 2}, "kv bits")],
-                         ids=["kv-dynamic", "w-fp", "w3", "a6", "kv2"])
+                         ids=["kv-fp", "w-fp", "w3", "a6", "kv2"])
 def test_unsupported_presets(tiny, kw, msg):
     qm = variant(tiny[0], init_weights=False, **kw)
     with pytest.raises(UserError, match=f"(?i)cannot run on the real int4 backend.*{msg}"):
@@ -164,7 +174,7 @@ def test_cli_backend_real(tiny, tiny_dir, text_file, tmp_path, capsys):
 
     # a full-precision checkpoint, and a saved preset the runtime cannot run: one line each
     assert_one_line_error(main_cli(capsys, "eval", "--model", tiny_dir, "--backend", "real"), "full-precision checkpoint")
-    quarot = quantize(ck, tok, get_preset("quarot-w4a4kv4"), QuantizeOptions(progress=False))
-    bad = pq.save(quarot, str(tmp_path / "quarot"), tokenizer=tok)
+    a6 = quantize(ck, tok, get_preset("quarot-w4a4kv4", a_bits=6), QuantizeOptions(progress=False))
+    bad = pq.save(a6, str(tmp_path / "a6"), tokenizer=tok)
     assert_one_line_error(main_cli(capsys, "generate", "--model", bad, "--backend", "real", "--prompt", "x"),
                           "cannot run on the real int4 backend")
