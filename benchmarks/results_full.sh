@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Full-WikiText-2-test RESULTS.md rows for SmolLM2, resumable across killed runs and sessions.
 #
-# For each NAME (a preset, optionally + "-gptq" for GPTQ weights, then + "-ft" for block-wise fine-tuning):
+# For each NAME (a preset, optionally + "-gptq" for GPTQ weights, then + "-ft" for block-wise fine-tuning;
+# flatquant-* presets always train, with or without "-ft"):
 #   1. quantize once and save it:  runs/models/NAME   (skipped when that directory exists;
 #      -ft rows checkpoint their training in runs/ft/NAME and resume it)
 #   2. evaluate the saved model:   prefixquant eval --model runs/models/NAME --eval-log results/full/NAME.jsonl
@@ -27,7 +28,7 @@ for name in "$@"; do
   if [ "$model" != smollm2 ] && [ ! -d "$model" ]; then
     cmd=($PQ quantize --model smollm2 --preset "$preset" --calib-samples "$CS" --no-eval --save "$model")
     [ "$base" != "$preset" ] && cmd+=(--gptq)
-    if [ "$name" != "$base" ]; then
+    if [ "$name" != "$base" ] || [[ $preset == flatquant-* ]]; then  # FlatQuant always trains
       if [ -d "runs/ft/$name" ]; then cmd+=(--resume "runs/ft/$name"); else cmd+=(--train --train-dir "runs/ft/$name"); fi
     fi
     echo "+ ${cmd[*]} --json $OUT/$name.quantize.json" | tee "$OUT/$name.quantize.cmd"
