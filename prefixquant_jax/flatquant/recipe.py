@@ -37,19 +37,24 @@ SITE_TRANSFORM = {"qkv_in": "qkv", "up_gate_in": "ug", "down_in": "down"}
 INPUT_TRANSFORM = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "ug", "up": "ug", "down": "down"}
 
 
+def lac_qparams(xf, spec: QuantSpec, a_min, a_max):
+    """(scale, zero) of float32 xf for a dynamic spec whose range (per spec granularity, keepdims) is shrunk
+    by sigmoid(a_min) below 0 and sigmoid(a_max) above 0. The int4 runtime calls this too (same codes)."""
+    lo, hi = minmax(xf, spec)
+    lo = jnp.minimum(lo, 0.0) * jax.nn.sigmoid(a_min)
+    hi = jnp.maximum(hi, 0.0) * jax.nn.sigmoid(a_max)
+    if spec.symmetric:
+        return jnp.maximum(jnp.maximum(-lo, hi) / spec.qmax, EPS), jnp.zeros((), jnp.float32)
+    scale = jnp.maximum((hi - lo) / (spec.qmax - spec.qmin), EPS)
+    return scale, ste_round(-lo / scale)
+
+
 def lac_fake_quant(x, spec: QuantSpec, a_min, a_max):
     """Dynamic fake-quantization whose per-token range is shrunk by sigmoid(a_min) (below 0) and
     sigmoid(a_max) (above 0): learnable activation clipping. Gradients reach a_min / a_max via the scale."""
     dtype = x.dtype
     xf = x.astype(jnp.float32)
-    lo, hi = minmax(xf, spec)
-    lo = jnp.minimum(lo, 0.0) * jax.nn.sigmoid(a_min)
-    hi = jnp.maximum(hi, 0.0) * jax.nn.sigmoid(a_max)
-    if spec.symmetric:
-        scale, zero = jnp.maximum(jnp.maximum(-lo, hi) / spec.qmax, EPS), jnp.zeros((), jnp.float32)
-    else:
-        scale = jnp.maximum((hi - lo) / (spec.qmax - spec.qmin), EPS)
-        zero = ste_round(-lo / scale)
+    scale, zero = lac_qparams(xf, spec, a_min, a_max)
     q = quantize_int(xf, scale, zero, spec)
     return ((q - zero) * scale).reshape(x.shape).astype(dtype)
 

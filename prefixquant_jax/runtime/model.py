@@ -17,7 +17,8 @@ Per layer, for tokens x [B, L, D] at absolute positions P + row .. P + row + L -
     up_gate_in: quantize(RMSNorm(x)) -> GEMM(W_gate|up), m = silu(gate) * up
     down_in: R4 Hadamard fused into the quantizer (rotate_quant) -> GEMM(W_down)
 
-A site whose preset is FP (ActSpec None) runs the float matmul with the dequantized kernel.
+A site whose preset is FP (ActSpec None) runs the float matmul with the dequantized kernel. FlatQuant
+(spec.flat) replaces the rotations by its online transforms and LAC quantizers (runtime/flat.py).
 Backends (static, RuntimeSpec.backend): "kernels" runs the Pallas kernels (rotate_quant, w4a4/w4a8
 GEMM, decode_attention; sites without a rotation go through rotate_quant with an identity Kronecker
 pair); "xla" runs the same integer pipeline through their jnp references (quantize_ref,
@@ -55,6 +56,7 @@ from prefixquant_jax.model import apply_rope, attention, rope_tables
 from prefixquant_jax.quant.ops import EPS, dynamic_qparams
 from prefixquant_jax.quant.spec import QuantSpec
 from prefixquant_jax.rotate.hadamard import hadamard_transform
+from prefixquant_jax.runtime import flat
 from prefixquant_jax.runtime.pack import (
     ActSpec,
     PackedLayer,
@@ -147,9 +149,14 @@ def linear(spec: RuntimeSpec, lp: PackedLayer, site: str, w: QWeight, x, rotate:
     """The linear fed by activation site `site`: x [..., K] -> [..., N] in the compute dtype."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    if spec.flat:  # FlatQuant's online transform of this site (never with a Hadamard: rotate is False)
+        x2 = flat.site_input(lp.flat, site, x2, spec.kv_original_space)
     a = spec.act_spec(site)
     if a is None:  # FP activations: float matmul with the dequantized kernel
         y = (hadamard_transform(x2) if rotate else x2) @ w.dequantize(spec.compute_dtype)
+    elif spec.flat and a.dynamic and flat.has_lac(lp.flat, site):
+        codes, s = flat.lac_act_codes(lp.flat, site, x2, a.bits)
+        y = int_matmul(pack_int4(codes, axis=-1) if a.bits == 4 else codes, s, a.bits, w, spec.backend, spec.compute_dtype)
     else:
         codes, s = quantize_act(x2, a, lp.act_scale.get(site), rotate, spec.backend)
         y = int_matmul(codes, s, a.bits, w, spec.backend, spec.compute_dtype)
@@ -180,9 +187,12 @@ def dynamic_kv_qparams(x, bits: int, clip: float):
     return jnp.maximum(scale, EPS)[..., 0], zero[..., 0]
 
 
-def _write_kv(spec: RuntimeSpec, x, scale, zero, codes, sz, row):
+def _write_kv(spec: RuntimeSpec, lp: PackedLayer, site: str, x, scale, zero, codes, sz, row):
     """Quantize x [B, L, KV, hd] and write it at cache rows row..row+L-1 of codes (and of sz, dynamic KV)."""
-    if spec.kv_dynamic:
+    if spec.kv_dynamic and spec.flat and flat.has_lac(lp.flat, site):
+        scale, zero = flat.lac_kv_qparams(lp.flat, site, x, spec.kv_bits)
+        sz = jax.lax.dynamic_update_slice(sz, jnp.stack([scale, zero], axis=-1), (0, row, 0, 0))
+    elif spec.kv_dynamic:
         scale, zero = dynamic_kv_qparams(x, spec.kv_bits, spec.kv_clip)
         sz = jax.lax.dynamic_update_slice(sz, jnp.stack([scale, zero], axis=-1), (0, row, 0, 0))
     codes = jax.lax.dynamic_update_slice(codes, quantize_kv(x, scale, zero, spec.kv_bits), (0, row, 0, 0))
@@ -200,6 +210,8 @@ def _attend_dequantized(spec, lp, q, kv, pk, pv, row):
     kc, vc, ksz, vsz = kv
     k = dequantize_kv(kc, *_kv_qparams(spec, lp.k_scale, lp.k_zero, ksz), spec.kv_bits)
     v = dequantize_kv(vc, *_kv_qparams(spec, lp.v_scale, lp.v_zero, vsz), spec.kv_bits)
+    if spec.flat:
+        k, v = flat.kv_back(lp.flat, k, v, spec.kv_original_space)
     if spec.prefix_len:
         k = jnp.concatenate([jnp.broadcast_to(pk[None], (B,) + pk.shape), k], axis=1)
         v = jnp.concatenate([jnp.broadcast_to(pv[None], (B,) + pv.shape), v], axis=1)
@@ -230,10 +242,14 @@ def layer(spec: RuntimeSpec, lp: PackedLayer, x, kv, pk, pv, row, cos, sin):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if spec.r3:
         q, k = hadamard_transform(q), hadamard_transform(k)
-    kc, ksz = _write_kv(spec, k, lp.k_scale, lp.k_zero, kv[0], kv[2], row)
-    vc, vsz = _write_kv(spec, v, lp.v_scale, lp.v_zero, kv[1], kv[3], row)
+    if spec.flat:
+        q, k = flat.qk(lp.flat, q, k, spec.kv_original_space)
+    kc, ksz = _write_kv(spec, lp, "k_cache", k, lp.k_scale, lp.k_zero, kv[0], kv[2], row)
+    vc, vsz = _write_kv(spec, lp, "v_cache", v, lp.v_scale, lp.v_zero, kv[1], kv[3], row)
     kv = (kc, vc, ksz, vsz)
-    attend = _attend_decode if (L == 1 and spec.kv_bits == 4 and not spec.kv_dynamic) else _attend_dequantized
+    # the decode kernel reads int4 codes with one (scale, zero) per head and no back-mapping
+    kernel_ok = spec.kv_bits == 4 and not spec.kv_dynamic and not spec.kv_original_space
+    attend = _attend_decode if (L == 1 and kernel_ok) else _attend_dequantized
     a = attend(spec, lp, q, kv, pk, pv, row)
     x = x + linear(spec, lp, "o_in", lp.o, a)
     gu = linear(spec, lp, "up_gate_in", lp.gate_up, rms_norm(x, lp.post_norm, c.rms_norm_eps))

@@ -16,9 +16,12 @@ quantizers are applied once and their integer codes are stored:
   FP         embed [V, D], final_norm [D], lm_head [D, V] (or None when tied), norms [D] in the compute
              dtype; the prefix KV per layer [P, KV, hd] in float32 (K after RoPE and R3, as attention reads it).
 
-`pack(qm)` raises a one-line UserError for what the integer runtime cannot run: a method other than
-"prefixquant" (FlatQuant's online transforms), no weight quantization, weight/activation/KV bits other
-than 4 or 8, an FP or symmetric KV cache, and static sites without a scale.
+  FlatQuant  a merged FlatQuant model's kernels already hold P^-1 and its scales; its online factors and
+             LAC logits go to PackedLayer.flat (runtime/flat.py).
+
+`pack(qm)` raises a one-line UserError for what the integer runtime cannot run: an unmerged FlatQuant
+model, no weight quantization, weight/activation/KV bits other than 4 or 8, an FP or symmetric KV
+cache, and static sites without a scale.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import numpy as np
 from prefixquant_jax.config import ModelConfig
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.quant.recipe import ACT_SITES, QuantRecipe
+from prefixquant_jax.runtime.flat import layer_params
 
 EPS = 1e-8  # prefixquant_jax.quant.ops.EPS: the fake quantizer floors every scale at this
 BACKENDS = ("kernels", "xla")
@@ -67,6 +71,8 @@ class RuntimeSpec:
     backend: str
     dtype: str
     preset: str = ""
+    flat: bool = False  # FlatQuant: online transforms and LAC at the sites (runtime/flat.py)
+    kv_original_space: bool = False  # FlatQuant with an FP prefix: cached K/V mapped back by P^-1
 
     def act_spec(self, site: str) -> ActSpec | None:
         return dict(self.act)[site]
@@ -98,7 +104,7 @@ class QWeight:
 class PackedLayer:
     """One decoder layer. qkv: [D, (H + 2 KV) hd]; o: [H hd, D]; gate_up: [D, 2F]; down: [F, D].
     act_scale: {site: f32 [1, 1]} for static activation sites only. k_/v_scale, k_/v_zero: f32 [KV] (static
-    KV), empty [0] for dynamic KV."""
+    KV), empty [0] for dynamic KV. flat: FlatQuant's online factors and LAC logits (runtime/flat.py), {} else."""
 
     input_norm: jax.Array
     post_norm: jax.Array
@@ -111,6 +117,7 @@ class PackedLayer:
     k_zero: jax.Array
     v_scale: jax.Array
     v_zero: jax.Array
+    flat: dict
 
 
 @jax.tree_util.register_dataclass
@@ -150,7 +157,12 @@ def runtime_spec(qm, backend: str | None = None, dtype=None) -> RuntimeSpec:
     recipe = qm.model.layers[0].recipe
     unsupported = f"preset {name!r} cannot run on the real int4 backend:"
     method = getattr(preset, "method", "prefixquant")
-    if method != "prefixquant" or (recipe is not None and type(recipe) is not QuantRecipe):
+    flat = method == "flatquant"
+    if flat:
+        from prefixquant_jax.flatquant.recipe import FlatQuantRecipe
+        if type(recipe) is not FlatQuantRecipe or not recipe.merged:
+            raise UserError(f"{unsupported} its FlatQuant transforms are not merged into the weights (flatquant.merge_model)")
+    elif recipe is not None and type(recipe) is not QuantRecipe:
         raise UserError(f"{unsupported} method {method!r} has online transforms the int4 runtime does not implement "
                         "(use --backend fake)")
     if recipe is None or recipe.weight is None:
@@ -180,8 +192,9 @@ def runtime_spec(qm, backend: str | None = None, dtype=None) -> RuntimeSpec:
     P = 0 if qm.prefix_kv is None else qm.prefix_kv.length
     dt = jnp.dtype(dtype or qm.model.dtype).name
     return RuntimeSpec(config=qm.config, w_bits=w.bits, act=tuple(act), kv_bits=kv[0].bits, kv_dynamic=kv[0].dynamic,
-                       kv_clip=kv[0].clip_ratio, r3=recipe.r3, r4=recipe.r4, prefix_len=P, backend=backend, dtype=dt,
-                       preset=name)
+                       kv_clip=kv[0].clip_ratio, r3=not flat and recipe.r3, r4=not flat and recipe.r4, prefix_len=P,
+                       backend=backend, dtype=dt, preset=name, flat=flat,
+                       kv_original_space=flat and recipe.kv_original_space)
 
 
 def quantize_weight(kernel, scale, bits: int) -> QWeight:
@@ -229,7 +242,8 @@ def _pack_layer(blk, spec: RuntimeSpec, i: int) -> PackedLayer:
     return PackedLayer(input_norm=jnp.asarray(blk.input_norm.weight[...], cdt),
                        post_norm=jnp.asarray(blk.post_norm.weight[...], cdt),
                        qkv=_concat([wq("q"), wq("k"), wq("v")]), o=wq("o"),
-                       gate_up=_concat([wq("gate"), wq("up")]), down=wq("down"), act_scale=act_scale, **kv)
+                       gate_up=_concat([wq("gate"), wq("up")]), down=wq("down"), act_scale=act_scale,
+                       flat=layer_params(blk, blk.recipe) if spec.flat else {}, **kv)
 
 
 def pack(qm, backend: str | None = None, dtype=None, prefix_kv=None) -> PackedModel:
