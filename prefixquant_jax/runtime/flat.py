@@ -58,6 +58,20 @@ def site_input(fp: dict, site: str, x, kv_original_space: bool):
     return x
 
 
+def kron_pair(fp: dict, site: str, kv_original_space: bool, K: int):
+    """site_input as a Kronecker pair (P1, P2), y = x @ kron(P1, P2), for the fused rotate_quant kernel;
+    None when the site has no transform. The head mixing of o_in is the pair (P_o, I_hd)."""
+    tn = SITE_TRANSFORM.get(site)
+    if tn is not None and tn + "_1" in fp:
+        return fp[tn + "_1"], fp[tn + "_2"]
+    if site == "o_in" and "o_1" in fp:
+        po = fp["o_1"]
+        if kv_original_space and "v_1" in fp:
+            return po, fp["v_1"]
+        return po, jnp.eye(K // po.shape[0], dtype=jnp.float32)
+    return None
+
+
 def has_lac(fp: dict, site: str) -> bool:
     return f"lac_{site}_max" in fp
 

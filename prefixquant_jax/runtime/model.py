@@ -149,9 +149,15 @@ def linear(spec: RuntimeSpec, lp: PackedLayer, site: str, w: QWeight, x, rotate:
     """The linear fed by activation site `site`: x [..., K] -> [..., N] in the compute dtype."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if spec.flat:  # FlatQuant's online transform of this site (never with a Hadamard: rotate is False)
-        x2 = flat.site_input(lp.flat, site, x2, spec.kv_original_space)
     a = spec.act_spec(site)
+    if spec.flat:  # FlatQuant's online transform of this site (never with a Hadamard: rotate is False)
+        pair = flat.kron_pair(lp.flat, site, spec.kv_original_space, x2.shape[-1])
+        if (spec.backend == "kernels" and pair is not None and a is not None and pair[1].shape[0] % 2 == 0
+                and not (a.dynamic and flat.has_lac(lp.flat, site))):  # fused transform + quantize + pack
+            codes, s = rotate_quant(x2, pair, None if a.dynamic else lp.act_scale[site], bits=a.bits,
+                                    clip_ratio=a.clip_ratio)
+            return int_matmul(codes, s, a.bits, w, spec.backend, spec.compute_dtype).reshape(*lead, -1)
+        x2 = flat.site_input(lp.flat, site, x2, spec.kv_original_space)
     if a is None:  # FP activations: float matmul with the dequantized kernel
         y = (hadamard_transform(x2) if rotate else x2) @ w.dequantize(spec.compute_dtype)
     elif spec.flat and a.dynamic and flat.has_lac(lp.flat, site):
