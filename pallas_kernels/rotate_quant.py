@@ -14,7 +14,10 @@ which is exactly x_row @ kron(P1, P2). `rotation` selects the pair:
 
 Scale: None -> dynamic per token, scale = max(amax(|y_row|) * clip_ratio / qmax, 1e-8) (the formula
 of prefixquant_jax.quant.ops for symmetric quantizers), returned as f32 [M, 1]; or a static f32
-[1, 1] scale (returned as given). bits=4: codes in [-8, 7], qmax = 7, packed along the last axis with
+[1, 1] scale (returned as given). `lac=(c_min, c_max)` (dynamic only; FlatQuant's learned activation
+clipping, the factors already passed through the sigmoid) replaces the range rule by
+scale = max(max(-min(y_row.min(), 0) * c_min, max(y_row.max(), 0) * c_max) / qmax, 1e-8), the rule of
+prefixquant_jax.flatquant.recipe.lac_qparams. bits=4: codes in [-8, 7], qmax = 7, packed along the last axis with
 the pallas_kernels.int4 layout -> int8 [M, K/2]. bits=8: codes in [-128, 127], int8 [M, K] unpacked.
 
 Kernel: one row per program (grid (M,)). X is loaded as an [n1p, n2p] tile; t = P1^T X; for int4 the
@@ -83,13 +86,21 @@ def _qrange(bits: int):
     raise ValueError(f"bits must be 4 or 8, got {bits}")
 
 
-def _rq_kernel(x_ref, a_ref, *rest, bits: int, dynamic: bool, clip_ratio: float):
-    b_refs, (s_in_ref, o_ref, s_ref) = rest[:-3], rest[-3:]
+def _rq_kernel(x_ref, a_ref, *rest, bits: int, dynamic: bool, clip_ratio: float, lac: bool):
+    b_refs, (s_in_ref, lac_ref, o_ref, s_ref) = rest[:-4], rest[-4:]
     qmin, qmax = _qrange(bits)
     x = x_ref[...].astype(jnp.float32)
     t = jnp.dot(a_ref[...], x, preferred_element_type=jnp.float32)  # P1^T X, [n1p, n2p]
     ys = [jnp.dot(t, b[...], preferred_element_type=jnp.float32) for b in b_refs]  # 1 (int8) or 2 (int4)
-    if dynamic:
+    if dynamic and lac:  # padded entries are zeros: harmless, the range always includes 0
+        lo = jnp.zeros((1, 1), jnp.float32)
+        hi = jnp.zeros((1, 1), jnp.float32)
+        for y in ys:
+            lo = jnp.minimum(lo, jnp.min(jnp.min(y, axis=1, keepdims=True), axis=0, keepdims=True))
+            hi = jnp.maximum(hi, jnp.max(jnp.max(y, axis=1, keepdims=True), axis=0, keepdims=True))
+        c = lac_ref[...]
+        scale = jnp.maximum(jnp.maximum(-(lo * c[:, 0:1]), hi * c[:, 1:2]) / qmax, EPS)
+    elif dynamic:
         amax = jnp.zeros((1, 1), jnp.float32)
         for y in ys:
             row = jnp.max(jnp.abs(y), axis=1, keepdims=True)
@@ -102,14 +113,17 @@ def _rq_kernel(x_ref, a_ref, *rest, bits: int, dynamic: bool, clip_ratio: float)
     o_ref[...] = pack_lo_hi(qs[0], qs[1]) if bits == 4 else qs[0]
 
 
-def rotate_quant(x, rotation="hadamard", scale=None, *, bits: int = 4, clip_ratio: float = 1.0,
+def rotate_quant(x, rotation="hadamard", scale=None, *, bits: int = 4, clip_ratio: float = 1.0, lac=None,
                  interpret: bool | None = None):
     """(codes, scale): x [M, K] bf16/f32 rotated by `rotation`, quantized symmetrically and packed.
 
     rotation: "hadamard" or a Kronecker pair (P1 [n1, n1], P2 [n2, n2]) with n1 * n2 = K.
     Returns int8 [M, K/2] (bits=4, packed) or int8 [M, K] (bits=8), and scale f32 [M, 1] (dynamic,
-    scale=None) or [1, 1] (static). See the module docstring for the rotation convention.
+    scale=None) or [1, 1] (static). lac: (c_min, c_max) clip factors of the dynamic range (module
+    docstring). See the module docstring for the rotation convention.
     """
+    if lac is not None and scale is not None:
+        raise ValueError("lac clipping applies to dynamic (scale=None) quantization only")
     K = x.shape[1]
     if K % 2:
         raise ValueError(f"K must be even, got {K}")
@@ -117,12 +131,20 @@ def rotate_quant(x, rotation="hadamard", scale=None, *, bits: int = 4, clip_rati
     if bits == 4 and P2.shape[0] % 2:
         raise ValueError(f"int4 packing needs an even inner factor, got n2={P2.shape[0]}")
     _qrange(bits)
-    return _rotate_quant(x, jnp.asarray(P1, jnp.float32), jnp.asarray(P2, jnp.float32), scale, bits=bits,
-                         clip_ratio=float(clip_ratio), interpret=resolve_interpret(interpret))
+    return _rotate_quant(x, jnp.asarray(P1, jnp.float32), jnp.asarray(P2, jnp.float32), scale, _lac_operand(lac),
+                         bits=bits, clip_ratio=float(clip_ratio), lac=lac is not None,
+                         interpret=resolve_interpret(interpret))
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "clip_ratio", "interpret"))
-def _rotate_quant(x, P1, P2, scale, *, bits: int, clip_ratio: float, interpret: bool):
+def _lac_operand(lac):
+    """(c_min, c_max) as f32 [1, 2] (ones when unused)."""
+    if lac is None:
+        return jnp.ones((1, 2), jnp.float32)
+    return jnp.stack([jnp.asarray(c, jnp.float32).reshape(()) for c in lac]).reshape(1, 2)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "clip_ratio", "lac", "interpret"))
+def _rotate_quant(x, P1, P2, scale, lac_c, *, bits: int, clip_ratio: float, lac: bool, interpret: bool):
     M = x.shape[0]
     n1, n2 = P1.shape[0], P2.shape[0]
     n1p, n2p = max(MIN_DOT, next_pow2(n1)), max(MIN_DOT, next_pow2(n2))
@@ -138,7 +160,7 @@ def _rotate_quant(x, P1, P2, scale, *, bits: int, clip_ratio: float, interpret: 
     x3 = pad_to(pad_to(x.reshape(M, n1, n2), 1, n1p), 2, n2p)
     s_in = jnp.ones((1, 1), jnp.float32) if dynamic else jnp.asarray(scale, jnp.float32).reshape(1, 1)
 
-    kernel = functools.partial(_rq_kernel, bits=bits, dynamic=dynamic, clip_ratio=clip_ratio)
+    kernel = functools.partial(_rq_kernel, bits=bits, dynamic=dynamic, clip_ratio=clip_ratio, lac=lac)
     codes, s_out = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((M, n1p, nout), jnp.int8), jax.ShapeDtypeStruct((M, 1), jnp.float32)),
@@ -146,11 +168,11 @@ def _rotate_quant(x, P1, P2, scale, *, bits: int, clip_ratio: float, interpret: 
         in_specs=[pl.BlockSpec((None, n1p, n2p), lambda i: (i, 0, 0)),
                   pl.BlockSpec((n1p, n1p), lambda i: (0, 0))]
         + [pl.BlockSpec((n2p, nout), lambda i: (0, 0)) for _ in bs]
-        + [pl.BlockSpec((1, 1), lambda i: (0, 0))],
+        + [pl.BlockSpec((1, 1), lambda i: (0, 0)), pl.BlockSpec((1, 2), lambda i: (0, 0))],
         out_specs=(pl.BlockSpec((None, n1p, nout), lambda i: (i, 0, 0)), pl.BlockSpec((1, 1), lambda i: (i, 0))),
         interpret=interpret,
         name="rotate_quant",
-    )(x3, a, *bs, s_in)
+    )(x3, a, *bs, s_in, lac_c)
     width = n2 // 2 if bits == 4 else n2
     codes = codes[:, :n1, :width].reshape(M, n1 * width)
     return codes, (s_out if dynamic else s_in)
@@ -171,11 +193,20 @@ def rotate_ref(x, rotation="hadamard"):
     return Y.reshape(x.shape)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "clip_ratio"))
-def quantize_ref(y, scale=None, *, bits: int = 4, clip_ratio: float = 1.0):
-    """Symmetric quantization of float32 y [M, K] with jnp.round; returns (codes int8 [M, K], scale)."""
+def quantize_ref(y, scale=None, *, bits: int = 4, clip_ratio: float = 1.0, lac=None):
+    """Symmetric quantization of float32 y [M, K] with jnp.round; returns (codes int8 [M, K], scale).
+    lac: (c_min, c_max) clip factors of the dynamic range, as in rotate_quant."""
+    return _quantize_ref(y, scale, _lac_operand(lac), bits=bits, clip_ratio=clip_ratio, lac=lac is not None)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "clip_ratio", "lac"))
+def _quantize_ref(y, scale, lac_c, *, bits: int, clip_ratio: float, lac: bool):
     qmin, qmax = _qrange(bits)
-    if scale is None:
+    if scale is None and lac:
+        lo = jnp.minimum(jnp.min(y, axis=-1, keepdims=True), 0.0) * lac_c[:, 0:1]
+        hi = jnp.maximum(jnp.max(y, axis=-1, keepdims=True), 0.0) * lac_c[:, 1:2]
+        scale = jnp.maximum(jnp.maximum(-lo, hi) / qmax, EPS)
+    elif scale is None:
         amax = jnp.max(jnp.abs(y), axis=-1, keepdims=True)
         scale = jnp.maximum(amax * clip_ratio / qmax, EPS)
     else:
@@ -183,7 +214,7 @@ def quantize_ref(y, scale=None, *, bits: int = 4, clip_ratio: float = 1.0):
     return jnp.clip(jnp.round(y / scale), qmin, qmax).astype(jnp.int8), scale
 
 
-def rotate_quant_ref(x, rotation="hadamard", scale=None, *, bits: int = 4, clip_ratio: float = 1.0):
+def rotate_quant_ref(x, rotation="hadamard", scale=None, *, bits: int = 4, clip_ratio: float = 1.0, lac=None):
     """Unfused reference of rotate_quant: rotate_ref, quantize_ref, then int4.pack_int4 when bits=4."""
-    q, s = quantize_ref(rotate_ref(x, rotation), scale, bits=bits, clip_ratio=clip_ratio)
+    q, s = quantize_ref(rotate_ref(x, rotation), scale, bits=bits, clip_ratio=clip_ratio, lac=lac)
     return (pack_int4(q, axis=-1) if bits == 4 else q), s

@@ -19,6 +19,7 @@ functions (flatquant/recipe.py) so that the integer codes equal the fake-quant m
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from prefixquant_jax.flatquant.recipe import SITE_TRANSFORM, _per_head, lac_qparams
@@ -74,6 +75,13 @@ def kron_pair(fp: dict, site: str, kv_original_space: bool, K: int):
 
 def has_lac(fp: dict, site: str) -> bool:
     return f"lac_{site}_max" in fp
+
+
+def lac_factors(fp: dict, site: str):
+    """(sigmoid(a_min), sigmoid(a_max)) of the site's LAC logits (rotate_quant's `lac`), None without LAC."""
+    if not has_lac(fp, site):
+        return None
+    return jax.nn.sigmoid(fp[f"lac_{site}_min"]), jax.nn.sigmoid(fp[f"lac_{site}_max"])
 
 
 def lac_act_codes(fp: dict, site: str, x2, bits: int):

@@ -152,10 +152,10 @@ def linear(spec: RuntimeSpec, lp: PackedLayer, site: str, w: QWeight, x, rotate:
     a = spec.act_spec(site)
     if spec.flat:  # FlatQuant's online transform of this site (never with a Hadamard: rotate is False)
         pair = flat.kron_pair(lp.flat, site, spec.kv_original_space, x2.shape[-1])
-        if (spec.backend == "kernels" and pair is not None and a is not None and pair[1].shape[0] % 2 == 0
-                and not (a.dynamic and flat.has_lac(lp.flat, site))):  # fused transform + quantize + pack
+        if spec.backend == "kernels" and pair is not None and a is not None and pair[1].shape[0] % 2 == 0:
+            lac = flat.lac_factors(lp.flat, site) if a.dynamic else None  # fused transform + quantize + pack
             codes, s = rotate_quant(x2, pair, None if a.dynamic else lp.act_scale[site], bits=a.bits,
-                                    clip_ratio=a.clip_ratio)
+                                    clip_ratio=a.clip_ratio, lac=lac)
             return int_matmul(codes, s, a.bits, w, spec.backend, spec.compute_dtype).reshape(*lead, -1)
         x2 = flat.site_input(lp.flat, site, x2, spec.kv_original_space)
     if a is None:  # FP activations: float matmul with the dequantized kernel

@@ -93,3 +93,26 @@ def test_rotate_quant_kronecker_pair():
     y_wrong = np.asarray(x, np.float64) @ np.kron(P1.T, P2)
     with pytest.raises(AssertionError):
         _check_codes(np.asarray(unpack_int4(codes)), y_wrong / np.asarray(s, np.float64), -8, 7)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rotate_quant_lac_clipping(bits):
+    """Learned per-side clipping (FlatQuant's LAC): kernel vs the float64 rule, and vs the jnp reference."""
+    rng = np.random.default_rng(11 + bits)
+    M, K = 6, 576
+    x = jnp.asarray(rng.standard_normal((M, K)) + 0.3, jnp.float32)  # asymmetric rows: min and max differ
+    P1, P2 = random_orthogonal(24, 1), random_orthogonal(24, 2)
+    c_min, c_max = 0.55, 0.9
+    codes, s = rotate_quant(x, (P1, P2), bits=bits, lac=(c_min, c_max))
+    y = np.asarray(x, np.float64) @ np.kron(P1, P2)
+    qmax = 7 if bits == 4 else 127
+    want = np.maximum(-np.minimum(y.min(axis=1, keepdims=True), 0) * c_min,
+                      np.maximum(y.max(axis=1, keepdims=True), 0) * c_max) / qmax
+    np.testing.assert_allclose(np.asarray(s), want, rtol=1e-5)
+    assert not np.allclose(want, np.abs(y).max(axis=1, keepdims=True) / qmax, rtol=1e-3)  # LAC is active
+    q = np.asarray(unpack_int4(codes, axis=-1) if bits == 4 else codes)
+    _check_codes(q, y / np.asarray(s, np.float64), -qmax - 1, qmax)
+    cr, sr = rotate_quant_ref(x, (P1, P2), bits=bits, lac=(c_min, c_max))
+    np.testing.assert_allclose(np.asarray(sr), np.asarray(s), rtol=1e-6)
+    with pytest.raises(ValueError, match="dynamic"):
+        rotate_quant(x, (P1, P2), np.ones((1, 1)), bits=bits, lac=(c_min, c_max))
