@@ -55,14 +55,32 @@ def _add_eval_args(p, data_flag="--data"):
 def _add_backend_arg(p):
     p.add_argument("--backend", default="fake", choices=("fake", "real"),
                    help="fake: fake-quantized float model; real: packed int4 integer runtime (needs --model DIR from quantize --save)")
+    p.add_argument("--fake-matmul", default="float", choices=("float", "int"),
+                   help="fake backend: multiply dequantized floats (default), or compute each quantized linear as the "
+                        "integer runtime does (exact integer accumulation, then scales): the real runtime's numbers")
 
 
 def _compiled(loaded, args):
-    """The fake-quant Compiled, or the real int4 runtime's RealCompiled for --backend real."""
+    """The fake-quant Compiled (--fake-matmul int: integer products), or the real runtime's RealCompiled."""
     if getattr(args, "backend", "fake") != "real":
+        if getattr(args, "fake_matmul", "float") == "int":
+            return _int_matmul_compiled(loaded)
         return loaded.compiled
     from prefixquant_jax.runtime import compile_loaded
     return compile_loaded(loaded, args.model, dtype=_dtype(args.dtype))
+
+
+def _int_matmul_compiled(loaded):
+    from prefixquant_jax.model import set_recipe
+    from prefixquant_jax.quant.recipe import QuantRecipe
+    from prefixquant_jax.runner import Compiled
+
+    model = loaded.compiled.model
+    recipe = model.layers[0].recipe
+    if type(recipe) is not QuantRecipe or recipe.weight is None:
+        raise_user(f"--fake-matmul int needs a PrefixQuant model with quantized weights; preset {loaded.preset!r} has none")
+    set_recipe(model, recipe.replace(int_matmul=True))
+    return Compiled(model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,9 +121,11 @@ def cmd_eval(args) -> dict:
     text = load_text(args.data)
     ids = tokenize(loaded.tokenizer, text)
     win = windows(ids, args.seqlen, args.max_windows)
-    res = perplexity(compiled, win, loaded.prefix_kv, batch_size=args.batch_size, log_path=args.eval_log)
+    int_mm = getattr(args, "fake_matmul", "float") == "int" and getattr(args, "backend", "fake") == "fake"
+    res = perplexity(compiled, win, loaded.prefix_kv, batch_size=args.batch_size, log_path=args.eval_log,
+                     log_tag="fake-matmul=int" if int_mm else "")
     res.update(model=args.model, data=args.data, dtype=args.dtype, preset=loaded.preset, seconds=time.time() - t0,
-               backend=getattr(args, "backend", "fake"))
+               backend=getattr(args, "backend", "fake"), fake_matmul="int" if int_mm else "float")
     print(f"{args.model} [{loaded.preset}{', real int4' if res['backend'] == 'real' else ''}] on {args.data}: ppl {res['ppl']:.4f} ({res['windows']} windows x {args.seqlen} tokens, {res['seconds']:.1f}s)")
     return res
 

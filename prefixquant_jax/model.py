@@ -26,6 +26,7 @@ from flax import nnx
 
 from prefixquant_jax.config import ModelConfig
 from prefixquant_jax.kv_cache import KVCache
+from prefixquant_jax.quant.int_matmul import QAct, exact_in_f32, int_linear
 
 
 class QuantParam(nnx.Variable):
@@ -141,8 +142,16 @@ class Block(nnx.Module):
         return getattr(self.mlp if name in ("gate", "up", "down") else self.attn, name)
 
     def linear(self, name: str, x):
-        """x @ kernel of linear `name` (q k v o gate up down), as the recipe quantizes it."""
+        """x @ kernel of linear `name` (q k v o gate up down), as the recipe quantizes it. x may be a QAct
+        (a site of a recipe with int_matmul): then the runtime's integer product (quant/int_matmul.py)."""
         k = self.linear_module(name).kernel[...]
+        if isinstance(x, QAct):
+            parts = self.recipe.weight_parts(name, k, self.qparams)
+            if parts is not None:
+                k_fq, qw, sw = parts
+                exact = exact_in_f32(x.bits, self.recipe.weight.bits, k.shape[0])
+                return int_linear(x.value, k_fq, x.codes, x.scale, qw, sw, not exact).astype(x.value.dtype)
+            x = x.value
         if self.recipe is not None:
             k = self.recipe.apply_weight(name, k, self.qparams, block=self)
         return x @ k

@@ -12,12 +12,14 @@ from prefixquant_jax.runner import Compiled
 
 
 def perplexity(compiled: Compiled, windows: np.ndarray, prefix_kv=None, batch_size: int = 1,
-               progress: bool = True, desc: str = "ppl", log_path: str | None = None) -> dict:
+               progress: bool = True, desc: str = "ppl", log_path: str | None = None, log_tag: str = "") -> dict:
     """ppl = exp(sum NLL / (n_windows * (L - 1))): each window of L tokens predicts its tokens 1..L-1.
 
     With `prefix_kv` (P rows), every window sits at positions P..P+L-1 behind the prefix; prefix
     tokens are never scored. One compilation per batch shape. With `log_path`, every batch's NLL
-    sum is appended there (eval/window_log.py) and batches already in it are not recomputed.
+    sum is appended there (eval/window_log.py) and batches already in it are not recomputed;
+    `log_tag` names a way of computing that the state does not show (e.g. "fake-matmul=int"), so
+    such a log is never mixed with the default one.
     """
     config = compiled.model.config
     n, L = windows.shape
@@ -27,7 +29,7 @@ def perplexity(compiled: Compiled, windows: np.ndarray, prefix_kv=None, batch_si
     log = fingerprint = None
     if log_path is not None:
         from prefixquant_jax.eval.window_log import WindowLog, eval_fingerprint
-        fingerprint = eval_fingerprint(compiled.state, L, prefix_kv, batch_size)
+        fingerprint = eval_fingerprint(compiled.state, L, prefix_kv, batch_size, log_tag)
         log = WindowLog(log_path, fingerprint)
     total, t0, reused = 0.0, time.time(), 0
     bar = tqdm(total=n, desc=desc, unit="win", disable=not progress, leave=False)

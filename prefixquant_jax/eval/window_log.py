@@ -27,7 +27,7 @@ def batch_hash(batch: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(batch, np.int64).tobytes()).hexdigest()[:16]
 
 
-def eval_fingerprint(state, seqlen: int, prefix_kv, batch_size: int) -> str:
+def eval_fingerprint(state, seqlen: int, prefix_kv, batch_size: int, tag: str = "") -> str:
     h = hashlib.sha256()
     trees = [state] if prefix_kv is None else [state, list(prefix_kv.k), list(prefix_kv.v)]
     for leaf in jax.tree.leaves(trees):
@@ -38,6 +38,8 @@ def eval_fingerprint(state, seqlen: int, prefix_kv, batch_size: int) -> str:
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(a.tobytes())
     h.update(f"seqlen={seqlen}|batch={batch_size}".encode())
+    if tag:  # only when set, so logs written before tags existed keep their fingerprint
+        h.update(f"|{tag}".encode())
     return h.hexdigest()
 
 

@@ -75,6 +75,13 @@ def fake_quant(x, spec: QuantSpec, scale=None, zero=None, clip=None):
     Gradients: straight-through for x, and the usual LSQ-style gradient for `scale` (the rounding is
     the only non-differentiable step), so static scales can be trained.
     """
+    return fake_quant_parts(x, spec, scale, zero, clip)[0]
+
+
+def fake_quant_parts(x, spec: QuantSpec, scale=None, zero=None, clip=None):
+    """(fake_quant(x), codes q, scale, zero): y = ((q - zero) * scale) in x's dtype and shape, with q
+    (integer-valued float32), scale and zero as they broadcast against x (granularity 'group': against
+    the grouped view [..., C/g, g])."""
     dtype = x.dtype
     xf = _grouped(x.astype(jnp.float32), spec)
     if spec.dynamic:
@@ -87,7 +94,7 @@ def fake_quant(x, spec: QuantSpec, scale=None, zero=None, clip=None):
         zero = jnp.zeros((), jnp.float32) if (zero is None or spec.symmetric) else ste_round(zero.astype(jnp.float32))
     q = quantize_int(xf, scale, zero, spec)
     y = (q - zero) * scale
-    return y.reshape(x.shape).astype(dtype)
+    return y.reshape(x.shape).astype(dtype), q, scale, zero
 
 
 def mse_clip_search(x, spec: QuantSpec, ratios) -> jnp.ndarray:

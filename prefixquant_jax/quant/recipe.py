@@ -15,7 +15,8 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from prefixquant_jax.quant.ops import fake_quant
+from prefixquant_jax.quant.int_matmul import QAct
+from prefixquant_jax.quant.ops import fake_quant, fake_quant_parts
 from prefixquant_jax.quant.spec import QuantSpec
 from prefixquant_jax.rotate.hadamard import hadamard_transform
 
@@ -41,6 +42,7 @@ class QuantRecipe:
     r4: bool = False
     capture: bool = False
     capture_gram: bool = False
+    int_matmul: bool = False  # compute quantized linears as the integer runtime does (quant/int_matmul.py)
 
     def spec(self, site: str) -> QuantSpec | None:
         return dict(self.sites).get(site)
@@ -63,10 +65,21 @@ class QuantRecipe:
         spec = self.spec(name)
         if spec is None:
             return x
-        if spec.dynamic:
-            return fake_quant(x, spec)
-        zero = qparams[name + "_zero"][...] if (name + "_zero") in qparams else None
-        return fake_quant(x, spec, scale=qparams[name][...], zero=zero)
+        scale = None if spec.dynamic else qparams[name][...]
+        zero = qparams[name + "_zero"][...] if (not spec.dynamic and (name + "_zero") in qparams) else None
+        if not (self.int_matmul and self.weight is not None and name in ACT_SITES and spec.symmetric
+                and spec.granularity in ("tensor", "token")):
+            return fake_quant(x, spec, scale=scale, zero=zero)
+        y, q, s, _ = fake_quant_parts(x, spec, scale=scale, zero=zero)
+        return QAct(value=y, codes=q, scale=s, bits=spec.bits)
+
+    def weight_parts(self, name: str, kernel, qparams):
+        """(fake-quantized kernel, codes, scale [1, out]) of linear `name`, or None without a weight scale."""
+        key = "w_" + name
+        if self.weight is None or key not in qparams:
+            return None
+        y, q, s, _ = fake_quant_parts(kernel, self.weight, scale=qparams[key][...])
+        return y, q, s
 
 
     def apply_weight(self, name: str, kernel, qparams, block=None):

@@ -171,6 +171,14 @@ def test_cli_backend_real(tiny, tiny_dir, text_file, tmp_path, capsys):
     fake, real = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "fr")
     assert real["backend"] == "real" and "real int4" in r.stdout
     assert real["ppl"] == pytest.approx(fake["ppl"], rel=1e-4)
+    # --fake-matmul int: the runtime's numbers exactly; its eval log is not the default one's
+    log = str(tmp_path / "int.jsonl")
+    r = main_cli(capsys, *ev, "--fake-matmul", "int", "--eval-log", log, "--json", str(tmp_path / "i.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    exact = json.loads((tmp_path / "i.json").read_text())
+    assert exact["fake_matmul"] == "int" and exact["ppl"] == real["ppl"]
+    r = main_cli(capsys, *ev, "--eval-log", log)
+    assert_one_line_error(r, "belongs to another evaluation")
 
     # a full-precision checkpoint, and a saved preset the runtime cannot run: one line each
     assert_one_line_error(main_cli(capsys, "eval", "--model", tiny_dir, "--backend", "real"), "full-precision checkpoint")
@@ -178,3 +186,23 @@ def test_cli_backend_real(tiny, tiny_dir, text_file, tmp_path, capsys):
     bad = pq.save(a6, str(tmp_path / "a6"), tokenizer=tok)
     assert_one_line_error(main_cli(capsys, "generate", "--model", bad, "--backend", "real", "--prompt", "x"),
                           "cannot run on the real int4 backend")
+
+
+@pytest.mark.parametrize("kw", [{}, {"act_dynamic": True, "a_bits": 8}, {"w_bits": 8, "a_bits": 8, "kv_bits": 8},
+                                {"act_dynamic": True, "kv_dynamic": True}],
+                         ids=["w4a4kv4-static", "w4a8kv4-dynamic", "w8a8kv8-static", "w4a4kv4-dynamic"])
+def test_int_matmul_fake_equals_real_exactly(tiny, kw):
+    """With QuantRecipe(int_matmul=True) the fake model computes each quantized linear as the runtime does
+    (exact integer accumulation, then * s_x * s_w): its logits equal the XLA integer runtime's bit for bit,
+    and stay within float32 rounding of the default float fake-quant product."""
+    qm = variant(tiny[0], **kw) if kw else tiny[0]
+    model = nnx.clone(qm.model)
+    set_recipe(model, model.layers[0].recipe.replace(int_matmul=True))
+    exact = dataclasses.replace(qm, model=model)
+    toks = np.stack([rng_tokens(12, 320, seed=s) for s in (1, 2)])
+    real, _ = prefill(pack(qm, backend="xla"), jnp.asarray(toks))
+    np.testing.assert_array_equal(fake_logits(exact, toks), np.asarray(real))
+    close(fake_logits(exact, toks), fake_logits(qm, toks))
+    prompt = [int(t) for t in rng_tokens(4, 320, seed=5)]
+    assert greedy(Compiled(model), prompt, 8, prefix_kv=qm.prefix_kv) == \
+        greedy(RealCompiled(pack(qm, backend="xla")), prompt, 8, prefix_kv=qm.prefix_kv)
