@@ -12,7 +12,8 @@ Per layer, for tokens x [B, L, D] at absolute positions P + row .. P + row + L -
                                                       the token's range, stored beside its codes), written at
                                                       cache rows row..row+L-1
     attention  prefill (L > 1): plain jnp over [FP prefix ; dequantized cache rows] (causal mask);
-               decode (L == 1, 4-bit static KV): decode_attention over the FP prefix block + the int4 cache
+               decode (L == 1, 4-bit static KV, kernels backend): decode_attention over the FP prefix
+               block + the int4 cache; otherwise the same plain jnp attention as prefill
     o_in:    quantize(attn) -> GEMM(W_o)              (R2 is in the weights)
     up_gate_in: quantize(RMSNorm(x)) -> GEMM(W_gate|up), m = silu(gate) * up
     down_in: R4 Hadamard fused into the quantizer (rotate_quant) -> GEMM(W_down)
@@ -22,15 +23,18 @@ A site whose preset is FP (ActSpec None) runs the float matmul with the dequanti
 Backends (static, RuntimeSpec.backend): "kernels" runs the Pallas kernels (rotate_quant, w4a4/w4a8
 GEMM, decode_attention; sites without a rotation go through rotate_quant with an identity Kronecker
 pair); "xla" runs the same integer pipeline through their jnp references (quantize_ref,
-w4a4_matmul_ref, w4a8_matmul_ref, decode_attention_ref). 8-bit KV has no decode kernel: decode then
-uses the plain jnp attention over the dequantized cache, in both backends; so does dynamic KV (the
-decode kernel takes one scale and zero per head, not per cached token).
+w4a4_matmul_ref, w4a8_matmul_ref) and decodes with the model's jnp attention over the dequantized cache
+(sized exactly, not rounded up), as the fake-quant model does. 8-bit KV has no decode kernel: decode
+then uses the plain jnp attention in both backends; so does dynamic KV (the decode kernel takes one
+scale and zero per head, not per cached token).
 
 The quantizers round exactly as prefixquant_jax.quant.ops.fake_quant does, and integer accumulation is
-exact, so the logits differ from the fake-quant model's only by float summation order (and the rare
-quantization code that this flips at a rounding tie; a 4-bit model can amplify one such flip on later
-tokens, as it amplifies any 1-ulp perturbation of its inputs). On a GPU, rotate_quant's f32 dots may run
-in TF32, which rounds the activation before quantization: more codes at ties then differ from "xla".
+exact, so the logits differ from the default fake-quant model's only by float summation order (and the
+rare quantization code that this flips at a rounding tie; a 4-bit model can amplify one such flip on
+later tokens, as it amplifies any 1-ulp perturbation of its inputs). The fake model with
+QuantRecipe(int_matmul=True) computes the linears as this runtime does; with the "xla" backend the two
+give the same numbers. On a GPU, rotate_quant's f32 dots may run in TF32, which rounds the activation
+before quantization: more codes at ties then differ from "xla".
 """
 from __future__ import annotations
 
@@ -93,9 +97,9 @@ def cache_rows(rows: int) -> int:
 
 
 def empty_cache(pm: PackedModel, batch: int, rows: int) -> QuantKVCache:
-    """A zero cache of at least `rows` rows (rounded up by cache_rows) for every layer."""
+    """A zero cache of `rows` rows for every layer (kernels backend: rounded up by cache_rows)."""
     c, s = pm.config, pm.spec
-    T = cache_rows(rows)
+    T = cache_rows(rows) if s.backend == "kernels" else rows
     shape = (batch, T, c.num_kv_heads, c.head_dim // 2 if s.kv_bits == 4 else c.head_dim)
     dt = jnp.int8 if s.kv_bits == 4 else jnp.uint8
     n = c.num_layers
@@ -253,8 +257,10 @@ def layer(spec: RuntimeSpec, lp: PackedLayer, x, kv, pk, pv, row, cos, sin):
     kc, ksz = _write_kv(spec, lp, "k_cache", k, lp.k_scale, lp.k_zero, kv[0], kv[2], row)
     vc, vsz = _write_kv(spec, lp, "v_cache", v, lp.v_scale, lp.v_zero, kv[1], kv[3], row)
     kv = (kc, vc, ksz, vsz)
-    # the decode kernel reads int4 codes with one (scale, zero) per head and no back-mapping
-    kernel_ok = spec.kv_bits == 4 and not spec.kv_dynamic and not spec.kv_original_space
+    # the decode kernel reads int4 codes with one (scale, zero) per head and no back-mapping; the xla
+    # backend decodes with the model's own attention, as the fake-quant model does (same numbers)
+    kernel_ok = (spec.backend == "kernels" and spec.kv_bits == 4 and not spec.kv_dynamic
+                 and not spec.kv_original_space)
     attend = _attend_decode if (L == 1 and kernel_ok) else _attend_dequantized
     a = attend(spec, lp, q, kv, pk, pv, row)
     x = x + linear(spec, lp, "o_in", lp.o, a)
@@ -302,7 +308,8 @@ head_jit = jax.jit(head)
 
 def prefill(pm: PackedModel, tokens, rows: int | None = None):
     """Tokens [B, L] behind the prefix (positions P..P+L-1): (logits f32 [B, L, V], a fresh cache of
-    cache_rows(max(rows, L)) rows with rows 0..L-1 written). Jitted per shape (hidden and head)."""
+    max(rows, L) rows (kernels backend: rounded up by cache_rows) with rows 0..L-1 written). Jitted per
+    shape (hidden and head)."""
     B, L = tokens.shape
     h, cache = hidden_jit(pm, tokens, empty_cache(pm, B, max(rows or L, L)), 0)
     return head_jit(pm, h), cache

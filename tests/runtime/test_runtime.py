@@ -130,8 +130,9 @@ def test_kernels_backend_equals_xla(tiny, kv_dynamic):
         res[backend] = (np.asarray(logits), np.asarray(step), [np.asarray(a) for a in cache.k + cache.v])
     close(res["kernels"][0], res["xla"][0])
     close(res["kernels"][1], res["xla"][1])
-    for a, b in zip(res["kernels"][2], res["xla"][2]):
-        np.testing.assert_array_equal(a, b)
+    for a, b in zip(res["kernels"][2], res["xla"][2]):  # kernels rounds the cache up to its block: 16 rows
+        assert a.shape[1] == 16 and b.shape[1] == 6
+        np.testing.assert_array_equal(a[:, :6], b)
 
 
 def test_greedy_real_matches_fake(tiny):
