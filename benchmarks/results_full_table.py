@@ -11,6 +11,13 @@ import os
 import sys
 
 TRANSFORMERS_FP32 = 21.967
+ORDER = ["fp", "quarot-w4a4kv4", "w4a4kv4-static-noprefix", "w4a4kv4-static", "w4a4kv4-dynamic", "w4a8kv4-static",
+         "w8a8kv8-static", "flatquant-w4a4kv4", "flatquant-w4a4kv4-static-prefix"]
+
+
+def _order(name: str):
+    base = name.removesuffix("-ft").removesuffix("-gptq")
+    return (ORDER.index(base) if base in ORDER else len(ORDER), name)
 
 
 def _cmd(path: str) -> str:
@@ -25,7 +32,7 @@ def main(out_dir: str) -> None:
     fp = reports.get("fp", {}).get("ppl")
     print("| row | ppl | × our FP | × transformers FP | windows | quantize (+FT) s | eval s | commands |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, r in reports.items():
+    for name, r in sorted(reports.items(), key=lambda kv: _order(kv[0])):
         q = os.path.join(out_dir, name + ".quantize.json")
         qs = "-"
         if os.path.exists(q):
