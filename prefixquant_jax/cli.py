@@ -75,10 +75,14 @@ def _int_matmul_compiled(loaded):
     from prefixquant_jax.quant.recipe import QuantRecipe
     from prefixquant_jax.runner import Compiled
 
+    from prefixquant_jax.flatquant.recipe import FlatQuantRecipe
+
     model = loaded.compiled.model
     recipe = model.layers[0].recipe
-    if type(recipe) is not QuantRecipe or recipe.weight is None:
-        raise_user(f"--fake-matmul int needs a PrefixQuant model with quantized weights; preset {loaded.preset!r} has none")
+    ok = type(recipe) is QuantRecipe or (type(recipe) is FlatQuantRecipe and recipe.merged)
+    if not ok or recipe.weight is None:
+        raise_user(f"--fake-matmul int needs a model with quantized weights (FlatQuant: merged); preset {loaded.preset!r} "
+                   "has none")
     set_recipe(model, recipe.replace(int_matmul=True))
     return Compiled(model)
 

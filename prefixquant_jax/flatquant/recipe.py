@@ -29,8 +29,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prefixquant_jax.flatquant.transforms import factor, factors, kron_apply, kron_left
-from prefixquant_jax.quant.ops import EPS, fake_quant, minmax, qparams_from_range, quantize_int, ste_round
-from prefixquant_jax.quant.recipe import QUANT_SITES
+from prefixquant_jax.quant.int_matmul import QAct
+from prefixquant_jax.quant.ops import (EPS, fake_quant, fake_quant_parts, minmax, qparams_from_range, quantize_int,
+                                    ste_round)
+from prefixquant_jax.quant.recipe import ACT_SITES, QUANT_SITES
 from prefixquant_jax.quant.spec import QuantSpec
 
 SITE_TRANSFORM = {"qkv_in": "qkv", "up_gate_in": "ug", "down_in": "down"}
@@ -118,6 +120,7 @@ class FlatQuantRecipe:
     kv_original_space: bool = False
     merged: bool = False
     capture: bool = False
+    int_matmul: bool = False  # merged models: linears as the integer runtime computes them (quant/int_matmul.py)
 
     def spec(self, site: str) -> QuantSpec | None:
         return dict(self.sites).get(site)
@@ -150,6 +153,15 @@ class FlatQuantRecipe:
         spec = self.spec(name)
         if spec is None:
             return x
+        if (self.int_matmul and self.merged and self.weight is not None and name in ACT_SITES and spec.symmetric
+                and spec.granularity in ("tensor", "token")):
+            if spec.dynamic and f"lac_{name}_max" in t:
+                xf = x.astype(jnp.float32)
+                scale, zero = lac_qparams(xf, spec, t[f"lac_{name}_min"][...], t[f"lac_{name}_max"][...])
+                q = quantize_int(xf, scale, zero, spec)
+                return QAct(value=((q - zero) * scale).astype(x.dtype), codes=q, scale=scale, bits=spec.bits)
+            y, q, scale, _ = fake_quant_parts(x, spec, scale=None if spec.dynamic else qparams[name][...])
+            return QAct(value=y, codes=q, scale=scale, bits=spec.bits)
         if spec.dynamic:
             if f"lac_{name}_max" in t:
                 return lac_fake_quant(x, spec, t[f"lac_{name}_min"][...], t[f"lac_{name}_max"][...])
@@ -174,6 +186,14 @@ class FlatQuantRecipe:
         if self.kv_original_space and name in ("k_cache", "v_cache") and self._has(t, name[0]):
             x = _per_head(x, factor(t, name[0] + "_1", self.param)[1])
         return x
+
+    def weight_parts(self, name: str, kernel, qparams):
+        """(fake-quantized kernel, codes, scale) of a merged model's linear `name`, None without a weight scale."""
+        key = "w_" + name
+        if not self.merged or self.weight is None or key not in qparams:
+            return None
+        y, q, s, _ = fake_quant_parts(kernel, self.weight, scale=qparams[key][...])
+        return y, q, s
 
     def apply_weight(self, name: str, kernel, qparams, block=None):
         key = "w_" + name

@@ -116,3 +116,18 @@ def test_flat_saved_model_packs_the_same(ck, tmp_path):
     toks = jnp.asarray(rng_tokens(12, 320, seed=6)[None])
     np.testing.assert_array_equal(np.asarray(prefill(pack(loaded, backend="xla"), toks)[0]),
                                   np.asarray(prefill(pack(qm, backend="xla"), toks)[0]))
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static-prefix"])
+def test_flat_int_matmul_fake_equals_real_exactly(ck, static):
+    """FlatQuantRecipe(int_matmul=True) on the merged model: the XLA runtime's logits bit for bit."""
+    from flax import nnx
+
+    from prefixquant_jax.model import set_recipe
+
+    qm = flat_qm(ck, static=static, seed=7)
+    model = nnx.clone(qm.model)
+    set_recipe(model, model.layers[0].recipe.replace(int_matmul=True))
+    toks = np.stack([rng_tokens(12, 320, seed=s) for s in (1, 2)])
+    real, _ = prefill(pack(qm, backend="xla"), jnp.asarray(toks))
+    np.testing.assert_array_equal(fake_logits(dataclasses.replace(qm, model=model), toks), np.asarray(real))
