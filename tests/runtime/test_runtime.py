@@ -189,7 +189,8 @@ def test_cli_backend_real(tiny, tiny_dir, text_file, tmp_path, capsys):
                           "cannot run on the real int4 backend")
 
 
-@pytest.mark.parametrize("kw", [{}, {"act_dynamic": True, "a_bits": 8}, {"w_bits": 8, "a_bits": 8, "kv_bits": 8},
+@pytest.mark.parametrize("kw", [{}, pytest.param({"act_dynamic": True, "a_bits": 8}, marks=pytest.mark.slow),
+                                pytest.param({"w_bits": 8, "a_bits": 8, "kv_bits": 8}, marks=pytest.mark.slow),
                                 {"act_dynamic": True, "kv_dynamic": True}],
                          ids=["w4a4kv4-static", "w4a8kv4-dynamic", "w8a8kv8-static", "w4a4kv4-dynamic"])
 def test_int_matmul_fake_equals_real_exactly(tiny, kw):

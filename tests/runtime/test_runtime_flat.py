@@ -67,7 +67,8 @@ def fake_logits(qm, toks):
     return np.asarray(out)
 
 
-@pytest.mark.parametrize("static,param", [(False, "inverse"), (False, "orthogonal"), (True, "inverse")],
+@pytest.mark.parametrize("static,param", [(False, "inverse"), pytest.param(False, "orthogonal", marks=pytest.mark.slow),
+                                          (True, "inverse")],
                          ids=["dynamic-inverse", "dynamic-orthogonal", "static-prefix"])
 def test_flat_real_matches_fake(ck, static, param):
     qm = flat_qm(ck, static=static, param=param)
