@@ -61,7 +61,7 @@ def lac_fake_quant(x, spec: QuantSpec, a_min, a_max):
     return ((q - zero) * scale).reshape(x.shape).astype(dtype)
 
 
-def _per_head(x, m):
+def per_head(x, m):
     """x [..., hd] @ m [hd, hd]."""
     return jnp.einsum("...d,de->...e", x.astype(jnp.float32), m).astype(x.dtype)
 
@@ -146,7 +146,7 @@ class FlatQuantRecipe:
             xr = x.astype(jnp.float32).reshape(*x.shape[:-1], H, x.shape[-1] // H)
             return jnp.einsum("ik,...id->...kd", po, xr).reshape(x.shape).astype(x.dtype)
         if name == "k_cache" and self._has(t, "k"):
-            return _per_head(x, factor(t, "k_1", self.param)[0])
+            return per_head(x, factor(t, "k_1", self.param)[0])
         return x
 
     def _quantize(self, name: str, x, qparams, t):
@@ -174,7 +174,7 @@ class FlatQuantRecipe:
         if name == "q_rot":  # q P_k^-T keeps q . k: (q P^-T)(k P)^T = q k^T
             if self.kv_original_space or not self._has(t, "k"):
                 return x
-            return _per_head(x, factor(t, "k_1", self.param)[1].T)
+            return per_head(x, factor(t, "k_1", self.param)[1].T)
         if name in ("k_rot", "down_rot"):
             return x
         x = self._transform(name, x, t)
@@ -184,7 +184,7 @@ class FlatQuantRecipe:
             block.sow(nnx.Intermediate, name + "_max", xf.max(axis=-1))
         x = self._quantize(name, x, qparams, t)
         if self.kv_original_space and name in ("k_cache", "v_cache") and self._has(t, name[0]):
-            x = _per_head(x, factor(t, name[0] + "_1", self.param)[1])
+            x = per_head(x, factor(t, name[0] + "_1", self.param)[1])
         return x
 
     def weight_parts(self, name: str, kernel, qparams):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from prefixquant_jax.flatquant.recipe import SITE_TRANSFORM, _per_head, lac_qparams
+from prefixquant_jax.flatquant.recipe import SITE_TRANSFORM, per_head, lac_qparams
 from prefixquant_jax.flatquant.transforms import factor, kron_apply
 from prefixquant_jax.quant.spec import QuantSpec
 
@@ -104,8 +104,8 @@ def qk(fp: dict, q, k, kv_original_space: bool):
     if "k_1" not in fp:
         return q, k
     if not kv_original_space:
-        q = _per_head(q, fp["k_1_inv"].T)
-    return q, _per_head(k, fp["k_1"])
+        q = per_head(q, fp["k_1_inv"].T)
+    return q, per_head(k, fp["k_1"])
 
 
 def kv_back(fp: dict, k, v, kv_original_space: bool):
@@ -113,7 +113,7 @@ def kv_back(fp: dict, k, v, kv_original_space: bool):
     if not kv_original_space:
         return k, v
     if "k_1_inv" in fp:
-        k = _per_head(k, fp["k_1_inv"])
+        k = per_head(k, fp["k_1_inv"])
     if "v_1_inv" in fp:
-        v = _per_head(v, fp["v_1_inv"])
+        v = per_head(v, fp["v_1_inv"])
     return k, v
