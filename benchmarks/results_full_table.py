@@ -30,18 +30,19 @@ def main(out_dir: str) -> None:
     reports = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(os.path.join(out_dir, "*.json")))
                if not p.endswith(".quantize.json")}
     fp = reports.get("fp", {}).get("ppl")
-    print("| row | ppl | × our FP | × transformers FP | windows | quantize (+FT) s | eval s | commands |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| row | prefix | ppl | × our FP | × transformers FP | windows | quantize (+FT) s | eval s | commands |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in sorted(reports.items(), key=lambda kv: _order(kv[0])):
         q = os.path.join(out_dir, name + ".quantize.json")
-        qs = "-"
+        qs, prefix = "-", "-"
         if os.path.exists(q):
             qr = json.load(open(q))
+            prefix = " ".join(repr(t) for t in qr.get("prefix_text") or []).replace("|", "\\|") or "-"
             train = qr.get("report", {}).get("train")
             qs = f"{qr['quantize_seconds']:.0f}" + (f" (FT {train['seconds']:.0f})" if train else "")
         cmds = [c for c in (_cmd(os.path.join(out_dir, name + ".quantize.cmd")), _cmd(os.path.join(out_dir, name + ".eval.cmd"))) if c]
         ratio = f"{r['ppl'] / fp:.3f}" if fp else "-"
-        print(f"| `{name}` | {r['ppl']:.3f} | {ratio} | {r['ppl'] / TRANSFORMERS_FP32:.3f} | {r['windows']} × {r['seqlen']} | "
+        print(f"| `{name}` | {prefix} | {r['ppl']:.3f} | {ratio} | {r['ppl'] / TRANSFORMERS_FP32:.3f} | {r['windows']} × {r['seqlen']} | "
               f"{qs} | {r['seconds']:.0f}" + (f" ({r['windows_from_log']} windows from the log)" if r.get('windows_from_log') else "") + " | " + "<br>".join(f"`{c}`" for c in cmds) + " |")
 
 
