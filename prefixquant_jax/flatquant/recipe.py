@@ -32,7 +32,7 @@ from prefixquant_jax.flatquant.transforms import factor, factors, kron_apply, kr
 from prefixquant_jax.quant.int_matmul import QAct
 from prefixquant_jax.quant.ops import (EPS, fake_quant, fake_quant_parts, minmax, qparams_from_range, quantize_int,
                                     ste_round)
-from prefixquant_jax.quant.recipe import ACT_SITES, QUANT_SITES
+from prefixquant_jax.quant.recipe import QUANT_SITES, hands_qact, weight_parts
 from prefixquant_jax.quant.spec import QuantSpec
 
 SITE_TRANSFORM = {"qkv_in": "qkv", "up_gate_in": "ug", "down_in": "down"}
@@ -54,11 +54,22 @@ def lac_qparams(xf, spec: QuantSpec, a_min, a_max):
 def lac_fake_quant(x, spec: QuantSpec, a_min, a_max):
     """Dynamic fake-quantization whose per-token range is shrunk by sigmoid(a_min) (below 0) and
     sigmoid(a_max) (above 0): learnable activation clipping. Gradients reach a_min / a_max via the scale."""
-    dtype = x.dtype
+    return lac_fake_quant_parts(x, spec, a_min, a_max)[0]
+
+
+def lac_fake_quant_parts(x, spec: QuantSpec, a_min, a_max):
+    """(lac_fake_quant(x), codes q, scale, zero), as quant.ops.fake_quant_parts."""
     xf = x.astype(jnp.float32)
     scale, zero = lac_qparams(xf, spec, a_min, a_max)
     q = quantize_int(xf, scale, zero, spec)
-    return ((q - zero) * scale).reshape(x.shape).astype(dtype)
+    return ((q - zero) * scale).reshape(x.shape).astype(x.dtype), q, scale, zero
+
+
+def mix_heads(x, po):
+    """x [..., H * hd] with its heads mixed by po [H, H] (x @ (po kron I_hd)), fp32 inside."""
+    H = po.shape[0]
+    xr = x.astype(jnp.float32).reshape(*x.shape[:-1], H, x.shape[-1] // H)
+    return jnp.einsum("ik,...id->...kd", po, xr).reshape(x.shape).astype(x.dtype)
 
 
 def per_head(x, m):
@@ -142,9 +153,7 @@ class FlatQuantRecipe:
             po = factor(t, "o_1", self.param)[0]
             if self.kv_original_space and self._has(t, "v"):
                 return kron_apply(x, po, factor(t, "v_1", self.param)[0])
-            H = po.shape[0]  # values are cached as v P_v already: mix heads only (P_o kron I)
-            xr = x.astype(jnp.float32).reshape(*x.shape[:-1], H, x.shape[-1] // H)
-            return jnp.einsum("ik,...id->...kd", po, xr).reshape(x.shape).astype(x.dtype)
+            return mix_heads(x, po)  # values are cached as v P_v already: mix heads only (P_o kron I)
         if name == "k_cache" and self._has(t, "k"):
             return per_head(x, factor(t, "k_1", self.param)[0])
         return x
@@ -153,14 +162,11 @@ class FlatQuantRecipe:
         spec = self.spec(name)
         if spec is None:
             return x
-        if (self.int_matmul and self.merged and self.weight is not None and name in ACT_SITES and spec.symmetric
-                and spec.granularity in ("tensor", "token")):
+        if self.merged and hands_qact(self, name, spec):
             if spec.dynamic and f"lac_{name}_max" in t:
-                xf = x.astype(jnp.float32)
-                scale, zero = lac_qparams(xf, spec, t[f"lac_{name}_min"][...], t[f"lac_{name}_max"][...])
-                q = quantize_int(xf, scale, zero, spec)
-                return QAct(value=((q - zero) * scale).astype(x.dtype), codes=q, scale=scale, bits=spec.bits)
-            y, q, scale, _ = fake_quant_parts(x, spec, scale=None if spec.dynamic else qparams[name][...])
+                y, q, scale, _ = lac_fake_quant_parts(x, spec, t[f"lac_{name}_min"][...], t[f"lac_{name}_max"][...])
+            else:
+                y, q, scale, _ = fake_quant_parts(x, spec, scale=None if spec.dynamic else qparams[name][...])
             return QAct(value=y, codes=q, scale=scale, bits=spec.bits)
         if spec.dynamic:
             if f"lac_{name}_max" in t:
@@ -188,12 +194,8 @@ class FlatQuantRecipe:
         return x
 
     def weight_parts(self, name: str, kernel, qparams):
-        """(fake-quantized kernel, codes, scale) of a merged model's linear `name`, None without a weight scale."""
-        key = "w_" + name
-        if not self.merged or self.weight is None or key not in qparams:
-            return None
-        y, q, s, _ = fake_quant_parts(kernel, self.weight, scale=qparams[key][...])
-        return y, q, s
+        """As QuantRecipe.weight_parts, for a merged model (before the merge the kernels are not yet quantizable)."""
+        return weight_parts(self.weight, name, kernel, qparams) if self.merged else None
 
     def apply_weight(self, name: str, kernel, qparams, block=None):
         key = "w_" + name

@@ -67,19 +67,13 @@ class QuantRecipe:
             return x
         scale = None if spec.dynamic else qparams[name][...]
         zero = qparams[name + "_zero"][...] if (not spec.dynamic and (name + "_zero") in qparams) else None
-        if not (self.int_matmul and self.weight is not None and name in ACT_SITES and spec.symmetric
-                and spec.granularity in ("tensor", "token")):
+        if not hands_qact(self, name, spec):
             return fake_quant(x, spec, scale=scale, zero=zero)
         y, q, s, _ = fake_quant_parts(x, spec, scale=scale, zero=zero)
         return QAct(value=y, codes=q, scale=s, bits=spec.bits)
 
     def weight_parts(self, name: str, kernel, qparams):
-        """(fake-quantized kernel, codes, scale [1, out]) of linear `name`, or None without a weight scale."""
-        key = "w_" + name
-        if self.weight is None or key not in qparams:
-            return None
-        y, q, s, _ = fake_quant_parts(kernel, self.weight, scale=qparams[key][...])
-        return y, q, s
+        return weight_parts(self.weight, name, kernel, qparams)
 
 
     def apply_weight(self, name: str, kernel, qparams, block=None):
@@ -88,6 +82,23 @@ class QuantRecipe:
         if self.weight is None or key not in qparams:
             return kernel
         return fake_quant(kernel, self.weight, scale=qparams[key][...])
+
+
+def hands_qact(recipe, site: str, spec: QuantSpec) -> bool:
+    """Whether activation site `site` (quantizer `spec`) of a recipe with int_matmul hands its linears a QAct:
+    symmetric per-tensor or per-token activations feeding quantized weights."""
+    return (recipe.int_matmul and recipe.weight is not None and site in ACT_SITES and spec.symmetric
+            and spec.granularity in ("tensor", "token"))
+
+
+def weight_parts(weight: QuantSpec | None, name: str, kernel, qparams):
+    """(fake-quantized kernel, codes, scale [1, out]) of linear `name` with its static scale
+    qparams["w_<name>"], or None without a weight quantizer or scale."""
+    key = "w_" + name
+    if weight is None or key not in qparams:
+        return None
+    y, q, s, _ = fake_quant_parts(kernel, weight, scale=qparams[key][...])
+    return y, q, s
 
 
 def sown_value(v):

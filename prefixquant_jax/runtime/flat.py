@@ -22,8 +22,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from prefixquant_jax.flatquant.recipe import SITE_TRANSFORM, per_head, lac_qparams
+from prefixquant_jax.flatquant.recipe import SITE_TRANSFORM, lac_qparams, mix_heads, per_head
 from prefixquant_jax.flatquant.transforms import factor, kron_apply
+from prefixquant_jax.quant.ops import quantize_int
 from prefixquant_jax.quant.spec import QuantSpec
 
 
@@ -53,9 +54,7 @@ def site_input(fp: dict, site: str, x, kv_original_space: bool):
         po = fp["o_1"]
         if kv_original_space and "v_1" in fp:
             return kron_apply(x, po, fp["v_1"])
-        H = po.shape[0]
-        xr = x.astype(jnp.float32).reshape(*x.shape[:-1], H, x.shape[-1] // H)
-        return jnp.einsum("ik,...id->...kd", po, xr).reshape(x.shape).astype(x.dtype)
+        return mix_heads(x, po)
     return x
 
 
@@ -88,8 +87,8 @@ def lac_act_codes(fp: dict, site: str, x2, bits: int):
     """Symmetric per-token codes int8 [M, K] and scale f32 [M, 1] of x2 [M, K] with the site's LAC factors."""
     spec = QuantSpec(bits=bits, granularity="token", symmetric=True, dynamic=True)
     xf = x2.astype(jnp.float32)
-    scale, _ = lac_qparams(xf, spec, fp[f"lac_{site}_min"], fp[f"lac_{site}_max"])
-    return jnp.clip(jnp.round(xf / scale), spec.qmin, spec.qmax).astype(jnp.int8), scale
+    scale, zero = lac_qparams(xf, spec, fp[f"lac_{site}_min"], fp[f"lac_{site}_max"])
+    return quantize_int(xf, scale, zero, spec).astype(jnp.int8), scale
 
 
 def lac_kv_qparams(fp: dict, site: str, x, bits: int):

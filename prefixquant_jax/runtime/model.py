@@ -199,11 +199,11 @@ def dynamic_kv_qparams(x, bits: int, clip: float):
 
 def _write_kv(spec: RuntimeSpec, lp: PackedLayer, site: str, x, scale, zero, codes, sz, row):
     """Quantize x [B, L, KV, hd] and write it at cache rows row..row+L-1 of codes (and of sz, dynamic KV)."""
-    if spec.kv_dynamic and spec.flat and flat.has_lac(lp.flat, site):
-        scale, zero = flat.lac_kv_qparams(lp.flat, site, x, spec.kv_bits)
-        sz = jax.lax.dynamic_update_slice(sz, jnp.stack([scale, zero], axis=-1), (0, row, 0, 0))
-    elif spec.kv_dynamic:
-        scale, zero = dynamic_kv_qparams(x, spec.kv_bits, spec.kv_clip)
+    if spec.kv_dynamic:
+        if spec.flat and flat.has_lac(lp.flat, site):
+            scale, zero = flat.lac_kv_qparams(lp.flat, site, x, spec.kv_bits)
+        else:
+            scale, zero = dynamic_kv_qparams(x, spec.kv_bits, spec.kv_clip)
         sz = jax.lax.dynamic_update_slice(sz, jnp.stack([scale, zero], axis=-1), (0, row, 0, 0))
     codes = jax.lax.dynamic_update_slice(codes, quantize_kv(x, scale, zero, spec.kv_bits), (0, row, 0, 0))
     return codes, sz
