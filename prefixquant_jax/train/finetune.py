@@ -9,7 +9,7 @@ import numpy as np
 
 from prefixquant_jax.eval.data import calibration_samples, load_text, tokenize
 from prefixquant_jax.model import QuantParam
-from prefixquant_jax.train.blockwise import TrainConfig, train_blockwise
+from prefixquant_jax.train.blockwise import TrainConfig, prefixquant_groups, train_blockwise
 from prefixquant_jax.train.state_io import TrainDir
 
 
@@ -44,6 +44,7 @@ def finetune(qm, tokenizer, cfg: TrainConfig, *, calib_data: str = "wikitext2-va
     call: it is restored here). Returns {"config", "blocks": per-block logs, "seconds"}.
     """
     t0 = time.time()
+    groups = groups or prefixquant_groups(cfg)
     tokens = calibration_samples(tokenize(tokenizer, load_text(calib_data)), cfg.samples, cfg.seqlen, cfg.seed)
     x0 = np.asarray(qm.model.embed[...][jnp.asarray(tokens)], np.float32)
     td = None
@@ -62,4 +63,6 @@ def finetune(qm, tokenizer, cfg: TrainConfig, *, calib_data: str = "wikitext2-va
     finally:
         if td is not None:
             td.close()
-    return {"config": dataclasses.asdict(cfg), "blocks": logs, "seconds": time.time() - t0}
+    # what was trained, at which lr: with explicit groups (FlatQuant) cfg.lr_* / train_weights do not apply
+    trained = [{"group": g.name, "lr": g.lr} for g in groups]
+    return {"config": dataclasses.asdict(cfg), "groups": trained, "blocks": logs, "seconds": time.time() - t0}

@@ -32,6 +32,8 @@ def test_training_lowers_block_loss_then_merges(tiny_dir, text_file):
     qm = quantize(ck, tok, get_preset("flatquant-w4a4kv4"), opts)
     blocks = qm.report["train"]["blocks"]
     assert len(blocks) == 2 and seen["groups"] == ["clip", "transform"]
+    # the report names what was trained (the weights are frozen, whatever cfg.train_weights says)
+    assert qm.report["train"]["groups"] == [{"group": "clip", "lr": 5e-2}, {"group": "transform", "lr": 5e-3}]
     for b in blocks:  # mean block-output MSE over the training samples, before vs after
         assert b["loss_after"] < b["loss_before"], b
     assert min(b["loss_after"] / b["loss_before"] for b in blocks) < 0.8, blocks

@@ -33,6 +33,7 @@ def test_loss_decreases(tiny_dir, text_file):
     cfg = TrainConfig(samples=8, seqlen=32, batch_size=2, epochs=6, lr_quant=1e-3, lr_weight=1e-4)
     r = finetune(qm, tok, cfg, calib_data=text_file, progress=False)
     assert len(r["blocks"]) == 2
+    assert r["groups"] == [{"group": "quant", "lr": 1e-3}, {"group": "weight", "lr": 1e-4}]
     for b in r["blocks"]:  # mean MSE over all training samples, before vs after
         assert b["loss_after"] < 0.9 * b["loss_before"], b
 
@@ -112,16 +113,25 @@ import json, sys
 sys.path.insert(0, {root!r})
 import jax
 from tests.train.test_blockwise import _quantized
-from prefixquant_jax.train import TrainConfig, finetune, prefixquant_groups
-qm, tok = _quantized({tiny!r}, {text!r}, "w4a4kv4-dynamic")
-cfg = TrainConfig(samples=8, seqlen=32, batch_size=4, epochs=2, lr_quant=1e-3, lr_weight=1e-4)
-r = finetune(qm, tok, cfg, calib_data={text!r}, progress=False)
-print(json.dumps({{"devices": jax.device_count(), "blocks": r["blocks"]}}))
+from prefixquant_jax.train import TrainConfig, finetune
+out = {{"devices": jax.device_count()}}
+for name, train_weights in (("frozen", False), ("weights", True)):
+    qm, tok = _quantized({tiny!r}, {text!r}, "w4a4kv4-dynamic")
+    cfg = TrainConfig(samples=8, seqlen=32, batch_size=4, epochs=2, lr_quant=1e-3, lr_weight=1e-4,
+                      train_weights=train_weights)
+    out[name] = finetune(qm, tok, cfg, calib_data={text!r}, progress=False)["blocks"]
+print(json.dumps(out))
 """
 
 
-@pytest.mark.slow  # two subprocess trainings (~1.5 min)
+@pytest.mark.slow  # two subprocesses, two trainings each (~1.5 min)
 def test_two_host_devices_same_loss(tiny_dir, text_file):
+    """The batch sharded over 2 forced host devices gives the 1-device losses within 1e-5 (relative).
+
+    Exception, measured: with the weights trained too, block 1's loss after training differs by ~0.4 %. Its
+    inputs (block 0's trained outputs) differ by fp32 reduction order (~1e-7), and a weight code that sits at a
+    rounding tie (straight-through round(w / s)) can then flip: a discrete jump that 4 Adam steps carry on.
+    With the weights frozen every loss agrees within 1e-5, and block 0 (identical inputs) always does."""
     out = {}
     for n in (1, 2):
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
@@ -130,9 +140,12 @@ def test_two_host_devices_same_loss(tiny_dir, text_file):
         assert r.returncode == 0, r.stderr[-2000:]
         out[n] = json.loads(r.stdout.strip().splitlines()[-1])
     assert out[1]["devices"] == 1 and out[2]["devices"] == 2
-    for a, b in zip(out[1]["blocks"], out[2]["blocks"]):
-        for k in ("loss_before", "loss_after"):
-            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-12), (k, a, b)
+    close = lambda a, b, rel: a == pytest.approx(b, rel=rel, abs=1e-12)
+    for run in ("frozen", "weights"):
+        for a, b in zip(out[1][run], out[2][run]):
+            for k in ("loss_before", "loss_after"):
+                rel = 2e-2 if (run, a["layer"], k) == ("weights", 1, "loss_after") else 1e-5
+                assert close(a[k], b[k], rel), (run, k, a, b)
 
 
 def test_resume_accepts_directory_from_before_a_preset_field(tmp_path):
