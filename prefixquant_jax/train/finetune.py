@@ -41,7 +41,8 @@ def finetune(qm, tokenizer, cfg: TrainConfig, *, calib_data: str = "wikitext2-va
     With `train_dir`, the post-calibration quant params, each finished block and (every
     cfg.ckpt_every steps) the running block are checkpointed there; `resume=True` continues a run
     (when that directory holds the post-calibration state, calibration may be skipped before this
-    call: it is restored here). Returns {"config", "blocks": per-block logs, "seconds"}.
+    call: it is restored here). `groups`: the trainer's parameter groups (default: prefixquant_groups(cfg)).
+    Returns {"config", "groups": [{"group", "lr"}] as trained, "blocks": per-block logs, "seconds"}.
     """
     t0 = time.time()
     groups = groups or prefixquant_groups(cfg)
