@@ -34,16 +34,18 @@ from prefixquant_jax.config import ModelConfig
 from prefixquant_jax.quant.recipe import ACT_SITES
 
 
+def build_spec(config: ModelConfig, P: int, a_bits: int, dynamic: bool, backend: str, interpret=None):
+    """RuntimeSpec of the benchmarked layer: W4, A`a_bits` (static or dynamic), static per-head int4 KV, R3 + R4."""
+    from prefixquant_jax.runtime.pack import ActSpec, RuntimeSpec
+
+    act = tuple((s, ActSpec(bits=a_bits, dynamic=dynamic)) for s in ACT_SITES)
+    return RuntimeSpec(config=config, w_bits=4, act=act, kv_bits=4, kv_dynamic=False, kv_clip=1.0, r3=True, r4=True,
+                       prefix_len=P, backend=backend, dtype="bfloat16", preset="bench", interpret=interpret)
 
 
-def build(config: ModelConfig, P: int, a_bits: int, dynamic: bool, backend: str, seed: int = 0):
-    """(bf16 params dict of one layer, the PackedLayer of its int4 RTN weights, RuntimeSpec)."""
-    from prefixquant_jax.runtime.pack import (
-        ActSpec,
-        PackedLayer,
-        RuntimeSpec,
-        quantize_weight,
-    )
+def build(config: ModelConfig, spec, seed: int = 0):
+    """(bf16 params dict of one layer, the PackedLayer of its int4 RTN weights) for a RuntimeSpec of build_spec."""
+    from prefixquant_jax.runtime.pack import PackedLayer, QWeight, quantize_weight
 
     D, F, H, KV, hd = (config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads,
                        config.head_dim)
@@ -54,21 +56,41 @@ def build(config: ModelConfig, P: int, a_bits: int, dynamic: bool, backend: str,
     q = {n: quantize_weight(a, jnp.max(jnp.abs(a), axis=0, keepdims=True) / 7.0, 4) for n, a in w.items()}
 
     def cat(names):
-        from prefixquant_jax.runtime.pack import QWeight
         return QWeight(codes=jnp.concatenate([q[n].codes for n in names], 1),
                        scale=jnp.concatenate([q[n].scale for n in names], 1), bits=4)
 
-    act = tuple((s, ActSpec(bits=a_bits, dynamic=dynamic)) for s in ACT_SITES)
-    spec = RuntimeSpec(config=config, w_bits=4, act=act, kv_bits=4, r3=True, r4=True, prefix_len=P, backend=backend,
-                       dtype="bfloat16", preset="bench")
+    dynamic = all(a is None or a.dynamic for _, a in spec.act)
     one, kv = jnp.ones((D,), jnp.bfloat16), jnp.full((KV,), 0.25, jnp.float32)
     lp = PackedLayer(input_norm=one, post_norm=one, qkv=cat(["q", "k", "v"]), o=q["o"], gate_up=cat(["gate", "up"]),
                      down=q["down"], act_scale={} if dynamic else {s: jnp.full((1, 1), 0.5, jnp.float32) for s in ACT_SITES},
-                     k_scale=kv, k_zero=jnp.full((KV,), 8.0, jnp.float32), v_scale=kv, v_zero=jnp.full((KV,), 8.0, jnp.float32))
+                     k_scale=kv, k_zero=jnp.full((KV,), 8.0, jnp.float32), v_scale=kv, v_zero=jnp.full((KV,), 8.0, jnp.float32),
+                     flat={})
     params = {"input_norm": one, "post_norm": one,
               "attn": {n: w[n].astype(jnp.bfloat16) for n in ("q", "k", "v", "o")},
               "mlp": {n: w[n].astype(jnp.bfloat16) for n in ("gate", "up", "down")}}
-    return params, lp, spec
+    return params, lp
+
+
+def real_layer(config: ModelConfig, spec):
+    """Jitted real int4 layer f(lp, x [1, L, D], k codes, v codes, prefix_k, prefix_v, row) -> (x, (kc, vc))."""
+    from prefixquant_jax.model import rope_tables
+    from prefixquant_jax.runtime.model import layer
+
+    @jax.jit
+    def real(lp, x, kc, vc, pk, pv, row):
+        cos, sin = rope_tables(config, spec.prefix_len + row + jnp.arange(x.shape[1]))
+        y, kv = layer(spec, lp, x, (kc, vc, None, None), pk, pv, row, cos, sin)
+        return y, kv[:2]
+
+    return real
+
+
+def case_shapes(config: ModelConfig, case: str, L: int, T: int):
+    """(new tokens, cached rows, rows of the int4 cache) of a "prefill" (L tokens) or "decode" (1 after T) case."""
+    from prefixquant_jax.runtime.model import cache_rows
+
+    n_new, cached = (L, 0) if case == "prefill" else (1, T)
+    return n_new, cached, cache_rows(cached + n_new)
 
 
 def bench(config: ModelConfig, L: int, T: int, P: int, opt) -> list[dict]:
@@ -76,18 +98,14 @@ def bench(config: ModelConfig, L: int, T: int, P: int, opt) -> list[dict]:
     from flax import nnx
 
     from prefixquant_jax.model import Block, rope_tables
-    from prefixquant_jax.runtime.model import cache_rows, layer
 
-    params, lp, spec = build(config, P, opt.a_bits, opt.dynamic, "kernels")
+    spec = build_spec(config, P, opt.a_bits, opt.dynamic, "kernels")
+    params, lp = build(config, spec)
+    real = real_layer(config, spec)
     KV, hd, D = config.num_kv_heads, config.head_dim, config.hidden_size
     ks = jax.random.split(jax.random.PRNGKey(1), 6)
     pk = jax.random.normal(ks[0], (P, KV, hd), jnp.float32)
     pv = jax.random.normal(ks[1], (P, KV, hd), jnp.float32)
-
-    @jax.jit
-    def real(lp, x, kc, vc, row):
-        cos, sin = rope_tables(config, P + row + jnp.arange(x.shape[1]))
-        return layer(spec, lp, x, kc, vc, pk, pv, row, cos, sin)
 
     graphdef, state = nnx.split(Block(config, params, jnp.bfloat16))
 
@@ -97,13 +115,13 @@ def bench(config: ModelConfig, L: int, T: int, P: int, opt) -> list[dict]:
         return nnx.merge(graphdef, state)(x, ck, cv, offset, cos, sin)
 
     rows = []
-    for case, n_new, cached in (("prefill", L, 0), ("decode", 1, T)):
+    for case in ("prefill", "decode"):
+        n_new, cached, Tr = case_shapes(config, case, L, T)
         x = jax.random.normal(ks[2], (1, n_new, D), jnp.bfloat16)
-        Tr = cache_rows(cached + n_new)
         kc = jax.random.randint(ks[3], (1, Tr, KV, hd // 2), -128, 128, jnp.int32).astype(jnp.int8)
         vc = jax.random.randint(ks[4], (1, Tr, KV, hd // 2), -128, 128, jnp.int32).astype(jnp.int8)
         fcache = jax.random.normal(ks[5], (1, P + cached + n_new, KV, hd), jnp.bfloat16)
-        t_real = timeit(real, lp, x, kc, vc, cached, iters=opt.iters, warmup=opt.warmup)
+        t_real = timeit(real, lp, x, kc, vc, pk, pv, cached, iters=opt.iters, warmup=opt.warmup)
         t_fp = timeit(fp, state, x, fcache, fcache, P + cached, iters=opt.iters, warmup=opt.warmup)
         rows.append({"case": case, "tokens": n_new, "cached": cached, "prefix": P, "hidden": D, "ffn": config.intermediate_size,
                      "heads": config.num_heads, "kv_heads": KV, "head_dim": hd, "a_bits": opt.a_bits,
@@ -112,6 +130,10 @@ def bench(config: ModelConfig, L: int, T: int, P: int, opt) -> list[dict]:
         print(f"{case:<8} new {n_new:<5} cached {cached:<5} prefix {P}  real int4 {t_real:.3f} ms  bf16 {t_fp:.3f} ms  "
               f"speedup {r['speedup']:.2f}x", flush=True)
     return rows
+
+
+LLAMA3_8B_LAYER = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=1, num_heads=32,
+                              num_kv_heads=8, head_dim=128, rope_theta=500000.0, max_position_embeddings=8192)
 
 
 def main(argv=None) -> int:
@@ -131,8 +153,7 @@ def main(argv=None) -> int:
                              num_kv_heads=2, head_dim=16, max_position_embeddings=256)
         L, T = 32, 32
     else:
-        config = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=1, num_heads=32,
-                             num_kv_heads=8, head_dim=128, rope_theta=500000.0, max_position_embeddings=8192)
+        config = LLAMA3_8B_LAYER
         L, T = 2048, 2048
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({backend}), jax {jax.__version__}, iters {opt.iters}, "

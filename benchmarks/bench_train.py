@@ -37,14 +37,14 @@ def random_block(config, recipe, rng):
     return Block(config, p, jnp.float32, recipe)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=SHAPES, default="smollm2")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--json")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     config = ModelConfig(vocab_size=32, num_layers=1, max_position_embeddings=a.seqlen + 8, **SHAPES[a.shape])
     preset = get_preset("w4a4kv4-static")
     recipe = preset.recipe()

@@ -5,14 +5,26 @@ tensors have power-of-two shapes, matmul operands have every dimension >= 16 (Tr
 minimum), there is no scratch memory, and reductions over the contraction axis run as a
 `lax.fori_loop` inside one program rather than across grid steps. The wrappers pad inputs to block
 multiples and slice results, so callers may pass any shape.
+
+On GPU every pallas_call passes `triton_params()`: since jax 0.10 Pallas lowers a call without
+compiler_params through Mosaic GPU, which stages whole blocks in shared memory (the GEMMs' full-K
+blocks overflow it) and deprecates `pl.pallas_call`. `tests/pallas_kernels/test_gpu_lowering.py`
+lowers every kernel for CUDA on the CPU to check that the Triton lowering accepts them.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 MIN_DOT = 16  # smallest M/N/K a Triton dot accepts
+
+
+def triton_params(num_warps: int | None = None, num_stages: int | None = None):
+    """The compiler_params every kernel passes: select the Triton lowering (not Mosaic GPU) on GPU.
+    Ignored in interpret mode. None keeps Triton's defaults (4 warps, 3 stages)."""
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
@@ -124,6 +136,7 @@ def tiled_matmul_call(kernel, x, w, *, rows=(), cols=(), block_m: int, block_n: 
         in_specs=in_specs,
         out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
         interpret=interpret,
+        compiler_params=triton_params(),
         name=name,
     )(x, w, *rows, *cols)
     return out[:M, :N]

@@ -44,6 +44,7 @@ from pallas_kernels._common import (
     pad_to,
     resolve_interpret,
     unpack_lo_hi_unsigned,
+    triton_params,
 )
 from pallas_kernels.int4 import pack_int4, unpack_int4
 
@@ -168,6 +169,7 @@ def decode_attention(q, k_cache, v_cache, lengths, k_scale, k_zero, v_scale, v_z
         in_specs=in_specs,
         out_specs=(ospec, ospec, sspec, sspec),
         interpret=interpret,
+        compiler_params=triton_params(),
         name="decode_attention",
     )(*args)
 

@@ -45,6 +45,7 @@ from pallas_kernels._common import (
     pad_to,
     resolve_interpret,
     round_half_even,
+    triton_params,
 )
 from pallas_kernels.int4 import pack_int4
 from prefixquant_jax.rotate.hadamard import (
@@ -98,8 +99,9 @@ def _rq_kernel(x_ref, a_ref, *rest, bits: int, dynamic: bool, clip_ratio: float,
         for y in ys:
             lo = jnp.minimum(lo, jnp.min(jnp.min(y, axis=1, keepdims=True), axis=0, keepdims=True))
             hi = jnp.maximum(hi, jnp.max(jnp.max(y, axis=1, keepdims=True), axis=0, keepdims=True))
-        c = lac_ref[...]
-        scale = jnp.maximum(jnp.maximum(-(lo * c[:, 0:1]), hi * c[:, 1:2]) / qmax, EPS)
+        # slice the ref, not a loaded value: Triton's lowering has no rule for lax.slice
+        c_min, c_max = lac_ref[:, pl.ds(0, 1)], lac_ref[:, pl.ds(1, 1)]
+        scale = jnp.maximum(jnp.maximum(-(lo * c_min), hi * c_max) / qmax, EPS)
     elif dynamic:
         amax = jnp.zeros((1, 1), jnp.float32)
         for y in ys:
@@ -171,6 +173,7 @@ def _rotate_quant(x, P1, P2, scale, lac_c, *, bits: int, clip_ratio: float, lac:
         + [pl.BlockSpec((1, 1), lambda i: (0, 0)), pl.BlockSpec((1, 2), lambda i: (0, 0))],
         out_specs=(pl.BlockSpec((None, n1p, nout), lambda i: (i, 0, 0)), pl.BlockSpec((1, 1), lambda i: (i, 0))),
         interpret=interpret,
+        compiler_params=triton_params(),
         name="rotate_quant",
     )(x3, a, *bs, s_in, lac_c)
     width = n2 // 2 if bits == 4 else n2

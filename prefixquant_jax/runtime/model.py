@@ -124,25 +124,25 @@ def identity_pair(K: int) -> tuple[np.ndarray, np.ndarray]:
     return np.eye(K // n2), np.eye(n2)
 
 
-def quantize_act(x, a: ActSpec, scale, rotate: bool, backend: str):
+def quantize_act(x, a: ActSpec, scale, rotate: bool, backend: str, interpret: bool | None = None):
     """x [M, K] -> (codes, scale): int8 [M, K/2] packed int4 (a.bits 4) or int8 [M, K]; scale f32 [1, 1]
     (static, given) or [M, 1] (dynamic per token). `rotate`: Hadamard over K first (R4)."""
     s = None if a.dynamic else scale
     if backend == "kernels":
         rot = "hadamard" if rotate else identity_pair(x.shape[-1])
-        return rotate_quant(x, rot, s, bits=a.bits, clip_ratio=a.clip_ratio)
+        return rotate_quant(x, rot, s, bits=a.bits, clip_ratio=a.clip_ratio, interpret=interpret)
     y = hadamard_transform(x) if rotate else x
     q, s = quantize_ref(y.astype(jnp.float32), s, bits=a.bits, clip_ratio=a.clip_ratio)
     return (pack_int4(q, axis=-1) if a.bits == 4 else q), s
 
 
-def int_matmul(codes, x_scale, a_bits: int, w: QWeight, backend: str, out_dtype):
+def int_matmul(codes, x_scale, a_bits: int, w: QWeight, backend: str, out_dtype, interpret: bool | None = None):
     """(codes x w.codes) * x_scale * w.scale, [M, N] in out_dtype; int32 accumulation."""
     if w.bits == 4:
-        if a_bits == 4:
-            fn = w4a4_matmul if backend == "kernels" else w4a4_matmul_ref
+        if backend == "kernels":
+            fn = functools.partial(w4a4_matmul if a_bits == 4 else w4a8_matmul, interpret=interpret)
         else:
-            fn = w4a8_matmul if backend == "kernels" else w4a8_matmul_ref
+            fn = w4a4_matmul_ref if a_bits == 4 else w4a8_matmul_ref
         return fn(codes, x_scale, w.codes, w.scale, out_dtype)
     qx = unpack_int4(codes, axis=-1) if a_bits == 4 else codes  # W8: no kernel, XLA int8 dot
     acc = jnp.dot(qx, w.codes, preferred_element_type=jnp.int32)
@@ -159,17 +159,19 @@ def linear(spec: RuntimeSpec, lp: PackedLayer, site: str, w: QWeight, x, rotate:
         if spec.backend == "kernels" and pair is not None and a is not None and pair[1].shape[0] % 2 == 0:
             lac = flat.lac_factors(lp.flat, site) if a.dynamic else None  # fused transform + quantize + pack
             codes, s = rotate_quant(x2, pair, None if a.dynamic else lp.act_scale[site], bits=a.bits,
-                                    clip_ratio=a.clip_ratio, lac=lac)
-            return int_matmul(codes, s, a.bits, w, spec.backend, spec.compute_dtype).reshape(*lead, -1)
+                                    clip_ratio=a.clip_ratio, lac=lac, interpret=spec.interpret)
+            return int_matmul(codes, s, a.bits, w, spec.backend, spec.compute_dtype,
+                              spec.interpret).reshape(*lead, -1)
         x2 = flat.site_input(lp.flat, site, x2, spec.kv_original_space)
     if a is None:  # FP activations: float matmul with the dequantized kernel
         y = (hadamard_transform(x2) if rotate else x2) @ w.dequantize(spec.compute_dtype)
     elif spec.flat and a.dynamic and flat.has_lac(lp.flat, site):
         codes, s = flat.lac_act_codes(lp.flat, site, x2, a.bits)
-        y = int_matmul(pack_int4(codes, axis=-1) if a.bits == 4 else codes, s, a.bits, w, spec.backend, spec.compute_dtype)
+        y = int_matmul(pack_int4(codes, axis=-1) if a.bits == 4 else codes, s, a.bits, w, spec.backend, spec.compute_dtype,
+                       spec.interpret)
     else:
-        codes, s = quantize_act(x2, a, lp.act_scale.get(site), rotate, spec.backend)
-        y = int_matmul(codes, s, a.bits, w, spec.backend, spec.compute_dtype)
+        codes, s = quantize_act(x2, a, lp.act_scale.get(site), rotate, spec.backend, spec.interpret)
+        y = int_matmul(codes, s, a.bits, w, spec.backend, spec.compute_dtype, spec.interpret)
     return y.reshape(*lead, -1)
 
 
@@ -232,7 +234,10 @@ def _attend_decode(spec, lp, q, kv, pk, pv, row):
     """decode_attention (or its reference) for one token q [B, 1, H, hd] (4-bit static KV): [B, 1, H * hd]."""
     B, _, H, hd = q.shape
     kc, vc = kv[:2]
-    fn = decode_attention if spec.backend == "kernels" else decode_attention_ref
+    if spec.backend == "kernels":
+        fn = functools.partial(decode_attention, interpret=spec.interpret)
+    else:
+        fn = decode_attention_ref
     lengths = jnp.full((B,), row + 1, jnp.int32)
     o = fn(q[:, 0], kc, vc, lengths, lp.k_scale, lp.k_zero, lp.v_scale, lp.v_zero,
            pk if spec.prefix_len else None, pv if spec.prefix_len else None)

@@ -73,6 +73,7 @@ class RuntimeSpec:
     preset: str = ""
     flat: bool = False  # FlatQuant: online transforms and LAC at the sites (runtime/flat.py)
     kv_original_space: bool = False  # FlatQuant with an FP prefix: cached K/V mapped back by P^-1
+    interpret: bool | None = None  # Pallas interpret mode for the kernels backend; None: on the CPU only
 
     def act_spec(self, site: str) -> ActSpec | None:
         return dict(self.act)[site]

@@ -1,0 +1,61 @@
+"""The GPU benchmark scripts run (tiny shapes, interpret mode) and their GPU graphs lower for CUDA.
+
+No GPU is needed: each script's --allow-cpu mode runs every case once at tiny shapes, which catches a
+script that has drifted from the API it times (bench_layer once had); the Llama-3-8B layer that
+bench_layer times on a GPU is lowered for CUDA with its kernels compiled, at the real shapes, to check
+that every Pallas call in it goes through Triton (tests/pallas_kernels/test_gpu_lowering.py).
+"""
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import bench_kernels, bench_layer, bench_train
+from tests.pallas_kernels.test_gpu_lowering import cuda_kernels
+
+
+def read_rows(path):
+    with open(path) as f:
+        return json.load(f)["results"]
+
+
+def test_bench_kernels_allow_cpu(tmp_path):
+    out = tmp_path / "k.json"
+    assert bench_kernels.main(["--allow-cpu", "--json", str(out)]) == 0
+    rows = read_rows(out)
+    assert {r["case"] for r in rows} == {"w4a4_gemm", "w4a8_gemm", "w4_gemv", "rotate_quant", "decode_attention"}
+    assert all(r["kernel_ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("extra", [[], ["--a-bits", "8", "--dynamic"]], ids=["w4a4-static", "w4a8-dynamic"])
+def test_bench_layer_allow_cpu(tmp_path, extra):
+    out = tmp_path / "l.json"
+    assert bench_layer.main(["--allow-cpu", "--json", str(out)] + extra) == 0
+    rows = read_rows(out)
+    assert [r["case"] for r in rows] == ["prefill", "decode"]
+    assert all(r["real_ms"] > 0 and r["bf16_ms"] > 0 for r in rows)
+
+
+def test_bench_train_runs(tmp_path):
+    out = tmp_path / "t.json"
+    bench_train.main(["--batch", "1", "--seqlen", "32", "--steps", "1", "--json", str(out)])
+    with open(out) as f:
+        res = json.load(f)
+    assert res["steps_per_s"] > 0 and res["seqlen"] == 32
+
+
+@pytest.mark.parametrize("a_bits,dynamic", [(4, False), (8, True)], ids=["w4a4-static", "w4a8-dynamic"])
+def test_llama3_8b_layer_lowers_to_triton(a_bits, dynamic):
+    config, P, L, T = bench_layer.LLAMA3_8B_LAYER, 4, 2048, 2048
+    spec = bench_layer.build_spec(config, P, a_bits, dynamic, "kernels", interpret=False)
+    lp = jax.eval_shape(lambda: bench_layer.build(config, spec)[1])  # shapes only: no 8B-layer weights made
+    real = bench_layer.real_layer(config, spec)
+    KV, hd = config.num_kv_heads, config.head_dim
+    prefix = jax.ShapeDtypeStruct((P, KV, hd), jnp.float32)
+    gemm = "w4a4_matmul" if a_bits == 4 else "w4a8_matmul"
+    for case, expected in (("prefill", {"rotate_quant", gemm}), ("decode", {"rotate_quant", gemm, "decode_attention"})):
+        n_new, cached, rows = bench_layer.case_shapes(config, case, L, T)
+        cache = jax.ShapeDtypeStruct((1, rows, KV, hd // 2), jnp.int8)
+        x = jax.ShapeDtypeStruct((1, n_new, config.hidden_size), jnp.bfloat16)
+        assert set(cuda_kernels(real, lp, x, cache, cache, prefix, prefix, cached)) == expected, case
