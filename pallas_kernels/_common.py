@@ -27,6 +27,18 @@ def triton_params(num_warps: int | None = None, num_stages: int | None = None):
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
+def default_warps(tile_elems: int, num_warps: int | None = None) -> int | None:
+    """num_warps if given, else 8 for tiles of >= 128 x 128 elements, else None (Triton's 4).
+
+    Compiled offline for sm_90 (pallas_kernels.sm90_check), the 128 x 128 x 256 W4A4 / W4A8 GEMM tile
+    needs 255 registers per thread and spills 1.2 KB / 0.9 KB of stack with 4 warps; with 8 warps it
+    uses 240 / 227 registers and spills nothing. The K = 14336 rotate_quant tile (128 x 128) likewise.
+    """
+    if num_warps is not None:
+        return num_warps
+    return 8 if tile_elems >= 128 * 128 else None
+
+
 def resolve_interpret(interpret: bool | None) -> bool:
     """None -> True exactly when JAX's default backend is the CPU (Pallas cannot compile there)."""
     if interpret is None:
@@ -110,7 +122,8 @@ def pack_lo_hi(lo, hi):
 
 
 def tiled_matmul_call(kernel, x, w, *, rows=(), cols=(), block_m: int, block_n: int, kx_multiple: int,
-                      kw_multiple: int, out_dtype, name: str, interpret: bool):
+                      kw_multiple: int, out_dtype, name: str, interpret: bool, num_warps: int | None = None,
+                      num_stages: int | None = None):
     """The pallas_call shared by the GEMM/GEMV kernels: one program per [block_m, block_n] output tile.
 
     x [M, Kx] and w [Kw, N] are zero-padded to (block_m, kx_multiple) and (kw_multiple, block_n); each
@@ -118,6 +131,7 @@ def tiled_matmul_call(kernel, x, w, *, rows=(), cols=(), block_m: int, block_n: 
     itself. `rows`: per-row operands [M, r] (e.g. activation scales), blocked (block_m, r); `cols`:
     per-column operands [c, N] (e.g. weight scales), blocked (c, block_n). The kernel is called as
     kernel(x_ref, w_ref, *row_refs, *col_refs, o_ref). Returns the [M, N] result (padding sliced off).
+    num_warps / num_stages: Triton's (GPU only; None: triton_params' defaults).
     """
     M, N = x.shape[0], w.shape[1]
     x = pad_axis(pad_axis(x, 0, block_m), 1, kx_multiple)
@@ -136,7 +150,7 @@ def tiled_matmul_call(kernel, x, w, *, rows=(), cols=(), block_m: int, block_n: 
         in_specs=in_specs,
         out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
         interpret=interpret,
-        compiler_params=triton_params(),
+        compiler_params=triton_params(num_warps, num_stages),
         name=name,
     )(x, w, *rows, *cols)
     return out[:M, :N]

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (cdiv, gemm_blocks, gemm_scales, int_gemm_program, resolve_interpret,
-                                    tiled_matmul_call, unpack_lo_hi)
+from pallas_kernels._common import (cdiv, default_warps, gemm_blocks, gemm_scales, int_gemm_program,
+                                    resolve_interpret, tiled_matmul_call, unpack_lo_hi)
 from pallas_kernels.int4 import unpack_int4
 
 
@@ -45,10 +45,10 @@ def _w4a4_kernel(x_ref, w_ref, xs_ref, ws_ref, o_ref, *, bkh: int, nk: int, retu
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "return_int32", "block_m", "block_n", "block_k",
-                                             "interpret"))
+                                             "interpret", "num_warps", "num_stages"))
 def w4a4_matmul(x_packed, x_scale, w_packed, w_scale, out_dtype=jnp.bfloat16, *, return_int32: bool = False,
                 block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
-                interpret: bool | None = None):
+                interpret: bool | None = None, num_warps: int | None = None, num_stages: int | None = None):
     """y = (unpack(x_packed) @ unpack(w_packed)) * x_scale * w_scale, [M, N] in out_dtype.
 
     x_packed int8 [M, K/2], x_scale f32 [M, 1] or [1, 1], w_packed int8 [K/2, N], w_scale f32 [1, N].
@@ -66,7 +66,8 @@ def w4a4_matmul(x_packed, x_scale, w_packed, w_scale, out_dtype=jnp.bfloat16, *,
     return tiled_matmul_call(kernel, x_packed.astype(jnp.int8), w_packed.astype(jnp.int8), rows=[xs], cols=[ws],
                              block_m=bm, block_n=bn, kx_multiple=bkh, kw_multiple=bkh,
                              out_dtype=jnp.int32 if return_int32 else out_dtype, name="w4a4_matmul",
-                             interpret=resolve_interpret(interpret))
+                             interpret=resolve_interpret(interpret), num_warps=default_warps(bm * bn, num_warps),
+                             num_stages=num_stages)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "return_int32"))

@@ -51,9 +51,11 @@ def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, bk: int, nk: int, grouped: bool)
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "block_n", "block_k", "block_m", "interpret"))
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_n", "block_k", "block_m", "interpret", "num_warps",
+                                             "num_stages"))
 def gemv_w4(x, w_packed, w_scale, out_dtype=None, *, block_n: int | None = None, block_k: int | None = None,
-            block_m: int | None = None, interpret: bool | None = None):
+            block_m: int | None = None, interpret: bool | None = None, num_warps: int | None = None,
+            num_stages: int | None = None):
     """y = x @ dequant(w_packed, w_scale), [M, N] in out_dtype (default x.dtype), f32 accumulation.
 
     w_scale [1, N] is per output channel; [G, N] with G > 1 means groups of K // G rows along K
@@ -81,7 +83,7 @@ def gemv_w4(x, w_packed, w_scale, out_dtype=None, *, block_n: int | None = None,
     kernel = functools.partial(_gemv_kernel, bk=bk, nk=cdiv(K, bk), grouped=grouped)
     return tiled_matmul_call(kernel, x, w_packed.astype(jnp.int8), cols=[s], block_m=bm, block_n=bn,
                              kx_multiple=bk, kw_multiple=bk // 2, out_dtype=out_dtype, name="gemv_w4",
-                             interpret=resolve_interpret(interpret))
+                             interpret=resolve_interpret(interpret), num_warps=num_warps, num_stages=num_stages)
 
 
 def dequantize_w4(w_packed, w_scale):

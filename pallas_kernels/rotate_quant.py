@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (
     MIN_DOT,
+    default_warps,
     next_pow2,
     pack_lo_hi,
     pad_to,
@@ -116,7 +117,7 @@ def _rq_kernel(x_ref, a_ref, *rest, bits: int, dynamic: bool, clip_ratio: float,
 
 
 def rotate_quant(x, rotation="hadamard", scale=None, *, bits: int = 4, clip_ratio: float = 1.0, lac=None,
-                 interpret: bool | None = None):
+                 interpret: bool | None = None, num_warps: int | None = None):
     """(codes, scale): x [M, K] bf16/f32 rotated by `rotation`, quantized symmetrically and packed.
 
     rotation: "hadamard" or a Kronecker pair (P1 [n1, n1], P2 [n2, n2]) with n1 * n2 = K.
@@ -135,7 +136,7 @@ def rotate_quant(x, rotation="hadamard", scale=None, *, bits: int = 4, clip_rati
     _qrange(bits)
     return _rotate_quant(x, jnp.asarray(P1, jnp.float32), jnp.asarray(P2, jnp.float32), scale, _lac_operand(lac),
                          bits=bits, clip_ratio=float(clip_ratio), lac=lac is not None,
-                         interpret=resolve_interpret(interpret))
+                         interpret=resolve_interpret(interpret), num_warps=num_warps)
 
 
 def _lac_operand(lac):
@@ -145,8 +146,9 @@ def _lac_operand(lac):
     return jnp.stack([jnp.asarray(c, jnp.float32).reshape(()) for c in lac]).reshape(1, 2)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "clip_ratio", "lac", "interpret"))
-def _rotate_quant(x, P1, P2, scale, lac_c, *, bits: int, clip_ratio: float, lac: bool, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("bits", "clip_ratio", "lac", "interpret", "num_warps"))
+def _rotate_quant(x, P1, P2, scale, lac_c, *, bits: int, clip_ratio: float, lac: bool, interpret: bool,
+                  num_warps: int | None):
     M = x.shape[0]
     n1, n2 = P1.shape[0], P2.shape[0]
     n1p, n2p = max(MIN_DOT, next_pow2(n1)), max(MIN_DOT, next_pow2(n2))
@@ -173,7 +175,7 @@ def _rotate_quant(x, P1, P2, scale, lac_c, *, bits: int, clip_ratio: float, lac:
         + [pl.BlockSpec((1, 1), lambda i: (0, 0)), pl.BlockSpec((1, 2), lambda i: (0, 0))],
         out_specs=(pl.BlockSpec((None, n1p, nout), lambda i: (i, 0, 0)), pl.BlockSpec((1, 1), lambda i: (i, 0))),
         interpret=interpret,
-        compiler_params=triton_params(),
+        compiler_params=triton_params(default_warps(n1p * n2p, num_warps)),
         name="rotate_quant",
     )(x3, a, *bs, s_in, lac_c)
     width = n2 // 2 if bits == 4 else n2
