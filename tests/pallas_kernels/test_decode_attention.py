@@ -39,6 +39,19 @@ def np_attention(q, kc, vc, lengths, ks, kz, vs, vz, pk, pv):
     return out
 
 
+def random_decode_inputs(rng, B, H, KV, hd, T, P, dtype):
+    """(q, k codes, v codes, k_scale, k_zero, v_scale, v_zero, prefix_k, prefix_v): random per-head
+    quantizers, caches of normal values packed as uint4, a prefix of P rows (None when P = 0)."""
+    q = jnp.asarray(rng.standard_normal((B, H, hd)), dtype)
+    ks, vs = rng.uniform(0.2, 0.4, KV).astype(np.float32), rng.uniform(0.2, 0.4, KV).astype(np.float32)
+    kz, vz = rng.integers(4, 12, KV).astype(np.float32), rng.integers(4, 12, KV).astype(np.float32)
+    kc = pack_kv_uint4(jnp.asarray(rng.standard_normal((B, T, KV, hd)) * 1.5), ks, kz)
+    vc = pack_kv_uint4(jnp.asarray(rng.standard_normal((B, T, KV, hd)) * 1.5), vs, vz)
+    pk = jnp.asarray(rng.standard_normal((P, KV, hd)) * 2, dtype) if P else None
+    pv = jnp.asarray(rng.standard_normal((P, KV, hd)), dtype) if P else None
+    return q, kc, vc, ks, kz, vs, vz, pk, pv
+
+
 CASES = [  # (B, H, KV, hd, T, P, lengths, block_t, num_splits, dtype)
     (2, 8, 2, 32, 37, 3, [37, 5], 16, None, jnp.float32),   # GQA 4:1, T % block_t != 0
     (3, 2, 2, 32, 20, 0, [20, 1, 9], 16, 2, jnp.float32),    # H == KV, no prefix, 2 splits
@@ -49,14 +62,8 @@ CASES = [  # (B, H, KV, hd, T, P, lengths, block_t, num_splits, dtype)
 
 @pytest.mark.parametrize("B,H,KV,hd,T,P,lengths,block_t,num_splits,dtype", CASES)
 def test_decode_attention(B, H, KV, hd, T, P, lengths, block_t, num_splits, dtype):
-    rng = np.random.default_rng(B * 100 + T + P)
-    q = jnp.asarray(rng.standard_normal((B, H, hd)), dtype)
-    ks, vs = rng.uniform(0.2, 0.4, KV).astype(np.float32), rng.uniform(0.2, 0.4, KV).astype(np.float32)
-    kz, vz = rng.integers(4, 12, KV).astype(np.float32), rng.integers(4, 12, KV).astype(np.float32)
-    kc = pack_kv_uint4(jnp.asarray(rng.standard_normal((B, T, KV, hd)) * 1.5), ks, kz)
-    vc = pack_kv_uint4(jnp.asarray(rng.standard_normal((B, T, KV, hd)) * 1.5), vs, vz)
-    pk = jnp.asarray(rng.standard_normal((P, KV, hd)) * 2, dtype) if P else None
-    pv = jnp.asarray(rng.standard_normal((P, KV, hd)), dtype) if P else None
+    q, kc, vc, ks, kz, vs, vz, pk, pv = random_decode_inputs(np.random.default_rng(B * 100 + T + P), B, H, KV, hd,
+                                                             T, P, dtype)
     L = jnp.asarray(lengths, jnp.int32)
     out = decode_attention(q, kc, vc, L, ks, kz, vs, vz, pk, pv, block_t=block_t, num_splits=num_splits)
     assert out.shape == (B, H, hd) and out.dtype == dtype

@@ -22,14 +22,13 @@ from pallas_kernels import (
     decode_attention,
     gemv_w4,
     pack_int4,
-    pack_kv_uint4,
     rotate_quant,
     unpack_int4,
     w4a4_matmul,
     w4a8_matmul,
 )
 from prefixquant_jax.rotate.hadamard import hadamard_matrix
-from tests.pallas_kernels.test_decode_attention import np_attention
+from tests.pallas_kernels.test_decode_attention import np_attention, random_decode_inputs
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (JAX backend is not gpu)")]
@@ -98,13 +97,7 @@ def test_rotate_quant_on_gpu(M, K, static):
 def test_decode_attention_on_gpu(B, H, KV, hd, T, P, dtype):
     rng = np.random.default_rng(B * T + P)
     lengths = rng.integers(1, T + 1, B).tolist()
-    q = jnp.asarray(rng.standard_normal((B, H, hd)), dtype)
-    ks, vs = rng.uniform(0.2, 0.4, KV).astype(np.float32), rng.uniform(0.2, 0.4, KV).astype(np.float32)
-    kz, vz = rng.integers(4, 12, KV).astype(np.float32), rng.integers(4, 12, KV).astype(np.float32)
-    kc = pack_kv_uint4(jnp.asarray(rng.standard_normal((B, T, KV, hd)) * 1.5), ks, kz)
-    vc = pack_kv_uint4(jnp.asarray(rng.standard_normal((B, T, KV, hd)) * 1.5), vs, vz)
-    pk = jnp.asarray(rng.standard_normal((P, KV, hd)) * 2, dtype) if P else None
-    pv = jnp.asarray(rng.standard_normal((P, KV, hd)), dtype) if P else None
+    q, kc, vc, ks, kz, vs, vz, pk, pv = random_decode_inputs(rng, B, H, KV, hd, T, P, dtype)
     out = decode_attention(q, kc, vc, jnp.asarray(lengths, jnp.int32), ks, kz, vs, vz, pk, pv)
     expected = np_attention(q, kc, vc, lengths, ks, kz, vs, vz, pk, pv)
     np.testing.assert_allclose(np.asarray(out, np.float64), expected, atol=3e-2, rtol=2e-2)
