@@ -53,9 +53,13 @@ def triton_ir(fn, *args) -> list[tuple[str, str, int, int]]:
         modules.append(result.module.operation.get_asm(enable_debug_info=False))
         return result
 
+    # the target GPU, for jax >= 0.11, whose Triton lowering reads it from the device (none here) or from
+    # an abstract mesh; jax 0.10 assumes sm_90 when it finds no GPU
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
     lowering.lower_jaxpr_to_triton_module = capture
     try:
-        hlo = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+            hlo = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     finally:
         lowering.lower_jaxpr_to_triton_module = original
     if "mosaic" in hlo.lower():
