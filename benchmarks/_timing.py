@@ -21,6 +21,26 @@ def timeit(fn, *args, iters: int, warmup: int = 3, batches: int = 3) -> float:
     return statistics.median(per_call)
 
 
+def timeit_cycle(fn, arg_sets, *, iters: int, warmup: int = 3, batches: int = 3) -> float:
+    """timeit, with call i taking arg_sets[i % len(arg_sets)]: for memory-bound kernels whose inputs would
+    otherwise stay in the L2 cache between calls (50 MB on an H100 / H200), see copies_beyond_l2."""
+    for i in range(warmup):
+        jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+    per_call = []
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        for i in range(iters):
+            out = fn(*arg_sets[i % len(arg_sets)])
+        jax.block_until_ready(out)
+        per_call.append((time.perf_counter() - t0) * 1e3 / iters)
+    return statistics.median(per_call)
+
+
+def copies_beyond_l2(nbytes: int, working_set: int = 128 << 20, most: int = 16) -> int:
+    """How many distinct copies of an nbytes input make a working set of >= working_set bytes (2.5x the L2)."""
+    return max(1, min(most, -(-working_set // max(nbytes, 1))))
+
+
 def write_json(doc: dict, path: str | None) -> None:
     """`--json` output: nothing for None, stdout for "-", else the file."""
     import json

@@ -7,9 +7,11 @@ Usage:
 Cases (GPU):
   * W4A4 / W4A8 GEMM at M=2048, (K, N) in (4096, 4096), (4096, 14336), (14336, 4096) vs bf16 jnp.dot
   * W4A4 GEMM M sweep 16..8192 at K = N = 4096 vs bf16 jnp.dot
-  * W4 weight-only GEMV at M = 1, 8, 16 (per-channel and group-128 scales) vs bf16 jnp.dot
+  * W4 weight-only GEMV at M = 1, 8, 16 (per-channel and group-128 scales) vs bf16 jnp.dot, and at M = 1
+    with block_n 16 / 32 (more programs than the default 64); weights cycled beyond the L2 on both sides
   * fused rotate + quantize (Hadamard, dynamic per-token int4) vs the W4A4 GEMM it feeds
-  * decode attention, 2048-token int4 cache + 4-token FP prefix vs bf16 plain attention (GQA 32/8, hd 128)
+  * decode attention, 2048-token int4 cache + 4-token FP prefix vs bf16 plain attention (GQA 32/8, hd 128),
+    caches cycled beyond the L2 on both sides
 "speedup" is baseline time / kernel time (> 1 means the kernel is faster); for rotate+quant the ratio
 is its time as a fraction of the GEMM's.
 """
@@ -21,7 +23,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._timing import add_common_args, on_gpu_or_allowed, timeit, write_json  # noqa: E402
+from benchmarks._timing import (add_common_args, copies_beyond_l2, on_gpu_or_allowed, timeit,  # noqa: E402
+                               timeit_cycle, write_json)
 
 import jax
 import jax.numpy as jnp
@@ -57,19 +60,22 @@ def bench_gemm(M, K, N, kind, opt, rows):
     return t_k
 
 
-def bench_gemv(M, K, N, group, opt, rows):
+def bench_gemv(M, K, N, group, opt, rows, block_n=None):
+    """Weight-bandwidth-bound: both sides cycle through enough weight copies that none stays in the L2."""
     from pallas_kernels import gemv_w4, pack_int4
 
-    k1, k2 = jax.random.split(jax.random.PRNGKey(M * 7 + K + N))
-    wp = pack_int4(_rand_codes(k2, (K, N), -8, 8), axis=0)
+    n_int4, n_bf16 = copies_beyond_l2(K * N // 2), copies_beyond_l2(K * N * 2)
+    keys = jax.random.split(jax.random.PRNGKey(M * 7 + K + N), 1 + max(n_int4, n_bf16))
+    x = jax.random.normal(keys[0], (M, K), jnp.bfloat16)
     s = jnp.full((1 if group is None else K // group, N), 0.01, jnp.float32)
-    x = jax.random.normal(k1, (M, K), jnp.bfloat16)
-    wb = jax.random.normal(k2, (K, N), jnp.bfloat16)
-    f = jax.jit(lambda x, w: gemv_w4(x, w, s, interpret=opt.interpret))
-    t_k = timeit(f, x, wp, iters=opt.iters, warmup=opt.warmup)
-    t_b = timeit(jax.jit(jnp.dot), x, wb, iters=opt.iters, warmup=opt.warmup)
-    rows.append({"case": "w4_gemv", "M": M, "K": K, "N": N, "group": group, "kernel_ms": t_k, "bf16_ms": t_b, "speedup": t_b / t_k,
-                     "kernel_weight_gbps": K * N / 2 / (t_k * 1e-3) / 1e9})
+    wps = [(x, pack_int4(_rand_codes(k, (K, N), -8, 8), axis=0)) for k in keys[1:1 + n_int4]]
+    wbs = [(x, jax.random.normal(k, (K, N), jnp.bfloat16)) for k in keys[1:1 + n_bf16]]
+    f = jax.jit(lambda x, w: gemv_w4(x, w, s, block_n=block_n, interpret=opt.interpret))
+    t_k = timeit_cycle(f, wps, iters=opt.iters, warmup=opt.warmup)
+    t_b = timeit_cycle(jax.jit(jnp.dot), wbs, iters=opt.iters, warmup=opt.warmup)
+    rows.append({"case": "w4_gemv", "M": M, "K": K, "N": N, "group": group, "block_n": block_n, "kernel_ms": t_k,
+                 "bf16_ms": t_b, "speedup": t_b / t_k, "weight_copies": [len(wps), len(wbs)],
+                 "kernel_weight_gbps": K * N / 2 / (t_k * 1e-3) / 1e9, "bf16_weight_gbps": K * N * 2 / (t_b * 1e-3) / 1e9})
 
 
 def bench_rotate(M, K, N, opt, rows):
@@ -108,18 +114,23 @@ def bench_attention(B, H, KV, hd, T, P, opt, rows):
     vc = jax.random.randint(ks[2], (B, T, KV, hd // 2), -128, 128, jnp.int32).astype(jnp.int8)
     pk = jax.random.normal(ks[3], (P, KV, hd), jnp.bfloat16)
     pv = jax.random.normal(ks[4], (P, KV, hd), jnp.bfloat16)
-    kb = jax.random.normal(ks[5], (B, T, KV, hd), jnp.bfloat16)
     lengths = jnp.full((B,), T, jnp.int32)
     sc, zr = jnp.full((KV,), 0.1, jnp.float32), jnp.full((KV,), 8.0, jnp.float32)
+    # cache-bandwidth-bound: cycle through enough caches (copies) that none stays in the L2
+    n_int4, n_bf16 = copies_beyond_l2(2 * kc.size), copies_beyond_l2(4 * B * T * KV * hd)
+    int4_sets = [(q, jnp.roll(kc, i, axis=1), jnp.roll(vc, i, axis=1), lengths) for i in range(n_int4)]
+    kbs = [jax.random.normal(k, (B, T, KV, hd), jnp.bfloat16) for k in jax.random.split(ks[5], n_bf16)]
+    bf16_sets = [(q, kb, kb[:, ::-1], lengths, pk, pv) for kb in kbs]
     f = jax.jit(lambda q, kc, vc, L: decode_attention(q, kc, vc, L, sc, zr, sc, zr, pk, pv, interpret=opt.interpret))
-    t_k = timeit(f, q, kc, vc, lengths, iters=opt.iters, warmup=opt.warmup)
-    t_b = timeit(jax.jit(_plain_attention), q, kb, kb, lengths, pk, pv, iters=opt.iters, warmup=opt.warmup)
+    t_k = timeit_cycle(f, int4_sets, iters=opt.iters, warmup=opt.warmup)
+    t_b = timeit_cycle(jax.jit(_plain_attention), bf16_sets, iters=opt.iters, warmup=opt.warmup)
     rows.append({"case": "decode_attention", "B": B, "H": H, "KV": KV, "head_dim": hd, "T": T, "P": P, "kernel_ms": t_k,
-                     "bf16_ms": t_b, "speedup": t_b / t_k})
+                 "bf16_ms": t_b, "speedup": t_b / t_k, "cache_copies": [n_int4, n_bf16]})
 
 
 def _fmt(r):
-    shape = " ".join(f"{k}={r[k]}" for k in ("M", "K", "N", "group", "B", "H", "KV", "head_dim", "T", "P") if k in r)
+    shape = " ".join(f"{k}={r[k]}" for k in ("M", "K", "N", "group", "block_n", "B", "H", "KV", "head_dim", "T", "P")
+                     if k in r and r[k] is not None)
     head = f"{r['case']:<17} {shape:<40} kernel {r['kernel_ms']:.4f} ms"
     if "gemm_ms" in r:
         return (f"{head}  w4a4 gemm {r['gemm_ms']:.4f} ms  rotate/gemm {r['fraction_of_gemm']:.3f}  "
@@ -156,8 +167,8 @@ def main(argv=None):
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({backend}), jax {jax.__version__}, iters {opt.iters}")
 
-    def run(fn, *a):
-        fn(*a, opt, rows)
+    def run(fn, *a, **kw):
+        fn(*a, opt, rows, **kw)
         print(_fmt(rows[-1]), flush=True)
 
     for K, N in gemm_shapes:
@@ -171,6 +182,9 @@ def main(argv=None):
         for M in gemv_ms:
             run(bench_gemv, M, K, N, None)
         run(bench_gemv, gemv_ms[-1], K, N, 128 if K % 128 == 0 and K > 128 else 64)
+    K, N = gemv_shapes[0]
+    for bn in (16, 32):  # occupancy variants at M = 1: the default block_n 64 gives N / 64 programs
+        run(bench_gemv, gemv_ms[0], K, N, None, block_n=bn)
     for M, K, N in rot_shapes:
         run(bench_rotate, M, K, N)
     for a in attn:
