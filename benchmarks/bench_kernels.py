@@ -6,7 +6,7 @@ Usage:
 
 Cases (GPU):
   * W4A4 / W4A8 GEMM at M=2048, (K, N) in (4096, 4096), (4096, 14336), (14336, 4096) vs bf16 jnp.dot
-  * W4A4 GEMM M sweep 16..8192 at K = N = 4096 vs bf16 jnp.dot
+  * W4A4 GEMM M sweep 16..8192 at K = N = 4096 vs bf16 jnp.dot, and M = 1 with block_n 128 / 64 / 32
   * W4 weight-only GEMV at M = 1, 8, 16 (per-channel and group-128 scales) vs bf16 jnp.dot, and at M = 1
     with block_n 16 / 32 (more programs than the default 64); weights cycled beyond the L2 on both sides
   * fused rotate + quantize (Hadamard, dynamic per-token int4) vs the W4A4 GEMM it feeds
@@ -37,26 +37,30 @@ def _rand_codes(key, shape, lo, hi):
     return jax.random.randint(key, shape, lo, hi, dtype=jnp.int32).astype(jnp.int8)
 
 
-def bench_gemm(M, K, N, kind, opt, rows):
+def bench_gemm(M, K, N, kind, opt, rows, block_n=None):
+    """Weights cycle through copies beyond the L2 on both sides (it matters at small M, where the GEMM
+    is weight-bandwidth-bound)."""
     from pallas_kernels import pack_int4, w4a4_matmul, w4a8_matmul
 
-    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(M + K + N), 3)
-    wp = pack_int4(_rand_codes(k2, (K, N), -8, 8), axis=0)
+    n_int4, n_bf16 = copies_beyond_l2(K * N // 2), copies_beyond_l2(K * N * 2)
+    k1, k3, *kw = jax.random.split(jax.random.PRNGKey(M + K + N), 2 + max(n_int4, n_bf16))
     ws = jnp.full((1, N), 0.01, jnp.float32)
     xs = jnp.full((M, 1), 0.02, jnp.float32)
     if kind == "w4a4":
         xq = pack_int4(_rand_codes(k1, (M, K), -8, 8), axis=-1)
-        f = jax.jit(lambda x, w: w4a4_matmul(x, xs, w, ws, interpret=opt.interpret))
+        fn = w4a4_matmul
     else:
         xq = _rand_codes(k1, (M, K), -128, 128)
-        f = jax.jit(lambda x, w: w4a8_matmul(x, xs, w, ws, interpret=opt.interpret))
+        fn = w4a8_matmul
+    f = jax.jit(lambda x, w: fn(x, xs, w, ws, block_n=block_n, interpret=opt.interpret))
     xb = jax.random.normal(k3, (M, K), jnp.bfloat16)
-    wb = jax.random.normal(k2, (K, N), jnp.bfloat16)
-    t_k = timeit(f, xq, wp, iters=opt.iters, warmup=opt.warmup)
-    t_b = timeit(jax.jit(jnp.dot), xb, wb, iters=opt.iters, warmup=opt.warmup)
+    t_k = timeit_cycle(f, [(xq, pack_int4(_rand_codes(k, (K, N), -8, 8), axis=0)) for k in kw[:n_int4]],
+                       iters=opt.iters, warmup=opt.warmup)
+    t_b = timeit_cycle(jax.jit(jnp.dot), [(xb, jax.random.normal(k, (K, N), jnp.bfloat16)) for k in kw[:n_bf16]],
+                       iters=opt.iters, warmup=opt.warmup)
     tops = 2 * M * K * N / (t_k * 1e-3) / 1e12
-    rows.append({"case": f"{kind}_gemm", "M": M, "K": K, "N": N, "kernel_ms": t_k, "bf16_ms": t_b, "speedup": t_b / t_k,
-                     "kernel_tops": tops})
+    rows.append({"case": f"{kind}_gemm", "M": M, "K": K, "N": N, "block_n": block_n, "kernel_ms": t_k, "bf16_ms": t_b,
+                 "speedup": t_b / t_k, "kernel_tops": tops, "weight_copies": [n_int4, n_bf16]})
     return t_k
 
 
@@ -178,6 +182,8 @@ def main(argv=None):
         K, N = gemm_shapes[0]
         for M in sweep:
             run(bench_gemm, M, K, N, "w4a4")
+        for bn in (None, 64, 32):  # decode (M = 1): block_n 128 (default) gives only N / 128 programs
+            run(bench_gemm, 1, K, N, "w4a4", block_n=bn)
     for K, N in gemv_shapes:
         for M in gemv_ms:
             run(bench_gemv, M, K, N, None)
