@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Everything the GPU has to say, in one call of at most 9 minutes (the step limits add up to 540 s) (a lent GPU session has 15 minutes of
-# device time in all): the compiled kernels against their references (pytest -m gpu), then every GPU
-# benchmark. Each step has its own time limit and a failing step does not stop the next. Writes
-# session.log and the benchmarks' JSON to $OUT (the device tool's folder) or runs/gpu.
+# Everything the GPU has to say in one call: the compiled kernels against their references
+# (pytest -m gpu), then every GPU benchmark. A lent GPU session has 15 minutes of device time in all;
+# the step limits add up to 540 s. A failing step does not stop the next. Writes session.log and the
+# benchmarks' JSON to $OUT (the device tool's folder) or runs/gpu.
 #   device run:  bash benchmarks/gpu_session.sh          (timeout_s 560)
 # Needs only what the GPU image has (jax, flax, optax, orbax, numpy, pytest): nothing is installed.
 set -uo pipefail
