@@ -19,6 +19,7 @@ Caches are not donated (each call copies its cache once, a few MB, in both layer
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -102,6 +103,9 @@ def bench(config: ModelConfig, L: int, T: int, P: int, opt) -> list[dict]:
     spec = build_spec(config, P, opt.a_bits, opt.dynamic, "kernels")
     params, lp = build(config, spec)
     real = real_layer(config, spec)
+    # numerics check in float32: the kernels against the kernels' jnp references (the "xla" backend)
+    real_f32 = real_layer(config, dataclasses.replace(spec, dtype="float32"))
+    real_xla_f32 = real_layer(config, dataclasses.replace(spec, dtype="float32", backend="xla"))
     KV, hd, D = config.num_kv_heads, config.head_dim, config.hidden_size
     ks = jax.random.split(jax.random.PRNGKey(1), 6)
     pk = jax.random.normal(ks[0], (P, KV, hd), jnp.float32)
@@ -123,13 +127,33 @@ def bench(config: ModelConfig, L: int, T: int, P: int, opt) -> list[dict]:
         fcache = jax.random.normal(ks[5], (1, P + cached + n_new, KV, hd), jnp.bfloat16)
         t_real = timeit(real, lp, x, kc, vc, pk, pv, cached, iters=opt.iters, warmup=opt.warmup)
         t_fp = timeit(fp, state, x, fcache, fcache, P + cached, iters=opt.iters, warmup=opt.warmup)
+        err = check_against_xla(real_f32, real_xla_f32, (lp, x.astype(jnp.float32), kc, vc, pk, pv, cached), cached,
+                                n_new)
         rows.append({"case": case, "tokens": n_new, "cached": cached, "prefix": P, "hidden": D, "ffn": config.intermediate_size,
                      "heads": config.num_heads, "kv_heads": KV, "head_dim": hd, "a_bits": opt.a_bits,
-                     "dynamic": opt.dynamic, "real_ms": t_real, "bf16_ms": t_fp, "speedup": t_fp / t_real})
+                     "dynamic": opt.dynamic, "real_ms": t_real, "bf16_ms": t_fp, "speedup": t_fp / t_real, **err})
         r = rows[-1]
         print(f"{case:<8} new {n_new:<5} cached {cached:<5} prefix {P}  real int4 {t_real:.3f} ms  bf16 {t_fp:.3f} ms  "
-              f"speedup {r['speedup']:.2f}x", flush=True)
+              f"speedup {r['speedup']:.2f}x  | vs xla backend: update rel err {err['update_rel_err_vs_xla']:.2e}, "
+              f"KV codes equal {err['kv_codes_equal_vs_xla']:.4f}", flush=True)
     return rows
+
+
+def check_against_xla(real, real_xla, args, row: int, n_new: int) -> dict:
+    """The kernels layer against the same integer pipeline through the kernels' jnp references, both in
+    float32: ||d_k - d_x|| / ||d_x|| of the layer's update d = y - x (the residual x would hide it), and
+    the fraction of equal KV codes in the rows written. On the CPU (interpret mode) both are exact (0 and
+    1). On a GPU the kernels' f32 dots run in TF32, so the odd activation or KV code near a rounding tie
+    flips, and each flip moves the update by up to one quantization step: small, not 0. (In bfloat16 the
+    two differ more by design: the fused kernel quantizes the f32 R4 rotation at down_in, the jnp path
+    rounds it to bf16 first, as the fake-quant model does.)"""
+    x = args[1].astype(jnp.float32)
+    (yk, kvk), (yx, kvx) = real(*args), real_xla(*args)
+    dk, dx = yk.astype(jnp.float32) - x, yx.astype(jnp.float32) - x
+    rows = slice(row, row + n_new)
+    equal = np.mean([np.mean(np.asarray(a[:, rows]) == np.asarray(b[:, rows])) for a, b in zip(kvk, kvx)])
+    return {"update_rel_err_vs_xla": float(jnp.linalg.norm(dk - dx) / jnp.linalg.norm(dx)),
+            "kv_codes_equal_vs_xla": float(equal)}
 
 
 LLAMA3_8B_LAYER = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=1, num_heads=32,
