@@ -129,8 +129,8 @@ def bench(config: ModelConfig, L: int, T: int, P: int, opt) -> list[dict]:
         t_fp = timeit(fp, state, x, fcache, fcache, P + cached, iters=opt.iters, warmup=opt.warmup)
         err = check_against_xla(real_f32, real_xla_f32, (lp, x.astype(jnp.float32), kc, vc, pk, pv, cached), cached,
                                 n_new)
-        rows.append({"case": case, "tokens": n_new, "cached": cached, "prefix": P, "hidden": D, "ffn": config.intermediate_size,
-                     "heads": config.num_heads, "kv_heads": KV, "head_dim": hd, "a_bits": opt.a_bits,
+        rows.append({"case": case, "tokens": n_new, "cached": cached, "prefix": P, "hidden": D,
+                     "ffn": config.intermediate_size, "heads": config.num_heads, "kv_heads": KV, "head_dim": hd, "a_bits": opt.a_bits,
                      "dynamic": opt.dynamic, "real_ms": t_real, "bf16_ms": t_fp, "speedup": t_fp / t_real, **err})
         r = rows[-1]
         print(f"{case:<8} new {n_new:<5} cached {cached:<5} prefix {P}  real int4 {t_real:.3f} ms  bf16 {t_fp:.3f} ms  "

@@ -43,8 +43,8 @@ from pallas_kernels._common import (
     pad_axis,
     pad_to,
     resolve_interpret,
-    unpack_lo_hi_unsigned,
     triton_params,
+    unpack_lo_hi_unsigned,
 )
 from pallas_kernels.int4 import pack_int4, unpack_int4
 

@@ -141,7 +141,8 @@ def main(argv=None) -> int:
     try:
         import triton  # noqa: F401
     except ImportError:
-        print("error: this check needs the triton package (pip install 'triton==3.9.*'; no GPU needed)", file=sys.stderr)
+        print("error: this check needs the triton package (pip install 'triton==3.9.*'; no GPU needed)",
+              file=sys.stderr)
         return 2
     rows = []
     for label, fn, args in benchmark_cases():

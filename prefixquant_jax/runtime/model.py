@@ -167,8 +167,8 @@ def linear(spec: RuntimeSpec, lp: PackedLayer, site: str, w: QWeight, x, rotate:
         y = (hadamard_transform(x2) if rotate else x2) @ w.dequantize(spec.compute_dtype)
     elif spec.flat and a.dynamic and flat.has_lac(lp.flat, site):
         codes, s = flat.lac_act_codes(lp.flat, site, x2, a.bits)
-        y = int_matmul(pack_int4(codes, axis=-1) if a.bits == 4 else codes, s, a.bits, w, spec.backend, spec.compute_dtype,
-                       spec.interpret)
+        codes = pack_int4(codes, axis=-1) if a.bits == 4 else codes
+        y = int_matmul(codes, s, a.bits, w, spec.backend, spec.compute_dtype, spec.interpret)
     else:
         codes, s = quantize_act(x2, a, lp.act_scale.get(site), rotate, spec.backend, spec.interpret)
         y = int_matmul(codes, s, a.bits, w, spec.backend, spec.compute_dtype, spec.interpret)

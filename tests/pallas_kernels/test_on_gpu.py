@@ -92,8 +92,10 @@ def test_rotate_quant_on_gpu(M, K, static):
     assert bad.mean() <= 0.02, bad.mean()
 
 
-@pytest.mark.parametrize("B,H,KV,hd,T,P,dtype", [(1, 32, 8, 128, 2048, 4, jnp.bfloat16), (4, 32, 8, 128, 2048, 0, jnp.bfloat16),
-                                                 (2, 9, 3, 64, 300, 8, jnp.float32), (3, 9, 3, 64, 17, 1, jnp.bfloat16)])
+@pytest.mark.parametrize("B,H,KV,hd,T,P,dtype", [(1, 32, 8, 128, 2048, 4, jnp.bfloat16),
+                                                 (4, 32, 8, 128, 2048, 0, jnp.bfloat16),
+                                                 (2, 9, 3, 64, 300, 8, jnp.float32),
+                                                 (3, 9, 3, 64, 17, 1, jnp.bfloat16)])
 def test_decode_attention_on_gpu(B, H, KV, hd, T, P, dtype):
     rng = np.random.default_rng(B * T + P)
     lengths = rng.integers(1, T + 1, B).tolist()
