@@ -23,9 +23,9 @@ step() {  # step NAME SECONDS CMD...
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } | tee "$log"
 step env 30 "$py" -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
-step gpu_tests 100 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_on_gpu.py
-step bench_kernels 200 "$py" benchmarks/bench_kernels.py --json "$dir/bench_kernels.json"
+step gpu_tests 120 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_on_gpu.py
+step bench_kernels 190 "$py" benchmarks/bench_kernels.py --json "$dir/bench_kernels.json"
 step bench_layer 70 "$py" benchmarks/bench_layer.py --json "$dir/bench_layer.json"
 step bench_layer_w4a8_dynamic 50 "$py" benchmarks/bench_layer.py --a-bits 8 --dynamic --json "$dir/bench_layer_w4a8.json"
-step bench_train 90 "$py" benchmarks/bench_train.py --shape llama3-8b --seqlen 1024 --steps 5 --json "$dir/bench_train.json"
+step bench_train 80 "$py" benchmarks/bench_train.py --shape llama3-8b --seqlen 1024 --steps 5 --json "$dir/bench_train.json"
 echo "== done $(date -u +%H:%M:%S)" | tee -a "$log"
