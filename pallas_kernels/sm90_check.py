@@ -112,8 +112,8 @@ def benchmark_cases():
 
     S, F32, I8, BF16 = jax.ShapeDtypeStruct, jnp.float32, jnp.int8, jnp.bfloat16
     cases = []
-    for M, K, N in [(2048, 4096, 4096), (2048, 4096, 14336), (2048, 14336, 4096), (16, 4096, 4096),
-                    (8192, 4096, 4096)]:
+    for M, K, N in [(2048, 4096, 4096), (2048, 4096, 14336), (2048, 14336, 4096), (1, 4096, 4096), (16, 4096, 4096),
+                    (32, 4096, 4096), (64, 4096, 4096), (8192, 4096, 4096)]:  # every tile shape of the M sweep
         w, ws, xs = S((K // 2, N), I8), S((1, N), F32), S((M, 1), F32)
         cases.append((f"w4a4 M={M} K={K} N={N}", lambda x, xs, w, ws: w4a4_matmul(x, xs, w, ws, interpret=False),
                       (S((M, K // 2), I8), xs, w, ws)))
