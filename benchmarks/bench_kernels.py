@@ -37,13 +37,24 @@ def _rand_codes(key, shape, lo, hi):
     return jax.random.randint(key, shape, lo, hi, dtype=jnp.int32).astype(jnp.int8)
 
 
+def _weight_copies(key, K: int, N: int):
+    """(packed int4 [K/2, N] weights, bf16 [K, N] weights): random, as many copies of each as make a
+    working set beyond the L2 (copies_beyond_l2), so neither side reads its weights from the cache."""
+    from pallas_kernels import pack_int4
+
+    n_int4, n_bf16 = copies_beyond_l2(K * N // 2), copies_beyond_l2(K * N * 2)
+    keys = jax.random.split(key, max(n_int4, n_bf16))
+    return ([pack_int4(_rand_codes(k, (K, N), -8, 8), axis=0) for k in keys[:n_int4]],
+            [jax.random.normal(k, (K, N), jnp.bfloat16) for k in keys[:n_bf16]])
+
+
 def bench_gemm(M, K, N, kind, opt, rows, block_n=None):
     """Weights cycle through copies beyond the L2 on both sides (it matters at small M, where the GEMM
     is weight-bandwidth-bound)."""
     from pallas_kernels import pack_int4, w4a4_matmul, w4a8_matmul
 
-    n_int4, n_bf16 = copies_beyond_l2(K * N // 2), copies_beyond_l2(K * N * 2)
-    k1, k3, *kw = jax.random.split(jax.random.PRNGKey(M + K + N), 2 + max(n_int4, n_bf16))
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(M + K + N), 3)
+    w_int4, w_bf16 = _weight_copies(k2, K, N)
     ws = jnp.full((1, N), 0.01, jnp.float32)
     xs = jnp.full((M, 1), 0.02, jnp.float32)
     if kind == "w4a4":
@@ -54,31 +65,27 @@ def bench_gemm(M, K, N, kind, opt, rows, block_n=None):
         fn = w4a8_matmul
     f = jax.jit(lambda x, w: fn(x, xs, w, ws, block_n=block_n, interpret=opt.interpret))
     xb = jax.random.normal(k3, (M, K), jnp.bfloat16)
-    t_k = timeit_cycle(f, [(xq, pack_int4(_rand_codes(k, (K, N), -8, 8), axis=0)) for k in kw[:n_int4]],
-                       iters=opt.iters, warmup=opt.warmup)
-    t_b = timeit_cycle(jax.jit(jnp.dot), [(xb, jax.random.normal(k, (K, N), jnp.bfloat16)) for k in kw[:n_bf16]],
-                       iters=opt.iters, warmup=opt.warmup)
+    t_k = timeit_cycle(f, [(xq, w) for w in w_int4], iters=opt.iters, warmup=opt.warmup)
+    t_b = timeit_cycle(jax.jit(jnp.dot), [(xb, w) for w in w_bf16], iters=opt.iters, warmup=opt.warmup)
     tops = 2 * M * K * N / (t_k * 1e-3) / 1e12
     rows.append({"case": f"{kind}_gemm", "M": M, "K": K, "N": N, "block_n": block_n, "kernel_ms": t_k, "bf16_ms": t_b,
-                 "speedup": t_b / t_k, "kernel_tops": tops, "weight_copies": [n_int4, n_bf16]})
+                 "speedup": t_b / t_k, "kernel_tops": tops, "weight_copies": [len(w_int4), len(w_bf16)]})
     return t_k
 
 
 def bench_gemv(M, K, N, group, opt, rows, block_n=None):
     """Weight-bandwidth-bound: both sides cycle through enough weight copies that none stays in the L2."""
-    from pallas_kernels import gemv_w4, pack_int4
+    from pallas_kernels import gemv_w4
 
-    n_int4, n_bf16 = copies_beyond_l2(K * N // 2), copies_beyond_l2(K * N * 2)
-    keys = jax.random.split(jax.random.PRNGKey(M * 7 + K + N), 1 + max(n_int4, n_bf16))
-    x = jax.random.normal(keys[0], (M, K), jnp.bfloat16)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(M * 7 + K + N))
+    x = jax.random.normal(k1, (M, K), jnp.bfloat16)
+    w_int4, w_bf16 = _weight_copies(k2, K, N)
     s = jnp.full((1 if group is None else K // group, N), 0.01, jnp.float32)
-    wps = [(x, pack_int4(_rand_codes(k, (K, N), -8, 8), axis=0)) for k in keys[1:1 + n_int4]]
-    wbs = [(x, jax.random.normal(k, (K, N), jnp.bfloat16)) for k in keys[1:1 + n_bf16]]
     f = jax.jit(lambda x, w: gemv_w4(x, w, s, block_n=block_n, interpret=opt.interpret))
-    t_k = timeit_cycle(f, wps, iters=opt.iters, warmup=opt.warmup)
-    t_b = timeit_cycle(jax.jit(jnp.dot), wbs, iters=opt.iters, warmup=opt.warmup)
+    t_k = timeit_cycle(f, [(x, w) for w in w_int4], iters=opt.iters, warmup=opt.warmup)
+    t_b = timeit_cycle(jax.jit(jnp.dot), [(x, w) for w in w_bf16], iters=opt.iters, warmup=opt.warmup)
     rows.append({"case": "w4_gemv", "M": M, "K": K, "N": N, "group": group, "block_n": block_n, "kernel_ms": t_k,
-                 "bf16_ms": t_b, "speedup": t_b / t_k, "weight_copies": [len(wps), len(wbs)],
+                 "bf16_ms": t_b, "speedup": t_b / t_k, "weight_copies": [len(w_int4), len(w_bf16)],
                  "kernel_weight_gbps": K * N / 2 / (t_k * 1e-3) / 1e9, "bf16_weight_gbps": K * N * 2 / (t_b * 1e-3) / 1e9})
 
 
