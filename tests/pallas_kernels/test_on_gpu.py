@@ -29,6 +29,7 @@ from pallas_kernels import (
     w4a8_matmul,
 )
 from tests.pallas_kernels.test_decode_attention import np_attention, random_decode_inputs
+from tests.pallas_kernels.test_rotate_quant import _check_codes
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (JAX backend is not gpu)")]
@@ -93,15 +94,8 @@ def test_rotate_quant_on_gpu(M, K, static):
     s = np.asarray(s, np.float64)
     if not static:
         np.testing.assert_allclose(s[:, 0], np.abs(y).max(axis=1) / 7.0, rtol=2e-3)
-    y_over_s = y / s
-    ref = np.clip(np.round(y_over_s), -8, 7)
-    got = np.asarray(unpack_int4(codes, axis=-1), np.int64)
-    diff = got - ref
-    bad = diff != 0
-    tie_dist = np.abs(np.abs(y_over_s - np.floor(y_over_s)) - 0.5)
-    assert np.all(np.abs(diff[bad]) == 1), np.unique(diff)
-    assert np.all(tie_dist[bad] < 1e-2), tie_dist[bad].min()
-    assert bad.mean() <= 0.02, bad.mean()
+    # TF32 (module docstring): off-by-one codes within 1e-2 of a tie, at most 2 % of them
+    _check_codes(np.asarray(unpack_int4(codes, axis=-1)), y / s, -8, 7, tie=1e-2, fraction=0.02)
 
 
 @pytest.mark.parametrize("B,H,KV,hd,T,P,dtype", [(1, 32, 8, 128, 2048, 4, jnp.bfloat16),
