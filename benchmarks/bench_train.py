@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefixquant_jax.calibrate import BlockRunner
+from prefixquant_jax.block_runner import BlockRunner
 from prefixquant_jax.config import ModelConfig
 from prefixquant_jax.model import Block, QuantParam
 from prefixquant_jax.prefix.prefix_kv import PrefixKV

@@ -12,8 +12,9 @@ which is exactly x_row @ kron(P1, P2). `rotation` selects the pair:
     two <= 2^k), so both matmuls stay small (K = 4096: 64 x 64) instead of one dense 2^k x 2^k matmul.
   * (P1, P2): a FlatQuant-style Kronecker pair, same convention (y = x @ kron(P1, P2), Y = P1^T X P2).
 
-Scale: None -> dynamic per token, scale = max(amax(|y_row|) * clip_ratio / qmax, 1e-8) (the formula
-of prefixquant_jax.quant.ops for symmetric quantizers), returned as f32 [M, 1]; or a static f32
+Scale: None -> dynamic per token, scale = max(amax(|y_row|) * clip_ratio / d, 1e-8) with d = qmax, or
+d = qmax + 1/2 + 2^-10 with `full_grid` (the 2^bits - 1 steps span [-amax, amax]; the formula of
+prefixquant_jax.quant.ops for symmetric quantizers, QuantSpec.sym_divisor), returned as f32 [M, 1]; or a static f32
 [1, 1] scale (returned as given). `lac=(c_min, c_max)` (dynamic only; FlatQuant's learned activation
 clipping, the factors already passed through the sigmoid) replaces the range rule by
 scale = max(max(-min(y_row.min(), 0) * c_min, max(y_row.max(), 0) * c_max) / qmax, 1e-8), the rule of
@@ -57,6 +58,7 @@ from prefixquant_jax.rotate.hadamard import (
 )
 
 EPS = 1e-8  # same floor as prefixquant_jax.quant.ops.EPS
+FULL_GRID_OFFSET = 2.0 ** -10  # prefixquant_jax.quant.spec.FULL_GRID_OFFSET: -amax lands past the rounding tie
 
 
 def hadamard_kron_factors(K: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,9 +90,16 @@ def _qrange(bits: int):
     raise ValueError(f"bits must be 4 or 8, got {bits}")
 
 
-def _rq_kernel(x_ref, a_ref, *rest, bits: int, dynamic: bool, clip_ratio: float, lac: bool):
+def _divisor(bits: int, full_grid: bool) -> float:
+    """amax / scale of the dynamic rule (module docstring)."""
+    qmax = _qrange(bits)[1]
+    return qmax + 0.5 + FULL_GRID_OFFSET if full_grid else float(qmax)
+
+
+def _rq_kernel(x_ref, a_ref, *rest, bits: int, dynamic: bool, clip_ratio: float, lac: bool, full_grid: bool):
     b_refs, (s_in_ref, lac_ref, o_ref, s_ref) = rest[:-4], rest[-4:]
     qmin, qmax = _qrange(bits)
+    div = _divisor(bits, full_grid)
     x = x_ref[...].astype(jnp.float32)
     t = jnp.dot(a_ref[...], x, preferred_element_type=jnp.float32)  # P1^T X, [n1p, n2p]
     ys = [jnp.dot(t, b[...], preferred_element_type=jnp.float32) for b in b_refs]  # 1 (int8) or 2 (int4)
@@ -102,13 +111,13 @@ def _rq_kernel(x_ref, a_ref, *rest, bits: int, dynamic: bool, clip_ratio: float,
             hi = jnp.maximum(hi, jnp.max(jnp.max(y, axis=1, keepdims=True), axis=0, keepdims=True))
         # slice the ref, not a loaded value: Triton's lowering has no rule for lax.slice
         c_min, c_max = lac_ref[:, pl.ds(0, 1)], lac_ref[:, pl.ds(1, 1)]
-        scale = jnp.maximum(jnp.maximum(-(lo * c_min), hi * c_max) / qmax, EPS)
+        scale = jnp.maximum(jnp.maximum(-(lo * c_min), hi * c_max) / div, EPS)
     elif dynamic:
         amax = jnp.zeros((1, 1), jnp.float32)
         for y in ys:
             row = jnp.max(jnp.abs(y), axis=1, keepdims=True)
             amax = jnp.maximum(amax, jnp.max(row, axis=0, keepdims=True))
-        scale = jnp.maximum(amax * clip_ratio / qmax, EPS)
+        scale = jnp.maximum(amax * clip_ratio / div, EPS)
     else:
         scale = s_in_ref[...]
     s_ref[...] = scale
@@ -117,7 +126,7 @@ def _rq_kernel(x_ref, a_ref, *rest, bits: int, dynamic: bool, clip_ratio: float,
 
 
 def rotate_quant(x, rotation="hadamard", scale=None, *, bits: int = 4, clip_ratio: float = 1.0, lac=None,
-                 interpret: bool | None = None, num_warps: int | None = None):
+                 full_grid: bool = False, interpret: bool | None = None, num_warps: int | None = None):
     """(codes, scale): x [M, K] bf16/f32 rotated by `rotation`, quantized symmetrically and packed.
 
     rotation: "hadamard" or a Kronecker pair (P1 [n1, n1], P2 [n2, n2]) with n1 * n2 = K.
@@ -135,7 +144,7 @@ def rotate_quant(x, rotation="hadamard", scale=None, *, bits: int = 4, clip_rati
         raise ValueError(f"int4 packing needs an even inner factor, got n2={P2.shape[0]}")
     _qrange(bits)
     return _rotate_quant(x, jnp.asarray(P1, jnp.float32), jnp.asarray(P2, jnp.float32), scale, _lac_operand(lac),
-                         bits=bits, clip_ratio=float(clip_ratio), lac=lac is not None,
+                         bits=bits, clip_ratio=float(clip_ratio), lac=lac is not None, full_grid=bool(full_grid),
                          interpret=resolve_interpret(interpret), num_warps=num_warps)
 
 
@@ -146,8 +155,8 @@ def _lac_operand(lac):
     return jnp.stack([jnp.asarray(c, jnp.float32).reshape(()) for c in lac]).reshape(1, 2)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "clip_ratio", "lac", "interpret", "num_warps"))
-def _rotate_quant(x, P1, P2, scale, lac_c, *, bits: int, clip_ratio: float, lac: bool, interpret: bool,
+@functools.partial(jax.jit, static_argnames=("bits", "clip_ratio", "lac", "full_grid", "interpret", "num_warps"))
+def _rotate_quant(x, P1, P2, scale, lac_c, *, bits: int, clip_ratio: float, lac: bool, full_grid: bool, interpret: bool,
                   num_warps: int | None):
     M = x.shape[0]
     n1, n2 = P1.shape[0], P2.shape[0]
@@ -164,7 +173,8 @@ def _rotate_quant(x, P1, P2, scale, lac_c, *, bits: int, clip_ratio: float, lac:
     x3 = pad_to(pad_to(x.reshape(M, n1, n2), 1, n1p), 2, n2p)
     s_in = jnp.ones((1, 1), jnp.float32) if dynamic else jnp.asarray(scale, jnp.float32).reshape(1, 1)
 
-    kernel = functools.partial(_rq_kernel, bits=bits, dynamic=dynamic, clip_ratio=clip_ratio, lac=lac)
+    kernel = functools.partial(_rq_kernel, bits=bits, dynamic=dynamic, clip_ratio=clip_ratio, lac=lac,
+                               full_grid=full_grid)
     codes, s_out = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((M, n1p, nout), jnp.int8), jax.ShapeDtypeStruct((M, 1), jnp.float32)),
@@ -198,28 +208,31 @@ def rotate_ref(x, rotation="hadamard"):
     return Y.reshape(x.shape)
 
 
-def quantize_ref(y, scale=None, *, bits: int = 4, clip_ratio: float = 1.0, lac=None):
+def quantize_ref(y, scale=None, *, bits: int = 4, clip_ratio: float = 1.0, lac=None, full_grid: bool = False):
     """Symmetric quantization of float32 y [M, K] with jnp.round; returns (codes int8 [M, K], scale).
     lac: (c_min, c_max) clip factors of the dynamic range, as in rotate_quant."""
-    return _quantize_ref(y, scale, _lac_operand(lac), bits=bits, clip_ratio=clip_ratio, lac=lac is not None)
+    return _quantize_ref(y, scale, _lac_operand(lac), bits=bits, clip_ratio=clip_ratio, lac=lac is not None,
+                         full_grid=bool(full_grid))
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "clip_ratio", "lac"))
-def _quantize_ref(y, scale, lac_c, *, bits: int, clip_ratio: float, lac: bool):
+@functools.partial(jax.jit, static_argnames=("bits", "clip_ratio", "lac", "full_grid"))
+def _quantize_ref(y, scale, lac_c, *, bits: int, clip_ratio: float, lac: bool, full_grid: bool):
     qmin, qmax = _qrange(bits)
+    div = _divisor(bits, full_grid)
     if scale is None and lac:
         lo = jnp.minimum(jnp.min(y, axis=-1, keepdims=True), 0.0) * lac_c[:, 0:1]
         hi = jnp.maximum(jnp.max(y, axis=-1, keepdims=True), 0.0) * lac_c[:, 1:2]
-        scale = jnp.maximum(jnp.maximum(-lo, hi) / qmax, EPS)
+        scale = jnp.maximum(jnp.maximum(-lo, hi) / div, EPS)
     elif scale is None:
         amax = jnp.max(jnp.abs(y), axis=-1, keepdims=True)
-        scale = jnp.maximum(amax * clip_ratio / qmax, EPS)
+        scale = jnp.maximum(amax * clip_ratio / div, EPS)
     else:
         scale = jnp.asarray(scale, jnp.float32).reshape(1, 1)
     return jnp.clip(jnp.round(y / scale), qmin, qmax).astype(jnp.int8), scale
 
 
-def rotate_quant_ref(x, rotation="hadamard", scale=None, *, bits: int = 4, clip_ratio: float = 1.0, lac=None):
+def rotate_quant_ref(x, rotation="hadamard", scale=None, *, bits: int = 4, clip_ratio: float = 1.0, lac=None,
+                     full_grid: bool = False):
     """Unfused reference of rotate_quant: rotate_ref, quantize_ref, then int4.pack_int4 when bits=4."""
-    q, s = quantize_ref(rotate_ref(x, rotation), scale, bits=bits, clip_ratio=clip_ratio, lac=lac)
+    q, s = quantize_ref(rotate_ref(x, rotation), scale, bits=bits, clip_ratio=clip_ratio, lac=lac, full_grid=full_grid)
     return (pack_int4(q, axis=-1) if bits == 4 else q), s

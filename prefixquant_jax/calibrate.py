@@ -1,10 +1,20 @@
-"""Static calibration, block by block: activation/KV ranges, then a greedy grid search of clip ratios.
+"""Block-by-block initialisation of every quantizer from calibration data: weights, then static scales.
 
-For block l, inputs x_q come from the already-quantized blocks 0..l-1 and the target is the FP
-block l applied to its FP inputs x_fp (both behind the FP prefix KV). Each static site starts at
-clip ratio 1 (scale from its full range over the calibration tokens; prefix tokens are never among
-them) and is then tuned, one site at a time in forward order, over a coarse grid and a fine grid
-around the coarse optimum, to minimise the block-output MSE.
+For block l, x_q are the inputs after the already-quantized blocks 0..l-1 and x_fp the FP model's
+inputs, both behind the FP prefix KV. In each block, in order:
+
+1. weights (`CalibConfig.weight_clip`): per-output-channel scales, either data-free ("mse": the clip
+   ratio minimising ||W - Q(W)||^2) or output-aware ("output": the ratio minimising ||X W - X Q(W)||^2
+   on the block's FP-activation inputs X from x_q, via their Gram matrix; quant/clip_search.py); then,
+   with `gptq`, GPTQ codes on those scales from the same Gram matrices (quant/gptq.py).
+2. KV (`kv_rule`, static per-head specs): "head" picks one clip ratio per KV head, K by the error of
+   the attention probabilities it gives, V by its reconstruction error; "site" leaves them to step 3.
+3. static activation sites (and KV under "site"): scales from the site's full range over the
+   calibration tokens (prefix tokens are never among them), then clip ratios searched over a coarse
+   grid and a fine grid around its optimum for the lowest block-output MSE. `search` "greedy": one site
+   at a time in order with the others (and the quantized weights) on; "alone": each site with every
+   other quantizer of the block off, then all on. `target` "fp": the FP block on x_fp; "local": the FP
+   block on x_q (the error this block adds).
 """
 from __future__ import annotations
 
@@ -13,30 +23,47 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
-from prefixquant_jax.kv_cache import KVCache
-from prefixquant_jax.model import QuantParam, rope_tables
-from prefixquant_jax.quant.ops import qparams_from_range
-from prefixquant_jax.quant.recipe import QUANT_SITES, pair_ranges, sown_value
+from prefixquant_jax.block_runner import BlockRunner
+from prefixquant_jax.errors import UserError
+from prefixquant_jax.model import QuantParam
+from prefixquant_jax.quant.clip_search import head_clip_attention, head_clip_reconstruction, output_aware_weight_clip
+from prefixquant_jax.quant.ops import mse_clip_search, qparams_from_range
+from prefixquant_jax.quant.recipe import ACT_SITES, QUANT_SITES, WEIGHT_NAMES
 
 COARSE = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 FINE_STEPS = (-0.05, 0.05)
-
-
-def _sown(block, *args) -> dict:
-    """Run block(*args) and return what its recipe sowed (nnx.Intermediate), as a pure dict."""
-    _, inter = nnx.capture(lambda b, *a: b(*a), nnx.Intermediate)(block, *args)
-    return nnx.to_pure_dict(inter)
+CLIP_GRID = tuple(float(r) for r in np.round(np.linspace(1.0, 0.5, 21), 3))  # 1.0, 0.975, ..., 0.5
+LINEAR_INPUT = {"q": "qkv_in", "k": "qkv_in", "v": "qkv_in", "o": "o_in", "gate": "up_gate_in", "up": "up_gate_in",
+                "down": "down_in"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CalibConfig:
-    grid_samples: int = 2  # calibration samples used inside the grid search (the rest only for ranges)
+    grid_samples: int = 2  # calibration samples used inside the searches (the rest only for ranges / Grams)
     chunk: int = 8  # samples per block forward
     coarse: tuple = COARSE
     fine_steps: tuple = FINE_STEPS
+    weight_clip: str | None = None  # None: weights left as they are (scales set elsewhere), "mse", "output"
+    weight_ratios: tuple = CLIP_GRID
+    gptq: bool = False
+    gptq_damp: float = 0.01
+    kv_rule: str = "site"  # "site" or "head"
+    kv_ratios: tuple = CLIP_GRID
+    search: str = "greedy"  # "greedy" or "alone"
+    target: str = "fp"  # "fp" or "local"
+    static: bool = True  # False: leave static scales unset (a resumed --train restores them)
+
+    def __post_init__(self):
+        for name, value, allowed in (("weight_clip", self.weight_clip, (None, "mse", "output")),
+                                     ("kv_rule", self.kv_rule, ("site", "head")),
+                                     ("search", self.search, ("greedy", "alone")),
+                                     ("target", self.target, ("fp", "local"))):
+            if value not in allowed:
+                raise UserError(f"calibration {name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+        if self.gptq and self.weight_clip is None:
+            raise UserError("GPTQ needs weight scales: set weight_clip")
 
 
 def static_sites(recipe) -> list[str]:
@@ -61,93 +88,123 @@ def init_qparams(block, recipe, ranges: dict) -> None:
             block.qparams[site + "_zero"] = QuantParam(zero)
 
 
-class BlockRunner:
-    """Jitted block forward / range capture / loss behind the prefix KV of each layer.
-
-    The block's graphdef is a static argument, so each distinct block structure (FP block, quantized
-    block with its qparams) compiles once and every layer reuses it.
-    """
-
-    def __init__(self, config, prefix_kv, L):
-        self.config = config
-        self.P = 0 if prefix_kv is None else prefix_kv.length
-        self.prefix_kv = prefix_kv
-        self.cos, self.sin = rope_tables(config, self.P + jnp.arange(L))
-        P = self.P
-
-        def fwd(gd, state, x, ck, cv, cos, sin):
-            return nnx.merge(gd, state)(x, ck, cv, P, cos, sin)[0]
-
-        def capture(gd, state, x, ck, cv, cos, sin):
-            b = nnx.merge(gd, state)
-            b.recipe = b.recipe.replace(capture=True, sites=())
-            return _sown(b, x, ck, cv, P, cos, sin)
-
-        def gram(gd, state, x, ck, cv, cos, sin):
-            b = nnx.merge(gd, state)
-            b.recipe = b.recipe.replace(capture_gram=True)
-            return _sown(b, x, ck, cv, P, cos, sin)
-
-        def loss(gd, state, x, ck, cv, cos, sin, target):
-            y = nnx.merge(gd, state)(x, ck, cv, P, cos, sin)[0]
-            return jnp.mean((y.astype(jnp.float32) - target) ** 2)
-
-        self._fwd = jax.jit(fwd, static_argnums=0)
-        self._capture = jax.jit(capture, static_argnums=0)
-        self._gram = jax.jit(gram, static_argnums=0)
-        self._loss = jax.jit(loss, static_argnums=0)
-
-    def cache(self, layer: int, n: int, L: int):
-        c = self.config
-        if self.prefix_kv is None:
-            z = jnp.zeros((n, L, c.num_kv_heads, c.head_dim), jnp.float32)
-            return z, z
-        one_layer = KVCache(k=[self.prefix_kv.k[layer]], v=[self.prefix_kv.v[layer]])
-        pk = KVCache.with_prefix(one_layer, n, self.P + L)
-        return pk.k[0], pk.v[0]
-
-    def _chunks(self, layer, x, chunk):
-        for s in range(0, len(x), chunk):
-            xb = jnp.asarray(x[s:s + chunk])
-            yield (xb,) + self.cache(layer, len(xb), xb.shape[1])
-
-    def forward(self, block, layer, x: np.ndarray, chunk: int) -> np.ndarray:
-        gd, state = nnx.split(block)
-        return np.concatenate([np.asarray(self._fwd(gd, state, xb, ck, cv, self.cos, self.sin))
-                               for xb, ck, cv in self._chunks(layer, x, chunk)])
-
-    def ranges(self, block, layer, x: np.ndarray, chunk: int) -> dict:
-        """Per-token (min, max) of every quantization site's input, weights as in `block`, acts FP."""
-        gd, state = nnx.split(block)
-        acc: dict = {}
-        for xb, ck, cv in self._chunks(layer, x, chunk):
-            for k, v in self._capture(gd, state, xb, ck, cv, self.cos, self.sin).items():
-                acc.setdefault(k, []).append(np.asarray(sown_value(v)))
-        return pair_ranges({k: np.concatenate(v) for k, v in acc.items()})
-
-    def grams(self, block, layer, x: np.ndarray, chunk: int) -> dict:
-        """{site: sum over all tokens of x^T x [C, C] (float64)} at each activation site, as `block` runs."""
-        gd, state = nnx.split(block)
-        acc: dict = {}
-        for xb, ck, cv in self._chunks(layer, x, chunk):
-            for k, v in self._gram(gd, state, xb, ck, cv, self.cos, self.sin).items():
-                site = k.removesuffix("_gram")
-                acc[site] = acc.get(site, 0.0) + np.asarray(sown_value(v), np.float64)
-        return acc
-
-    def loss(self, block, x, ck, cv, target) -> float:
-        gd, state = nnx.split(block)
-        return float(self._loss(gd, state, x, ck, cv, self.cos, self.sin, target))
+def _output_error(kernel, quantized, gram) -> np.ndarray:
+    """Per output channel sum over tokens of (x @ (kernel - quantized))^2."""
+    d = np.asarray(kernel, np.float64) - np.asarray(quantized, np.float64)
+    return np.sum(d * (np.asarray(gram, np.float64) @ d), axis=0)
 
 
-def calibrate_static(fp_model, q_model, recipe, calib_x: np.ndarray, prefix_kv, cfg: CalibConfig = CalibConfig(),
-                     progress: bool = True) -> list[dict]:
-    """Set static qparams of every block of q_model in place; returns per-layer reports.
+def init_block_weights(runner: BlockRunner, qb, layer: int, recipe, x_q: np.ndarray, cfg: CalibConfig) -> dict:
+    """Step 1 (module docstring) for one block, in place: qparams["w_<name>"] and, with GPTQ, the kernels.
+    Returns {linear: {"mse": err, "output": err, "gptq": err}} output errors per token (those that apply)."""
+    from prefixquant_jax.quant.gptq import _gptq_with_factor, _inverse_hessian_factor
+
+    spec, grams, tokens = recipe.weight, None, x_q.shape[0] * x_q.shape[1]
+    if cfg.weight_clip == "output" or cfg.gptq:
+        qb.recipe = recipe.replace(sites=(), weight=None)  # FP weights and activations
+        grams = runner.grams(qb, layer, x_q, cfg.chunk)
+        qb.recipe = recipe
+        for site, g in grams.items():
+            if not np.all(np.isfinite(g)):
+                raise UserError(f"non-finite activations at layer {layer} {site}")
+    ratios = np.asarray(cfg.weight_ratios, np.float32)
+    factors, errs = {}, {}
+    for name in WEIGHT_NAMES:
+        mod = qb.linear_module(name)
+        w = mod.kernel[...]
+        ratio = _mse_ratio(w, spec, ratios)
+        e = {}
+        if grams is not None:
+            g = grams[LINEAR_INPUT[name]]
+            best, per_ratio = output_aware_weight_clip(w, g, spec, ratios)  # per_ratio [R, out]
+            pick = lambda r: float(np.take_along_axis(np.asarray(per_ratio), _grid_index(ratios, r), 0).sum() / tokens)
+            e["mse"] = pick(ratio)
+            if cfg.weight_clip == "output":
+                ratio = best
+                e["output"] = pick(ratio)
+        scale = qparams_from_range(*_channel_range(w), spec, ratio)[0]
+        if cfg.gptq:
+            site, wn = LINEAR_INPUT[name], np.asarray(w, np.float32)
+            if site not in factors:  # once per shared input
+                factors[site] = _inverse_hessian_factor(grams[site], cfg.gptq_damp)
+            new = _gptq_with_factor(wn, factors[site], np.asarray(scale, np.float32), spec)
+            e["gptq"] = float(_output_error(wn, new, grams[site]).sum() / tokens)
+            mod.kernel[...] = jnp.asarray(new, w.dtype)
+        qb.qparams["w_" + name] = QuantParam(jnp.asarray(scale, jnp.float32))
+        errs[name] = e
+    return errs
+
+
+_mse_ratio = jax.jit(mse_clip_search, static_argnums=1)
+
+
+def _grid_index(ratios, r) -> np.ndarray:
+    """Index into `ratios` of each chosen ratio r [1, out] (r is one of them)."""
+    return np.abs(np.asarray(r, np.float32).reshape(1, -1) - ratios[:, None]).argmin(axis=0)[None, :]
+
+
+def _channel_range(w):
+    w = jnp.asarray(w, jnp.float32)
+    return w.min(axis=0, keepdims=True), w.max(axis=0, keepdims=True)
+
+
+def _set_site(qb, site, spec, lo, hi, ratio):
+    scale, zero = qparams_from_range(jnp.asarray(lo), jnp.asarray(hi), spec, jnp.asarray(ratio, jnp.float32))
+    qb.qparams[site][...] = scale
+    if not spec.symmetric:
+        qb.qparams[site + "_zero"][...] = zero
+
+
+def _kv_by_head(runner, qb, layer, recipe, x_g, ranges, cfg) -> dict:
+    """Step 2: per-head clip ratios of the static per-head KV sites; returns {site: ratios [KV, 1]}."""
+    caps = runner.qkv(qb, layer, x_g, cfg.chunk)
+    out = {}
+    for site in ("k_cache", "v_cache"):
+        spec = recipe.spec(site)
+        if spec is None or spec.dynamic or spec.granularity != "head":
+            continue
+        lo, hi = ranges[site]
+        if site == "k_cache":
+            r, _ = head_clip_attention(caps["q_attn"], caps["k_cache_x"], spec, cfg.kv_ratios,
+                                       runner.prefix_keys(layer), lo, hi)
+        else:
+            r, _ = head_clip_reconstruction(caps["v_cache_x"], spec, cfg.kv_ratios, lo, hi)
+        out[site] = np.asarray(r)
+    return out
+
+
+def _search_sites(runner, qb, recipe, sites, ranges, ratios, xg, ck, cv, tg, cfg) -> None:
+    """Step 3: coarse-then-fine clip search of `sites` (ratios updated in place)."""
+    def loss_with(r: dict) -> float:
+        for s in sites:
+            _set_site(qb, s, recipe.spec(s), *ranges[s], r[s])
+        return runner.loss(qb, xg, ck, cv, tg)
+
+    for s in sites:
+        if cfg.search == "alone":  # this site's quantizer only: weights FP, every other site off
+            qb.recipe = recipe.replace(sites=((s, recipe.spec(s)),), weight=None)
+        best_r, best = ratios[s], None
+        for grid in (cfg.coarse, None):
+            cands = grid if grid is not None else [round(best_r + d, 4) for d in cfg.fine_steps
+                                                  if 0.05 <= best_r + d <= 1.0]
+            for r in cands:
+                ratios[s] = r
+                val = loss_with(ratios)
+                if best is None or val < best:
+                    best, best_r = val, r
+        ratios[s] = best_r
+    qb.recipe = recipe
+    for s in sites:
+        _set_site(qb, s, recipe.spec(s), *ranges[s], ratios[s])
+
+
+def calibrate(fp_model, q_model, recipe, calib_x: np.ndarray, prefix_kv, cfg: CalibConfig = CalibConfig(),
+              progress: bool = True) -> list[dict]:
+    """Initialise q_model's quantizers block by block, in place (module docstring); per-layer reports.
 
     calib_x: embedded calibration tokens [N, L, D] (float32). fp_model / q_model share the config;
-    q_model holds the RTN-quantized weights and `recipe`.
-    """
-    sites = static_sites(recipe)
+    q_model holds `recipe` (and, with weight_clip None, its weight scales already)."""
+    sites = static_sites(recipe) if cfg.static else []
     N, L, _ = calib_x.shape
     G = min(cfg.grid_samples, N)
     x_fp, x_q = calib_x, calib_x
@@ -156,40 +213,38 @@ def calibrate_static(fp_model, q_model, recipe, calib_x: np.ndarray, prefix_kv, 
     bar = tqdm(range(len(q_model.layers)), desc="calibrate", disable=not progress, leave=False)
     for layer in bar:
         fpb, qb = fp_model.layers[layer], q_model.layers[layer]
-        target = runner.forward(fpb, layer, x_fp, cfg.chunk)
-        raw = runner.ranges(qb, layer, x_q, cfg.chunk)
-        ranges = {s: _site_range(*raw[s], recipe.spec(s)) for s in sites}
-        init_qparams(qb, recipe, ranges)
-        ck, cv = runner.cache(layer, G, L)
-        xg, tg = jnp.asarray(x_q[:G]), jnp.asarray(target[:G])
-
-        def loss_with(ratios: dict) -> float:
+        rep = {"layer": layer}
+        if cfg.weight_clip is not None and recipe.weight is not None:
+            rep["weights"] = init_block_weights(runner, qb, layer, recipe, x_q, cfg)
+        target_fp = runner.forward(fpb, layer, x_fp, cfg.chunk)
+        if sites:
+            raw = runner.ranges(qb, layer, x_q, cfg.chunk)
+            ranges = {s: _site_range(*raw[s], recipe.spec(s)) for s in sites}
+            init_qparams(qb, recipe, ranges)
+            ck, cv = runner.cache(layer, G, L)
+            xg = jnp.asarray(x_q[:G])
+            tg = jnp.asarray(target_fp[:G] if cfg.target == "fp" else runner.forward(fpb, layer, x_q[:G], cfg.chunk))
+            ratios = {s: 1.0 for s in sites}
+            if cfg.kv_rule == "head":
+                ratios.update(_kv_by_head(runner, qb, layer, recipe, x_q[:G], ranges, cfg))
             for s in sites:
-                spec = recipe.spec(s)
-                lo, hi = ranges[s]
-                scale, zero = qparams_from_range(jnp.asarray(lo), jnp.asarray(hi), spec, ratios[s])
-                qb.qparams[s][...] = scale
-                if not spec.symmetric:
-                    qb.qparams[s + "_zero"][...] = zero
-            return runner.loss(qb, xg, ck, cv, tg)
-
-        ratios = {s: 1.0 for s in sites}
-        loss0 = loss_with(ratios)
-        for s in sites:
-            best_r, best = ratios[s], None
-            for grid in (cfg.coarse, None):
-                cands = grid if grid is not None else [round(best_r + d, 4) for d in cfg.fine_steps if 0.05 <= best_r + d <= 1.0]
-                for r in cands:
-                    ratios[s] = r
-                    val = loss_with(ratios)
-                    if best is None or val < best:
-                        best, best_r = val, r
-            ratios[s] = best_r
-        loss1 = loss_with(ratios)
+                _set_site(qb, s, recipe.spec(s), *ranges[s], ratios[s])
+            rep["grid_loss_init"] = runner.loss(qb, xg, ck, cv, tg)
+            searched = [s for s in sites if not (cfg.kv_rule == "head" and s in ratios and np.ndim(ratios[s]))]
+            searched = [s for s in ACT_SITES if s in searched] + [s for s in searched if s not in ACT_SITES]
+            _search_sites(runner, qb, recipe, searched, ranges, ratios, xg, ck, cv, tg, cfg)
+            rep["grid_loss"] = runner.loss(qb, xg, ck, cv, tg)
+            rep["ratios"] = {s: (np.asarray(r).ravel().tolist() if np.ndim(r) else r) for s, r in ratios.items()}
         x_q = runner.forward(qb, layer, x_q, cfg.chunk)
-        x_fp = target
-        mse_out = float(np.mean((x_q - x_fp) ** 2))
-        reports.append({"layer": layer, "ratios": dict(ratios), "grid_loss_init": loss0, "grid_loss": loss1,
-                        "out_mse": mse_out})
-        bar.set_postfix(loss=f"{loss1:.2e}")
+        x_fp = target_fp
+        rep["out_mse"] = float(np.mean((x_q - x_fp) ** 2))
+        reports.append(rep)
+        bar.set_postfix(mse=f"{rep['out_mse']:.2e}")
     return reports
+
+
+def calibrate_static(fp_model, q_model, recipe, calib_x, prefix_kv, cfg: CalibConfig = CalibConfig(),
+                     progress: bool = True) -> list[dict]:
+    """Static scales only (weights as they are): `calibrate` with weight_clip None."""
+    return calibrate(fp_model, q_model, recipe, calib_x, prefix_kv, dataclasses.replace(cfg, weight_clip=None,
+                                                                                        gptq=False), progress)

@@ -17,6 +17,20 @@ def _add_calib_args(p):
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_rule_args(p):
+    g = p.add_argument_group("PrefixQuant initialisation rules (defaults chosen on calibration data; see RESULTS.md)")
+    g.add_argument("--weight-clip", choices=("output", "mse"), default="output",
+                   help="per-channel weight clip: output-aware ||XW - XQ(W)|| on the calibration inputs, or data-free ||W - Q(W)||")
+    g.add_argument("--kv-clip", choices=("head", "site"), default="head",
+                   help="static KV clip: per head (K by attention error, V by reconstruction) or one searched ratio per site")
+    g.add_argument("--clip-search", choices=("greedy", "alone"), default="greedy",
+                   help="activation clip search: sites one after another with the others on, or each site alone")
+    g.add_argument("--clip-target", choices=("fp", "local"), default="fp",
+                   help="search target: FP block on the FP model's inputs, or on the quantized model's inputs")
+    g.add_argument("--grid", choices=("full", "narrow"), default="full",
+                   help="symmetric grid (PrefixQuant presets): 2 amax / (2^b - 1), or amax / (2^(b-1) - 1)")
+
+
 def _add_train_args(p):
     g = p.add_argument_group("block-wise fine-tuning (PrefixQuant FT)")
     g.add_argument("--train", action="store_true", help="fine-tune scales and weights block by block after calibration")
@@ -94,6 +108,7 @@ def add_subcommands(sub, add_model_args, add_eval_args) -> None:
     p.add_argument("--prefix-ids", help="comma-separated token ids to use as the prefix instead of detecting them")
     p.add_argument("--gptq", action="store_true", help="GPTQ weights on the RTN scales (calibration inputs' Hessians) instead of RTN")
     p.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ Hessian dampening, fraction of the mean diagonal")
+    _add_rule_args(p)
     _add_train_args(p)
     _add_flat_args(p)
     add_eval_args(p, data_flag="--eval-data")
@@ -247,6 +262,10 @@ def cmd_quantize(args) -> dict:
 
     _check_calib(args)
     preset = get_preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits)
+    if args.grid != "full":
+        if preset.method != "prefixquant":
+            raise UserError(f"--grid applies to the PrefixQuant presets, not {preset.name!r}")
+        preset = dataclasses.replace(preset, full_grid=False)
     if args.save:  # fail now, not after quantizing
         from checkpoints_convert.orbax_io import check_save_target
         check_save_target(args.save, args.overwrite)
@@ -273,7 +292,9 @@ def cmd_quantize(args) -> dict:
     tok = ck.tokenizer()
     opts = QuantizeOptions(calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                            outlier_samples=args.outlier_samples, grid_samples=args.grid_samples, eta=args.eta,
-                           seed=args.seed, prefix_ids=prefix_ids, prefix_kv=imported, gptq=args.gptq, gptq_damp=args.gptq_damp)
+                           seed=args.seed, prefix_ids=prefix_ids, prefix_kv=imported, gptq=args.gptq, gptq_damp=args.gptq_damp,
+                           weight_clip=args.weight_clip, kv_rule=args.kv_clip, search=args.clip_search,
+                           target=args.clip_target)
     if (args.train_dir and not args.resume and not args.overwrite and os.path.isdir(args.train_dir)
             and os.listdir(args.train_dir)):  # fail before the slow stages, not after them
         raise UserError(f"training directory {args.train_dir} exists; use --resume {args.train_dir} to continue it or --overwrite")
@@ -283,7 +304,9 @@ def cmd_quantize(args) -> dict:
         opts = dataclasses.replace(opts, flatquant=_flat_options(args, tok, train_cfg))
     qm = quantize(ck, tok, preset, opts)
     if train_cfg is not None and not flat:
-        qm.report["train"] = _finetune(args, qm, tok, train_cfg, fingerprint={"gptq_damp": args.gptq_damp} if args.gptq else None)
+        rules = {k: getattr(args, k) for k in ("weight_clip", "kv_clip", "clip_search", "clip_target", "grid")}
+        fp = {**({"gptq_damp": args.gptq_damp} if args.gptq else {}), "rules": rules}  # a resume needs the same rules
+        qm.report["train"] = _finetune(args, qm, tok, train_cfg, fingerprint=fp or None)
     res = {"model": args.model, "preset": preset.name, "prefix_tokens": qm.report["prefix_tokens"],
            "prefix_text": qm.report["prefix_text"], "eta": args.eta, "bits": {"w": preset.w_bits, "a": preset.a_bits, "kv": preset.kv_bits},
            "quantize_seconds": time.time() - t0, "report": qm.report}

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from prefixquant_jax.calibrate import CalibConfig, calibrate_static
+from prefixquant_jax.calibrate import CLIP_GRID, CalibConfig, calibrate, calibrate_static
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.eval.data import calibration_samples, load_text, tokenize
 from prefixquant_jax.model import Llama, QuantParam
@@ -24,7 +24,7 @@ from prefixquant_jax.quant.presets import Preset
 from prefixquant_jax.quant.recipe import WEIGHT_NAMES, QuantRecipe
 from prefixquant_jax.rotate.fuse import RotationConfig, rotate_params
 
-WEIGHT_CLIP_GRID = tuple(np.round(np.linspace(1.0, 0.5, 21), 3))
+WEIGHT_CLIP_GRID = CLIP_GRID
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,6 +43,11 @@ class QuantizeOptions:
     flatquant: object = None  # flatquant.FlatOptions for method "flatquant" presets (None: defaults)
     gptq: bool = False  # GPTQ weights (quant/gptq.py) instead of RTN, on the same per-channel scales
     gptq_damp: float = 0.01  # Hessian dampening, fraction of its mean diagonal
+    # PrefixQuant initialisation rules (calibrate.py; defaults chosen on calibration data, BENCHMARKS/RESULTS)
+    weight_clip: str = "output"  # "output": output-aware per-channel clip; "mse": data-free ||W - Q(W)||
+    kv_rule: str = "head"  # "head": per-head K (attention) / V clip; "site": one searched ratio per site
+    search: str = "greedy"  # activation clip search: "greedy" (cumulative) or "alone"
+    target: str = "fp"  # search target: "fp" (FP block on FP inputs) or "local" (FP block on quantized inputs)
 
 
 @dataclasses.dataclass
@@ -94,7 +99,8 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
     flat = preset.method == "flatquant"
     if opts.gptq and (flat or not preset.w_bits):
         raise UserError(f"--gptq needs a PrefixQuant preset with quantized weights, not {preset.name!r}")
-    needs_calib = preset.prefix or preset.is_static or flat or opts.gptq
+    needs_calib = (preset.prefix or preset.is_static or flat or opts.gptq
+                   or (bool(preset.w_bits) and opts.weight_clip == "output"))
     calib = None
     if needs_calib:
         ids = tokenize(tokenizer, load_text(opts.calib_data))
@@ -132,22 +138,29 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
         from prefixquant_jax.flatquant.pipeline import init_flatquant
         recipe, report["flatquant"] = init_flatquant(fp_model, q_model, recipe, calib, prefix_kv, opts.seed,
                                                      opts.flatquant, opts.progress)
-    elif preset.w_bits:
+    weight_pass = not flat and bool(preset.w_bits) and (opts.weight_clip == "output" or opts.gptq)
+    if not flat and preset.w_bits and not weight_pass:
         init_weight_scales(q_model, preset.weight_spec(), opts.progress)
     times["weights"] = time.time() - t
     static_calib = preset.is_static and recipe is not None and opts.calibrate
-    if opts.gptq or static_calib:  # both run block by block on the embedded calibration tokens
+    if weight_pass or static_calib:  # block by block on the embedded calibration tokens
         calib_x = np.asarray(jnp.asarray(params["embed"])[jnp.asarray(calib)], np.float32)
-    if opts.gptq:  # deterministic, so a resumed --train redoes it (its untrained blocks need the GPTQ kernels)
-        from prefixquant_jax.quant.gptq import gptq_model
         t = time.time()
-        report["gptq"] = gptq_model(q_model, recipe, calib_x, prefix_kv, opts.gptq_damp, progress=opts.progress)
-        times["gptq"] = time.time() - t
-
-    if static_calib:
-        t = time.time()
-        report["calibration"] = calibrate_static(fp_model, q_model, recipe, calib_x, prefix_kv,
-                                                 CalibConfig(grid_samples=opts.grid_samples), opts.progress)
+        if flat:
+            cfg = CalibConfig(grid_samples=opts.grid_samples)  # FlatQuant: its original rules
+            report["calibration"] = calibrate_static(fp_model, q_model, recipe, calib_x, prefix_kv, cfg, opts.progress)
+        else:  # a resumed --train redoes data-dependent weights (deterministic) and restores the static scales
+            cfg = CalibConfig(grid_samples=opts.grid_samples, weight_clip=opts.weight_clip if weight_pass else None,
+                              gptq=opts.gptq, gptq_damp=opts.gptq_damp, kv_rule=opts.kv_rule, search=opts.search,
+                              target=opts.target, static=preset.is_static and (opts.calibrate or weight_pass))
+            report["calibration"] = calibrate(fp_model, q_model, recipe, calib_x, prefix_kv, cfg, opts.progress)
+        report["calibration_rules"] = {k: getattr(cfg, k) for k in ("weight_clip", "gptq", "kv_rule", "search",
+                                                                    "target", "grid_samples")}
+        report["calibration_rules"]["weight_clip"] = None if flat or not preset.w_bits else opts.weight_clip
+        if opts.gptq:  # the quantity GPTQ minimises, per token, for the clip rule's rounding and for GPTQ
+            report["gptq"] = [{"layer": r["layer"], "rtn_err": {n: e[cfg.weight_clip] for n, e in r["weights"].items()},
+                               "gptq_err": {n: e["gptq"] for n, e in r["weights"].items()}}
+                              for r in report["calibration"]]
         times["calibrate"] = time.time() - t
     qm = QuantizedModel(config=config, model=q_model, fp_model=fp_model, prefix_kv=prefix_kv, preset=preset, report=report)
     if flat:  # FlatQuant always trains, then folds the transforms into the weights

@@ -46,7 +46,7 @@ def lac_qparams(xf, spec: QuantSpec, a_min, a_max):
     lo = jnp.minimum(lo, 0.0) * jax.nn.sigmoid(a_min)
     hi = jnp.maximum(hi, 0.0) * jax.nn.sigmoid(a_max)
     if spec.symmetric:
-        return jnp.maximum(jnp.maximum(-lo, hi) / spec.qmax, EPS), jnp.zeros((), jnp.float32)
+        return jnp.maximum(jnp.maximum(-lo, hi) / spec.sym_divisor, EPS), jnp.zeros((), jnp.float32)
     scale = jnp.maximum((hi - lo) / (spec.qmax - spec.qmin), EPS)
     return scale, ste_round(-lo / scale)
 

@@ -93,7 +93,7 @@ def gptq_model(q_model, recipe, calib_x: np.ndarray, prefix_kv, damp: float = 0.
     tokens [N, L, D]. Returns per-layer {linear: (RTN output error, GPTQ output error)} on the
     calibration inputs, the quantity GPTQ minimises.
     """
-    from prefixquant_jax.calibrate import BlockRunner
+    from prefixquant_jax.block_runner import BlockRunner
 
     if recipe is None or recipe.weight is None:
         raise UserError("GPTQ needs a preset with quantized weights")

@@ -52,7 +52,7 @@ def qparams_from_range(lo, hi, spec: QuantSpec, clip=1.0):
     """(scale, zero) from a value range, shrunk by `clip` (a float or a broadcastable array)."""
     if spec.symmetric:
         amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * clip
-        return jnp.maximum(amax / spec.qmax, EPS), jnp.zeros_like(amax)
+        return jnp.maximum(amax / spec.sym_divisor, EPS), jnp.zeros_like(amax)
     lo, hi = jnp.minimum(lo, 0.0) * clip, jnp.maximum(hi, 0.0) * clip
     scale = jnp.maximum((hi - lo) / (spec.qmax - spec.qmin), EPS)
     zero = jnp.round(-lo / scale)

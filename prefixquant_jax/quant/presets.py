@@ -16,6 +16,8 @@ class Preset:
     kv_dynamic: per-(token, head) dynamic KV (groups of head_dim), else static per-head.
     method: "prefixquant" (Hadamard rotations, RTN weights) or "flatquant" (learned affine transforms,
     LWC/LAC, always trained then merged: prefixquant_jax/flatquant).
+    full_grid: symmetric quantizers use the full 2^b - 1 step grid (QuantSpec.full_grid, PrefixQuant's
+    authors' rule); the FlatQuant presets keep amax / (2^(b-1) - 1), FlatQuant's authors' rule.
     """
 
     name: str
@@ -27,6 +29,7 @@ class Preset:
     kv_bits: int | None = 4
     act_dynamic: bool = False
     kv_dynamic: bool = False
+    full_grid: bool = True  # QuantSpec.full_grid of the symmetric quantizers
     description: str = ""
 
     @property
@@ -34,13 +37,14 @@ class Preset:
         return (self.a_bits is not None and not self.act_dynamic) or (self.kv_bits is not None and not self.kv_dynamic)
 
     def weight_spec(self) -> QuantSpec | None:
-        return None if self.w_bits is None else QuantSpec(bits=self.w_bits, granularity="channel", symmetric=True)
+        return None if self.w_bits is None else QuantSpec(bits=self.w_bits, granularity="channel", symmetric=True,
+                                                          full_grid=self.full_grid)
 
     def recipe(self) -> QuantRecipe | None:
         sites = []
         if self.a_bits is not None:
-            a = (QuantSpec(bits=self.a_bits, granularity="token", symmetric=True, dynamic=True) if self.act_dynamic
-                 else QuantSpec(bits=self.a_bits, granularity="tensor", symmetric=True))
+            a = QuantSpec(bits=self.a_bits, granularity="token" if self.act_dynamic else "tensor", symmetric=True,
+                          dynamic=self.act_dynamic, full_grid=self.full_grid)
             sites += [(s, a) for s in ("qkv_in", "o_in", "up_gate_in", "down_in")]
         if self.kv_bits is not None:
             kv = (QuantSpec(bits=self.kv_bits, granularity="token", symmetric=False, dynamic=True) if self.kv_dynamic
@@ -68,8 +72,9 @@ PRESETS = {p.name: p for p in [
     Preset(name="w4a8kv4-static", a_bits=8, description="PrefixQuant W4A8KV4, static"),
     Preset(name="w8a8kv8-static", w_bits=8, a_bits=8, kv_bits=8, description="PrefixQuant W8A8KV8, static"),
     Preset(name="flatquant-w4a4kv4", method="flatquant", rotate=False, prefix=False, act_dynamic=True, kv_dynamic=True,
+           full_grid=False,
            description="FlatQuant: learned Kronecker affine transforms, LWC W4, per-token dynamic A4 (LAC), dynamic KV4"),
-    Preset(name="flatquant-w4a4kv4-static-prefix", method="flatquant", rotate=False,
+    Preset(name="flatquant-w4a4kv4-static-prefix", method="flatquant", rotate=False, full_grid=False,
            description="FlatQuant + FP prefix: static per-tensor A4, static per-head KV4 (grid-searched, then trained)"),
 ]}
 

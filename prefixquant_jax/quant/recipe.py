@@ -34,6 +34,8 @@ class QuantRecipe:
     `capture`: sow per-token (min, max) of every quantization site's input as nnx.Intermediate
     (activation sites: [B, L]; KV sites: [B, L, KV]), used by outlier detection and calibration.
     `capture_gram`: sow sum over tokens of x^T x [C, C] at each activation site (GPTQ's Hessian).
+    `capture_qkv`: sow the attention's q (after R3, "q_attn") and the KV sites' inputs ("k_cache_x",
+    "v_cache_x"), [B, L, heads, hd] float32: the per-head KV clip searches (quant/clip_search.py).
     """
 
     sites: tuple[tuple[str, QuantSpec], ...] = ()
@@ -42,6 +44,7 @@ class QuantRecipe:
     r4: bool = False
     capture: bool = False
     capture_gram: bool = False
+    capture_qkv: bool = False
     int_matmul: bool = False  # compute quantized linears as the integer runtime does (quant/int_matmul.py)
 
     def spec(self, site: str) -> QuantSpec | None:
@@ -52,7 +55,10 @@ class QuantRecipe:
 
     def apply_site(self, name: str, x, qparams, block=None):
         if name in ("q_rot", "k_rot"):
-            return hadamard_transform(x) if self.r3 else x
+            y = hadamard_transform(x) if self.r3 else x
+            if self.capture_qkv and block is not None and name == "q_rot":
+                block.sow(nnx.Intermediate, "q_attn", y.astype(jnp.float32))
+            return y
         if name == "down_rot":
             return hadamard_transform(x) if self.r4 else x
         if self.capture_gram and block is not None and name in ACT_SITES:
@@ -62,6 +68,8 @@ class QuantRecipe:
             xf = x.astype(jnp.float32)
             block.sow(nnx.Intermediate, name + "_min", xf.min(axis=-1))
             block.sow(nnx.Intermediate, name + "_max", xf.max(axis=-1))
+        if self.capture_qkv and block is not None and name in KV_SITES:
+            block.sow(nnx.Intermediate, name + "_x", x.astype(jnp.float32))
         spec = self.spec(name)
         if spec is None:
             return x

@@ -130,9 +130,9 @@ def quantize_act(x, a: ActSpec, scale, rotate: bool, backend: str, interpret: bo
     s = None if a.dynamic else scale
     if backend == "kernels":
         rot = "hadamard" if rotate else identity_pair(x.shape[-1])
-        return rotate_quant(x, rot, s, bits=a.bits, clip_ratio=a.clip_ratio, interpret=interpret)
+        return rotate_quant(x, rot, s, bits=a.bits, clip_ratio=a.clip_ratio, full_grid=a.full_grid, interpret=interpret)
     y = hadamard_transform(x) if rotate else x
-    q, s = quantize_ref(y.astype(jnp.float32), s, bits=a.bits, clip_ratio=a.clip_ratio)
+    q, s = quantize_ref(y.astype(jnp.float32), s, bits=a.bits, clip_ratio=a.clip_ratio, full_grid=a.full_grid)
     return (pack_int4(q, axis=-1) if a.bits == 4 else q), s
 
 
@@ -159,7 +159,7 @@ def linear(spec: RuntimeSpec, lp: PackedLayer, site: str, w: QWeight, x, rotate:
         if spec.backend == "kernels" and pair is not None and a is not None and pair[1].shape[0] % 2 == 0:
             lac = flat.lac_factors(lp.flat, site) if a.dynamic else None  # fused transform + quantize + pack
             codes, s = rotate_quant(x2, pair, None if a.dynamic else lp.act_scale[site], bits=a.bits,
-                                    clip_ratio=a.clip_ratio, lac=lac, interpret=spec.interpret)
+                                    clip_ratio=a.clip_ratio, lac=lac, full_grid=a.full_grid, interpret=spec.interpret)
             return int_matmul(codes, s, a.bits, w, spec.backend, spec.compute_dtype,
                               spec.interpret).reshape(*lead, -1)
         x2 = flat.site_input(lp.flat, site, x2, spec.kv_original_space)

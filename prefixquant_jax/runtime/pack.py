@@ -47,6 +47,7 @@ class ActSpec:
     bits: int
     dynamic: bool
     clip_ratio: float = 1.0
+    full_grid: bool = False  # QuantSpec.full_grid: dynamic scale amax / (qmax + 1/2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +181,7 @@ def runtime_spec(qm, backend: str | None = None, dtype=None) -> RuntimeSpec:
         if s.bits not in (4, 8) or not s.symmetric or s.granularity != ("token" if s.dynamic else "tensor"):
             raise UserError(f"{unsupported} activation site {site} must be symmetric 4 or 8 bits, static per tensor or "
                             f"dynamic per token, got {s.bits} bits {s.granularity}{' dynamic' if s.dynamic else ''}")
-        act.append((site, ActSpec(bits=s.bits, dynamic=s.dynamic, clip_ratio=s.clip_ratio)))
+        act.append((site, ActSpec(bits=s.bits, dynamic=s.dynamic, clip_ratio=s.clip_ratio, full_grid=s.full_grid)))
     kv = [recipe.spec(s) for s in ("k_cache", "v_cache")]
     if any(s is None for s in kv):
         raise UserError(f"{unsupported} its KV cache is not quantized (the runtime stores an integer KV cache)")

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from prefixquant_jax.calibrate import BlockRunner
+from prefixquant_jax.block_runner import BlockRunner
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.model import QuantParam
 

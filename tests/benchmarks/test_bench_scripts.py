@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import bench_kernels, bench_layer, bench_train
+from benchmarks import bench_kernels, bench_layer, bench_train, diagnose_calibration
 from tests.pallas_kernels.test_gpu_lowering import cuda_kernels
 
 
@@ -61,3 +61,16 @@ def test_llama3_8b_layer_lowers_to_triton(a_bits, dynamic):
         cache = jax.ShapeDtypeStruct((1, rows, KV, hd // 2), jnp.int8)
         x = jax.ShapeDtypeStruct((1, n_new, config.hidden_size), jnp.bfloat16)
         assert set(cuda_kernels(real, lp, x, cache, cache, prefix, prefix, cached)) == expected, case
+
+
+def test_diagnose_calibration_runs(tiny_dir, text_file, tmp_path):
+    """The [G] diagnostic on the tiny model: every variant's per-layer errors, and what each rule claims holds."""
+    out = tmp_path / "d.json"
+    diagnose_calibration.main(["--model", tiny_dir, "--calib-data", text_file, "--calib-samples", "4", "--calib-seqlen",
+                               "32", "--variants", "old,grid+wout+kvhead,ref+gptq", "--json", str(out)])
+    res = json.loads(out.read_text())["results"]
+    assert set(res) == {"old", "grid+wout+kvhead", "ref+gptq"}
+    assert all(len(r["out_mse"]) == 2 for r in res.values())
+    w = res["grid+wout+kvhead"]["weight_err"]
+    assert all(o <= m * (1 + 1e-6) for o, m in zip(w["output"], w["mse"]))
+    assert set(res["ref+gptq"]["weight_err"]) == {"mse", "output", "gptq"} and not res["old"]["weight_err"]

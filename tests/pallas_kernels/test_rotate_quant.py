@@ -82,6 +82,27 @@ def test_rotate_quant_matches_unfused_jnp_reference():
     _check_codes(np.asarray(unpack_int4(cr)), y, -8, 7)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rotate_quant_full_grid(bits):
+    """full_grid: dynamic scale amax / (qmax + 1/2 + 2^-10); each row's negative extreme gets code qmin."""
+    from pallas_kernels.rotate_quant import FULL_GRID_OFFSET
+
+    rng = np.random.default_rng(11 + bits)
+    x = jnp.asarray(rng.standard_normal((6, 576)), jnp.float32)
+    c, s = rotate_quant(x, "hadamard", bits=bits, full_grid=True)
+    cr, sr = rotate_quant_ref(x, "hadamard", bits=bits, full_grid=True)
+    qmin, qmax = (-8, 7) if bits == 4 else (-128, 127)
+    y = np.asarray(x, np.float64) @ hadamard_matrix(576)
+    amax = np.abs(y).max(axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(s), amax / (qmax + 0.5 + FULL_GRID_OFFSET), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(s), np.asarray(sr), rtol=1e-6)
+    q = np.asarray(unpack_int4(c)) if bits == 4 else np.asarray(c)
+    _check_codes(q, y / np.asarray(s, np.float64), qmin, qmax)
+    np.testing.assert_array_equal(q, np.asarray(unpack_int4(cr)) if bits == 4 else np.asarray(cr))
+    neg = y.argmin(axis=1)
+    assert all(q[i, neg[i]] == qmin for i in range(len(q)) if -y[i, neg[i]] == amax[i, 0])
+
+
 def test_rotate_quant_kronecker_pair():
     """FlatQuant-style pair: y = x @ kron(P1, P2), i.e. Y = P1^T X P2 on each row reshaped [n1, n2]."""
     P1, P2 = random_orthogonal(12, seed=1), random_orthogonal(16, seed=2)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from prefixquant_jax.train import TrainConfig, finetune, prefixquant_groups
 from prefixquant_jax.train.blockwise import BlockTrainer
-from prefixquant_jax.calibrate import BlockRunner
+from prefixquant_jax.block_runner import BlockRunner
 from tests.test_cli import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
