@@ -29,14 +29,13 @@ from prefixquant_jax.block_runner import BlockRunner
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.model import QuantParam
 from prefixquant_jax.quant.clip_search import head_clip_attention, head_clip_reconstruction, output_aware_weight_clip
+from prefixquant_jax.quant.gptq import LINEAR_INPUT, _gptq_with_factor, _inverse_hessian_factor
 from prefixquant_jax.quant.ops import mse_clip_search, qparams_from_range
 from prefixquant_jax.quant.recipe import ACT_SITES, QUANT_SITES, WEIGHT_NAMES
 
 COARSE = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 FINE_STEPS = (-0.05, 0.05)
 CLIP_GRID = tuple(float(r) for r in np.round(np.linspace(1.0, 0.5, 21), 3))  # 1.0, 0.975, ..., 0.5
-LINEAR_INPUT = {"q": "qkv_in", "k": "qkv_in", "v": "qkv_in", "o": "o_in", "gate": "up_gate_in", "up": "up_gate_in",
-                "down": "down_in"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -97,8 +96,6 @@ def _output_error(kernel, quantized, gram) -> np.ndarray:
 def init_block_weights(runner: BlockRunner, qb, layer: int, recipe, x_q: np.ndarray, cfg: CalibConfig) -> dict:
     """Step 1 (module docstring) for one block, in place: qparams["w_<name>"] and, with GPTQ, the kernels.
     Returns {linear: {"mse": err, "output": err, "gptq": err}} output errors per token (those that apply)."""
-    from prefixquant_jax.quant.gptq import _gptq_with_factor, _inverse_hessian_factor
-
     spec, grams, tokens = recipe.weight, None, x_q.shape[0] * x_q.shape[1]
     if cfg.weight_clip == "output" or cfg.gptq:
         qb.recipe = recipe.replace(sites=(), weight=None)  # FP weights and activations

@@ -25,8 +25,8 @@ def _add_rule_args(p):
                    help="static KV clip: per head (K by attention error, V by reconstruction) or one searched ratio per site")
     g.add_argument("--clip-search", choices=("greedy", "alone"), default="greedy",
                    help="activation clip search: sites one after another with the others on, or each site alone")
-    g.add_argument("--clip-target", choices=("fp", "local"), default="fp",
-                   help="search target: FP block on the FP model's inputs, or on the quantized model's inputs")
+    g.add_argument("--clip-target", choices=("local", "fp"), default="local",
+                   help="search target: the FP block on the quantized model's inputs, or on the FP model's inputs")
     g.add_argument("--grid", choices=("full", "narrow"), default="full",
                    help="symmetric grid (PrefixQuant presets): 2 amax / (2^b - 1), or amax / (2^(b-1) - 1)")
 

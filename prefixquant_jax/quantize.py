@@ -47,7 +47,7 @@ class QuantizeOptions:
     weight_clip: str = "output"  # "output": output-aware per-channel clip; "mse": data-free ||W - Q(W)||
     kv_rule: str = "head"  # "head": per-head K (attention) / V clip; "site": one searched ratio per site
     search: str = "greedy"  # activation clip search: "greedy" (cumulative) or "alone"
-    target: str = "fp"  # search target: "fp" (FP block on FP inputs) or "local" (FP block on quantized inputs)
+    target: str = "local"  # search target: "local" (FP block on quantized inputs) or "fp" (FP block on FP inputs)
 
 
 @dataclasses.dataclass

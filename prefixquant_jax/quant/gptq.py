@@ -1,6 +1,6 @@
 """GPTQ (Frantar et al., arXiv 2210.17323) for the per-output-channel weight quantizer.
 
-The scales are fixed first (RTN init with its MSE-searched clip, `quantize.init_weight_scales`);
+The scales are fixed first (RTN init with its MSE-searched clip, `quantize.init_weight_scales`, or the output-aware clip of calibrate.py);
 GPTQ then picks the integer codes row by row of the kernel (= one input channel, a "column" in
 the paper's [out, in] layout) and spreads each row's rounding error over the rows not yet
 quantized, weighted by the inverse Hessian H = sum_tokens x x^T of the linear's input. The result
