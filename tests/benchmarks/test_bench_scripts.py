@@ -67,10 +67,10 @@ def test_diagnose_calibration_runs(tiny_dir, text_file, tmp_path):
     """The [G] diagnostic on the tiny model: every variant's per-layer errors, and what each rule claims holds."""
     out = tmp_path / "d.json"
     diagnose_calibration.main(["--model", tiny_dir, "--calib-data", text_file, "--calib-samples", "4", "--calib-seqlen",
-                               "32", "--variants", "old,grid+wout+kvhead,ref+gptq", "--json", str(out)])
+                               "32", "--variants", "old,ref+gptq", "--json", str(out)])
     res = json.loads(out.read_text())["results"]
-    assert set(res) == {"old", "grid+wout+kvhead", "ref+gptq"}
+    assert set(res) == {"old", "ref+gptq"}
     assert all(len(r["out_mse"]) == 2 for r in res.values())
-    w = res["grid+wout+kvhead"]["weight_err"]
+    w = res["ref+gptq"]["weight_err"]
     assert all(o <= m * (1 + 1e-6) for o, m in zip(w["output"], w["mse"]))
     assert set(res["ref+gptq"]["weight_err"]) == {"mse", "output", "gptq"} and not res["old"]["weight_err"]
