@@ -83,14 +83,18 @@ class BlockRunner:
         return np.concatenate([np.asarray(self._fwd(gd, state, xb, ck, cv, self.cos, self.sin))
                                for xb, ck, cv in self._chunks(layer, x, chunk)])
 
-    def ranges(self, block, layer, x: np.ndarray, chunk: int) -> dict:
-        """Per-token (min, max) of every quantization site's input, weights as in `block`, acts FP."""
+    def _collect(self, fn, block, layer, x: np.ndarray, chunk: int) -> dict:
+        """What the jitted capture `fn` sows on every chunk of x, each value concatenated over the samples."""
         gd, state = nnx.split(block)
         acc: dict = {}
         for xb, ck, cv in self._chunks(layer, x, chunk):
-            for k, v in self._capture(gd, state, xb, ck, cv, self.cos, self.sin).items():
+            for k, v in fn(gd, state, xb, ck, cv, self.cos, self.sin).items():
                 acc.setdefault(k, []).append(np.asarray(sown_value(v)))
-        return pair_ranges({k: np.concatenate(v) for k, v in acc.items()})
+        return {k: np.concatenate(v) for k, v in acc.items()}
+
+    def ranges(self, block, layer, x: np.ndarray, chunk: int) -> dict:
+        """Per-token (min, max) of every quantization site's input, weights as in `block`, acts FP."""
+        return pair_ranges(self._collect(self._capture, block, layer, x, chunk))
 
     def grams(self, block, layer, x: np.ndarray, chunk: int) -> dict:
         """{site: sum over all tokens of x^T x [C, C] (float64)} at each activation site, as `block` runs."""
@@ -105,12 +109,7 @@ class BlockRunner:
     def qkv(self, block, layer, x: np.ndarray, chunk: int) -> dict:
         """{"q_attn", "k_cache_x", "v_cache_x": [N, L, heads, hd]}: the attention's q and the KV sites' inputs
         as `block` runs with FP activations (its weights as they are)."""
-        gd, state = nnx.split(block)
-        acc: dict = {}
-        for xb, ck, cv in self._chunks(layer, x, chunk):
-            for k, v in self._qkv(gd, state, xb, ck, cv, self.cos, self.sin).items():
-                acc.setdefault(k, []).append(np.asarray(sown_value(v)))
-        return {k: np.concatenate(v) for k, v in acc.items()}
+        return self._collect(self._qkv, block, layer, x, chunk)
 
     def prefix_keys(self, layer: int):
         """The layer's FP prefix keys [P, KV, hd] (None without a prefix)."""

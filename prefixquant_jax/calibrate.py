@@ -29,9 +29,9 @@ from prefixquant_jax.block_runner import BlockRunner
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.model import QuantParam
 from prefixquant_jax.quant.clip_search import head_clip_attention, head_clip_reconstruction, output_aware_weight_clip
-from prefixquant_jax.quant.gptq import LINEAR_INPUT, _gptq_with_factor, _inverse_hessian_factor
-from prefixquant_jax.quant.ops import mse_clip_search, qparams_from_range
-from prefixquant_jax.quant.recipe import ACT_SITES, QUANT_SITES, WEIGHT_NAMES
+from prefixquant_jax.quant.gptq import LINEAR_INPUT, gptq_with_factor, inverse_hessian_factor, output_error
+from prefixquant_jax.quant.ops import minmax, mse_clip_search, qparams_from_range
+from prefixquant_jax.quant.recipe import QUANT_SITES, WEIGHT_NAMES
 
 COARSE = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 FINE_STEPS = (-0.05, 0.05)
@@ -87,12 +87,6 @@ def init_qparams(block, recipe, ranges: dict) -> None:
             block.qparams[site + "_zero"] = QuantParam(zero)
 
 
-def _output_error(kernel, quantized, gram) -> np.ndarray:
-    """Per output channel sum over tokens of (x @ (kernel - quantized))^2."""
-    d = np.asarray(kernel, np.float64) - np.asarray(quantized, np.float64)
-    return np.sum(d * (np.asarray(gram, np.float64) @ d), axis=0)
-
-
 def init_block_weights(runner: BlockRunner, qb, layer: int, recipe, x_q: np.ndarray, cfg: CalibConfig) -> dict:
     """Step 1 (module docstring) for one block, in place: qparams["w_<name>"] and, with GPTQ, the kernels.
     Returns {linear: {"mse": err, "output": err, "gptq": err}} output errors per token (those that apply)."""
@@ -119,13 +113,13 @@ def init_block_weights(runner: BlockRunner, qb, layer: int, recipe, x_q: np.ndar
             if cfg.weight_clip == "output":
                 ratio = best
                 e["output"] = pick(ratio)
-        scale = qparams_from_range(*_channel_range(w), spec, ratio)[0]
+        scale = qparams_from_range(*minmax(w, spec), spec, ratio)[0]
         if cfg.gptq:
             site, wn = LINEAR_INPUT[name], np.asarray(w, np.float32)
             if site not in factors:  # once per shared input
-                factors[site] = _inverse_hessian_factor(grams[site], cfg.gptq_damp)
-            new = _gptq_with_factor(wn, factors[site], np.asarray(scale, np.float32), spec)
-            e["gptq"] = float(_output_error(wn, new, grams[site]).sum() / tokens)
+                factors[site] = inverse_hessian_factor(grams[site], cfg.gptq_damp)
+            new = gptq_with_factor(wn, factors[site], np.asarray(scale, np.float32), spec)
+            e["gptq"] = output_error(wn, new, grams[site]) / tokens
             mod.kernel[...] = jnp.asarray(new, w.dtype)
         qb.qparams["w_" + name] = QuantParam(jnp.asarray(scale, jnp.float32))
         errs[name] = e
@@ -138,11 +132,6 @@ _mse_ratio = jax.jit(mse_clip_search, static_argnums=1)
 def _grid_index(ratios, r) -> np.ndarray:
     """Index into `ratios` of each chosen ratio r [1, out] (r is one of them)."""
     return np.abs(np.asarray(r, np.float32).reshape(1, -1) - ratios[:, None]).argmin(axis=0)[None, :]
-
-
-def _channel_range(w):
-    w = jnp.asarray(w, jnp.float32)
-    return w.min(axis=0, keepdims=True), w.max(axis=0, keepdims=True)
 
 
 def _set_site(qb, site, spec, lo, hi, ratio):
@@ -227,8 +216,7 @@ def calibrate(fp_model, q_model, recipe, calib_x: np.ndarray, prefix_kv, cfg: Ca
             for s in sites:
                 _set_site(qb, s, recipe.spec(s), *ranges[s], ratios[s])
             rep["grid_loss_init"] = runner.loss(qb, xg, ck, cv, tg)
-            searched = [s for s in sites if not (cfg.kv_rule == "head" and s in ratios and np.ndim(ratios[s]))]
-            searched = [s for s in ACT_SITES if s in searched] + [s for s in searched if s not in ACT_SITES]
+            searched = [s for s in sites if np.ndim(ratios[s]) == 0]  # not the per-head KV ratios of step 2
             _search_sites(runner, qb, recipe, searched, ranges, ratios, xg, ck, cv, tg, cfg)
             rep["grid_loss"] = runner.loss(qb, xg, ck, cv, tg)
             rep["ratios"] = {s: (np.asarray(r).ravel().tolist() if np.ndim(r) else r) for s, r in ratios.items()}

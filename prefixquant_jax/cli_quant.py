@@ -306,7 +306,7 @@ def cmd_quantize(args) -> dict:
     if train_cfg is not None and not flat:
         rules = {k: getattr(args, k) for k in ("weight_clip", "kv_clip", "clip_search", "clip_target", "grid")}
         fp = {**({"gptq_damp": args.gptq_damp} if args.gptq else {}), "rules": rules}  # a resume needs the same rules
-        qm.report["train"] = _finetune(args, qm, tok, train_cfg, fingerprint=fp or None)
+        qm.report["train"] = _finetune(args, qm, tok, train_cfg, fingerprint=fp)
     res = {"model": args.model, "preset": preset.name, "prefix_tokens": qm.report["prefix_tokens"],
            "prefix_text": qm.report["prefix_text"], "eta": args.eta, "bits": {"w": preset.w_bits, "a": preset.a_bits, "kv": preset.kv_bits},
            "quantize_seconds": time.time() - t0, "report": qm.report}

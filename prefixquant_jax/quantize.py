@@ -152,11 +152,11 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
         else:  # a resumed --train redoes data-dependent weights (deterministic) and restores the static scales
             cfg = CalibConfig(grid_samples=opts.grid_samples, weight_clip=opts.weight_clip if weight_pass else None,
                               gptq=opts.gptq, gptq_damp=opts.gptq_damp, kv_rule=opts.kv_rule, search=opts.search,
-                              target=opts.target, static=preset.is_static and (opts.calibrate or weight_pass))
+                              target=opts.target, static=opts.calibrate or weight_pass)
             report["calibration"] = calibrate(fp_model, q_model, recipe, calib_x, prefix_kv, cfg, opts.progress)
-        report["calibration_rules"] = {k: getattr(cfg, k) for k in ("weight_clip", "gptq", "kv_rule", "search",
-                                                                    "target", "grid_samples")}
-        report["calibration_rules"]["weight_clip"] = None if flat or not preset.w_bits else opts.weight_clip
+        report["calibration_rules"] = {"weight_clip": None if flat or not preset.w_bits else opts.weight_clip,
+                                       **{k: getattr(cfg, k) for k in ("gptq", "kv_rule", "search", "target",
+                                                                       "grid_samples")}}
         if opts.gptq:  # the quantity GPTQ minimises, per token, for the clip rule's rounding and for GPTQ
             report["gptq"] = [{"layer": r["layer"], "rtn_err": {n: e[cfg.weight_clip] for n, e in r["weights"].items()},
                                "gptq_err": {n: e["gptq"] for n, e in r["weights"].items()}}
