@@ -92,11 +92,13 @@ def bench_gemv(M, K, N, group, opt, rows, block_n=None):
 def bench_rotate(M, K, N, opt, rows):
     from pallas_kernels import rotate_quant
     from pallas_kernels.rotate_quant import rotate_quant_ref
+    from prefixquant_jax.rotate.hadamard import hadamard_kron_factors
 
     x = jax.random.normal(jax.random.PRNGKey(K), (M, K), jnp.bfloat16)
-    f = jax.jit(lambda x: rotate_quant(x, "hadamard", interpret=opt.interpret))
+    pair = hadamard_kron_factors(K)
+    f = jax.jit(lambda x: rotate_quant(x, pair, interpret=opt.interpret))
     t_k = timeit(f, x, iters=opt.iters, warmup=opt.warmup)
-    t_u = timeit(jax.jit(lambda x: rotate_quant_ref(x, "hadamard")), x, iters=opt.iters, warmup=opt.warmup)
+    t_u = timeit(jax.jit(lambda x: rotate_quant_ref(x, pair)), x, iters=opt.iters, warmup=opt.warmup)
     t_g = bench_gemm(M, K, N, "w4a4", opt, [])
     rows.append({"case": "rotate_quant", "M": M, "K": K, "N": N, "kernel_ms": t_k, "unfused_jnp_ms": t_u, "gemm_ms": t_g,
                      "fraction_of_gemm": t_k / t_g, "speedup": t_u / t_k})

@@ -1,7 +1,8 @@
 """Pallas kernels for 4-bit inference: W4A4 / W4A8 GEMM, W4 GEMV, fused rotate+quantize, int4-KV decode attention.
 
 Every kernel has a plain-jnp reference beside it (`*_ref`) and an `interpret` argument that defaults
-to True on the CPU backend. Packed int4 layout: pallas_kernels.int4.
+to True on the CPU backend. Packed int4 layout: pallas_kernels.int4. A leaf package: it imports jax and
+numpy only (never prefixquant_jax or flax); matrices such as rotations come in as arguments.
 """
 from pallas_kernels.decode_attention import (
     decode_attention,
@@ -13,11 +14,7 @@ from pallas_kernels.gemm_w4a4 import w4a4_matmul, w4a4_matmul_ref
 from pallas_kernels.gemm_w4a8 import w4a8_matmul, w4a8_matmul_ref
 from pallas_kernels.gemv_w4 import dequantize_w4, gemv_w4, gemv_w4_ref
 from pallas_kernels.int4 import pack_int4, unpack_int4
-from pallas_kernels.rotate_quant import (
-    hadamard_kron_factors,
-    rotate_quant,
-    rotate_quant_ref,
-)
+from pallas_kernels.rotate_quant import rotate_quant, rotate_quant_ref
 
 __all__ = [
     "decode_attention",
@@ -25,7 +22,6 @@ __all__ = [
     "dequantize_w4",
     "gemv_w4",
     "gemv_w4_ref",
-    "hadamard_kron_factors",
     "pack_int4",
     "pack_kv_uint4",
     "rotate_quant",

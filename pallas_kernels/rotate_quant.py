@@ -5,12 +5,10 @@
 Rotation R (a [K, K] orthogonal matrix) is never formed; it is a Kronecker product R = kron(P1, P2)
 with P1 [n1, n1], P2 [n2, n2], K = n1 * n2, applied per row as two small matmuls:
     X = x_row.reshape(n1, n2) (row-major),   Y = P1^T X P2,   y_row = Y.reshape(K)
-which is exactly x_row @ kron(P1, P2). `rotation` selects the pair:
-  * "hadamard": R = prefixquant_jax.rotate.hadamard.hadamard_matrix(K), i.e. y = hadamard_transform(x).
-    With K = m * 2^k (split_pow2) and Sylvester's H_{2^k} = kron(H_{p1}, H_{p2}), we take
-    P1 = kron(H_m / sqrt(m), H_{p1} / sqrt(p1)), P2 = H_{p2} / sqrt(p2) with p2 ~ sqrt(K) (a power of
-    two <= 2^k), so both matmuls stay small (K = 4096: 64 x 64) instead of one dense 2^k x 2^k matmul.
-  * (P1, P2): a FlatQuant-style Kronecker pair, same convention (y = x @ kron(P1, P2), Y = P1^T X P2).
+which is exactly x_row @ kron(P1, P2). `rotation` is the pair (P1, P2), given by the caller: this
+package builds no matrices (it imports nothing of prefixquant_jax). A Hadamard rotation is such a pair
+(prefixquant_jax.rotate.hadamard.hadamard_kron_factors: both factors ~sqrt(K), so K = 4096 is two
+64 x 64 matmuls instead of one dense 4096 x 4096), and so is a FlatQuant Kronecker transform.
 
 Scale: None -> dynamic per token, scale = max(amax(|y_row|) * clip_ratio / d, 1e-8) with d = qmax, or
 d = qmax + 1/2 + 2^-10 with `full_grid` (the 2^bits - 1 steps span [-amax, amax]; the formula of
@@ -32,11 +30,9 @@ Rounding is round-half-to-even (same as jnp.round), implemented with floor/selec
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (
@@ -50,32 +46,14 @@ from pallas_kernels._common import (
     triton_params,
 )
 from pallas_kernels.int4 import pack_int4
-from prefixquant_jax.rotate.hadamard import (
-    hadamard_transform,
-    small_factor,
-    split_pow2,
-    sylvester,
-)
 
 EPS = 1e-8  # same floor as prefixquant_jax.quant.ops.EPS
 FULL_GRID_OFFSET = 2.0 ** -10  # prefixquant_jax.quant.spec.FULL_GRID_OFFSET: -amax lands past the rounding tie
 
 
-def hadamard_kron_factors(K: int) -> tuple[np.ndarray, np.ndarray]:
-    """(P1, P2) float64 with kron(P1, P2) == hadamard_matrix(K) and P2 a Sylvester block of size ~sqrt(K)."""
-    m, p = split_pow2(K)
-    p2 = min(p, max(32, next_pow2(math.isqrt(K - 1) + 1)))
-    p1 = p // p2
-    P1 = np.kron(small_factor(m), sylvester(p1) / np.sqrt(p1))
-    P2 = sylvester(p2) / np.sqrt(p2)
-    return P1, P2
-
-
 def _factors(rotation, K: int):
-    if isinstance(rotation, str):
-        if rotation != "hadamard":
-            raise ValueError(f"unknown rotation {rotation!r} (use 'hadamard' or a (P1, P2) pair)")
-        return hadamard_kron_factors(K)
+    if isinstance(rotation, str) or len(rotation) != 2:
+        raise ValueError(f"rotation must be a Kronecker pair (P1, P2), got {rotation!r}")
     P1, P2 = rotation
     if P1.shape[0] * P2.shape[0] != K or P1.shape[0] != P1.shape[1] or P2.shape[0] != P2.shape[1]:
         raise ValueError(f"Kronecker pair {P1.shape} x {P2.shape} does not match K={K}")
@@ -125,11 +103,11 @@ def _rq_kernel(x_ref, a_ref, *rest, bits: int, dynamic: bool, clip_ratio: float,
     o_ref[...] = pack_lo_hi(qs[0], qs[1]) if bits == 4 else qs[0]
 
 
-def rotate_quant(x, rotation="hadamard", scale=None, *, bits: int = 4, clip_ratio: float = 1.0, lac=None,
+def rotate_quant(x, rotation, scale=None, *, bits: int = 4, clip_ratio: float = 1.0, lac=None,
                  full_grid: bool = False, interpret: bool | None = None, num_warps: int | None = None):
     """(codes, scale): x [M, K] bf16/f32 rotated by `rotation`, quantized symmetrically and packed.
 
-    rotation: "hadamard" or a Kronecker pair (P1 [n1, n1], P2 [n2, n2]) with n1 * n2 = K.
+    rotation: a Kronecker pair (P1 [n1, n1], P2 [n2, n2]) with n1 * n2 = K.
     Returns int8 [M, K/2] (bits=4, packed) or int8 [M, K] (bits=8), and scale f32 [M, 1] (dynamic,
     scale=None) or [1, 1] (static). lac: (c_min, c_max) clip factors of the dynamic range (module
     docstring). See the module docstring for the rotation convention.
@@ -193,16 +171,10 @@ def _rotate_quant(x, P1, P2, scale, lac_c, *, bits: int, clip_ratio: float, lac:
     return codes, (s_out if dynamic else s_in)
 
 
-_hadamard_transform_jit = jax.jit(hadamard_transform)
-
-
-def rotate_ref(x, rotation="hadamard"):
-    """Unfused float32 rotation: hadamard_transform(x) or x @ kron(P1, P2) as two einsum contractions."""
+def rotate_ref(x, rotation):
+    """Unfused float32 rotation: x @ kron(P1, P2) as one einsum contraction."""
     xf = x.astype(jnp.float32)
-    if isinstance(rotation, str):
-        _factors(rotation, x.shape[-1])
-        return _hadamard_transform_jit(xf)
-    P1, P2 = (jnp.asarray(p, jnp.float32) for p in rotation)
+    P1, P2 = (jnp.asarray(p, jnp.float32) for p in _factors(rotation, x.shape[-1]))
     X = xf.reshape(x.shape[0], P1.shape[0], P2.shape[0])
     Y = jnp.einsum("mij,ia,jb->mab", X, P1, P2, precision=jax.lax.Precision.HIGHEST)
     return Y.reshape(x.shape)
@@ -231,7 +203,7 @@ def _quantize_ref(y, scale, lac_c, *, bits: int, clip_ratio: float, lac: bool, f
     return jnp.clip(jnp.round(y / scale), qmin, qmax).astype(jnp.int8), scale
 
 
-def rotate_quant_ref(x, rotation="hadamard", scale=None, *, bits: int = 4, clip_ratio: float = 1.0, lac=None,
+def rotate_quant_ref(x, rotation, scale=None, *, bits: int = 4, clip_ratio: float = 1.0, lac=None,
                      full_grid: bool = False):
     """Unfused reference of rotate_quant: rotate_ref, quantize_ref, then int4.pack_int4 when bits=4."""
     q, s = quantize_ref(rotate_ref(x, rotation), scale, bits=bits, clip_ratio=clip_ratio, lac=lac, full_grid=full_grid)

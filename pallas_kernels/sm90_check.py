@@ -124,8 +124,10 @@ def benchmark_cases():
             s = S((1, N) if g is None else (K // g, N), F32)
             cases.append((f"gemv_w4 M={M} K={K} N={N} group={g}", lambda x, w, s: gemv_w4(x, w, s, interpret=False),
                           (S((M, K), BF16), S((K // 2, N), I8), s)))
-    for M, K in [(2048, 4096), (2048, 14336)]:
-        cases.append((f"rotate_quant M={M} K={K}", lambda x: rotate_quant(x, interpret=False), (S((M, K), BF16),)))
+    for M, K, n2 in [(2048, 4096, 64), (2048, 14336, 128)]:  # the Hadamard pair's shapes (values do not matter)
+        pair = (jnp.eye(K // n2), jnp.eye(n2))
+        cases.append((f"rotate_quant M={M} K={K}", lambda x, pair=pair: rotate_quant(x, pair, interpret=False),
+                      (S((M, K), BF16),)))
     for B, P in [(1, 4), (4, 0)]:
         h = S((8,), F32)
         args = (S((B, 32, 128), BF16), S((B, 2048, 8, 64), I8), S((B, 2048, 8, 64), I8), S((B,), jnp.int32), h, h, h, h)

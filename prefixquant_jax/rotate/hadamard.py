@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import warnings
 
 import jax.numpy as jnp
@@ -176,6 +177,18 @@ def hadamard_matrix(n: int) -> np.ndarray:
     """Dense orthonormal H [n, n] = (H_m / sqrt(m)) kron (H_{2^k} / sqrt(2^k)), float64."""
     m, p = split_pow2(n)
     return np.kron(small_factor(m), sylvester(p) / np.sqrt(p))
+
+
+@functools.lru_cache(maxsize=None)
+def hadamard_kron_factors(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(P1, P2) float64 with kron(P1, P2) == hadamard_matrix(n), P2 a Sylvester block of size ~sqrt(n):
+    the Kronecker pair pallas_kernels.rotate_quant applies as two small matmuls. Cached: do not modify."""
+    m, p = split_pow2(n)
+    p2 = 1
+    while p2 < min(p, max(32, math.isqrt(n - 1) + 1)):  # next power of two >= sqrt(n), at least 32, at most p
+        p2 *= 2
+    p1 = p // p2
+    return np.kron(small_factor(m), sylvester(p1) / np.sqrt(p1)), sylvester(p2) / np.sqrt(p2)
 
 
 def fwht(x):

@@ -59,7 +59,7 @@ from pallas_kernels.rotate_quant import quantize_ref, rotate_quant
 from prefixquant_jax.model import apply_rope, attention, rope_tables
 from prefixquant_jax.quant.ops import EPS, dynamic_qparams
 from prefixquant_jax.quant.spec import QuantSpec
-from prefixquant_jax.rotate.hadamard import hadamard_transform
+from prefixquant_jax.rotate.hadamard import hadamard_kron_factors, hadamard_transform
 from prefixquant_jax.runtime import flat
 from prefixquant_jax.runtime.pack import (
     ActSpec,
@@ -129,7 +129,7 @@ def quantize_act(x, a: ActSpec, scale, rotate: bool, backend: str, interpret: bo
     (static, given) or [M, 1] (dynamic per token). `rotate`: Hadamard over K first (R4)."""
     s = None if a.dynamic else scale
     if backend == "kernels":
-        rot = "hadamard" if rotate else identity_pair(x.shape[-1])
+        rot = hadamard_kron_factors(x.shape[-1]) if rotate else identity_pair(x.shape[-1])
         return rotate_quant(x, rot, s, bits=a.bits, clip_ratio=a.clip_ratio, full_grid=a.full_grid, interpret=interpret)
     y = hadamard_transform(x) if rotate else x
     q, s = quantize_ref(y.astype(jnp.float32), s, bits=a.bits, clip_ratio=a.clip_ratio, full_grid=a.full_grid)

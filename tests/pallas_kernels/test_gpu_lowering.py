@@ -17,6 +17,7 @@ import pytest
 
 from pallas_kernels import decode_attention, gemv_w4, rotate_quant, w4a4_matmul, w4a8_matmul
 from pallas_kernels.sm90_check import triton_ir
+from prefixquant_jax.rotate.hadamard import hadamard_kron_factors
 
 S = jax.ShapeDtypeStruct
 F32, I8, BF16 = jnp.float32, jnp.int8, jnp.bfloat16
@@ -56,7 +57,7 @@ def test_gemv_lowers_to_triton(M, K, N, group):
 def test_rotate_quant_lowers_to_triton(M, K, mode):
     kw = {"dynamic": {}, "static-int8": {"scale": jnp.float32(0.1), "bits": 8},
           "lac": {"lac": (jnp.float32(0.9), jnp.float32(0.8))}}.get(mode, {})
-    rotation = (jnp.eye(K // 32), jnp.eye(32)) if mode == "kronecker" else "hadamard"
+    rotation = (jnp.eye(K // 32), jnp.eye(32)) if mode == "kronecker" else hadamard_kron_factors(K)
     assert cuda_kernels(lambda x: rotate_quant(x, rotation, interpret=False, **kw), S((M, K), BF16)) == ["rotate_quant"]
 
 

@@ -21,13 +21,13 @@ import pytest
 from pallas_kernels import (
     decode_attention,
     gemv_w4,
-    hadamard_kron_factors,
     pack_int4,
     rotate_quant,
     unpack_int4,
     w4a4_matmul,
     w4a8_matmul,
 )
+from prefixquant_jax.rotate.hadamard import hadamard_kron_factors
 from tests.pallas_kernels.test_decode_attention import np_attention, random_decode_inputs
 from tests.pallas_kernels.test_rotate_quant import _check_codes
 
@@ -90,7 +90,7 @@ def test_rotate_quant_on_gpu(M, K, static):
     xb = jnp.asarray(x, jnp.bfloat16)  # the runtime's activations; the reference rotates the same values
     y = rotate_f64(np.asarray(xb, np.float64), K)
     scale = np.float32(np.abs(y).max() / 7.0) if static else None
-    codes, s = rotate_quant(xb, "hadamard", scale)
+    codes, s = rotate_quant(xb, hadamard_kron_factors(K), scale)
     s = np.asarray(s, np.float64)
     if not static:
         np.testing.assert_allclose(s[:, 0], np.abs(y).max(axis=1) / 7.0, rtol=2e-3)

@@ -49,3 +49,10 @@ def test_random_hadamard_seeded():
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     np.testing.assert_allclose(a @ a.T, np.eye(576), atol=1e-9)
+
+
+@pytest.mark.parametrize("K", [64, 576, 1536, 2048, 40])
+def test_hadamard_kron_factors(K):
+    """The Kronecker pair given to pallas_kernels.rotate_quant is the dense Hadamard matrix."""
+    P1, P2 = H.hadamard_kron_factors(K)
+    np.testing.assert_allclose(np.kron(P1, P2), H.hadamard_matrix(K), atol=1e-12)
