@@ -37,7 +37,7 @@ def load_fp(model_spec: str, dtype=jnp.float32):
 
 
 def load_for_inference(model_spec: str, dtype=jnp.float32, import_prefix: str | None = None) -> Loaded:
-    from checkpoints_convert.orbax_io import looks_saved
+    from prefixquant_jax.checkpoint.saved import looks_saved
     if looks_saved(model_spec):
         return load_saved(model_spec, dtype, import_prefix)
     ck, model = load_fp(model_spec, dtype)
@@ -52,9 +52,9 @@ def load_for_inference(model_spec: str, dtype=jnp.float32, import_prefix: str | 
 
 
 def load_saved(path: str, dtype=jnp.float32, import_prefix: str | None = None) -> Loaded:
-    """A model saved by `quantize --save` (checkpoints_convert.orbax_io), with its prefix KV and tokenizer;
+    """A model saved by `quantize --save` (prefixquant_jax.checkpoint.saved), with its prefix KV and tokenizer;
     `import_prefix` replaces the saved prefix KV (it must match the model's rotation)."""
-    from checkpoints_convert.orbax_io import load_quantized, saved_tokenizer
+    from prefixquant_jax.checkpoint.saved import load_quantized, saved_tokenizer
     from prefixquant_jax.errors import UserError
 
     qm = load_quantized(path, dtype)

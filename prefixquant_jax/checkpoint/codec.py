@@ -1,4 +1,4 @@
-"""Helpers of the saved-checkpoint format (`orbax_io`): checksums, class names, recipe JSON, weight codes.
+"""Helpers of the saved-checkpoint format (`checkpoint.saved`): checksums, class names, recipe JSON, weight codes.
 
 - `type_name(cls)` / `resolve(name)`: a class as "module:qualname" ("flax.nnx:Param" for NNX's own
   variable types); only flax.nnx and prefixquant_jax classes are ever imported back.
@@ -162,7 +162,7 @@ def stored_leaves(qm):
 
 
 def metadata(qm, variables, qparams, prefix, tok) -> dict:
-    """The metadata of `qm` (layout in `orbax_io`), except format and sizes."""
+    """The metadata of `qm` (layout in `checkpoint.saved`), except format and sizes."""
     import flax
     import jax
 

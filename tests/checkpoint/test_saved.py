@@ -1,4 +1,4 @@
-"""Saved quantized checkpoints (checkpoints_convert.orbax_io): exact round trip, CLI --save / --model DIR,
+"""Saved quantized checkpoints (prefixquant_jax.checkpoint.saved): exact round trip, CLI --save / --model DIR,
 export-prefix / --import-prefix, atomic writes and one-line errors for damaged checkpoints."""
 import dataclasses
 import json
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import prefixquant_jax as pq
-from checkpoints_convert import load_checkpoint, orbax_io
+from checkpoints_convert import load_checkpoint
+from prefixquant_jax.checkpoint import saved as orbax_io
 from prefixquant_jax.errors import UserError
 from tests.conftest import rng_tokens
 from tests.test_cli import assert_one_line_error, run_cli

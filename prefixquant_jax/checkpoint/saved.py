@@ -33,7 +33,7 @@ import tempfile
 
 import numpy as np
 
-from checkpoints_convert import orbax_codec as codec
+from prefixquant_jax.checkpoint import codec
 from prefixquant_jax.errors import UserError, describe
 
 FORMAT_NAME = "prefixquant-quantized"
