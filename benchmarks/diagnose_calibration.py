@@ -19,7 +19,8 @@ A variant is '+'-joined rule changes applied in order to the old defaults:
   grid   symmetric quantizers on the full 2^b - 1 step grid (2 amax / 15 at 4 bits)
   wout   output-aware weight clip;   kvhead  per-head K (attention) / V clip
   alone  each activation site searched alone;   local  search target = FP block on the quantized inputs
-  gptq   GPTQ codes on the weight scales;   ref  = grid+wout+kvhead+alone+local (the reference's rules)
+  gptq   GPTQ codes on the weight scales;   actorder  GPTQ in decreasing Hessian-diagonal order
+  ref    = grid+wout+kvhead+alone+local (the reference's rules)
 """
 from __future__ import annotations
 
@@ -41,8 +42,10 @@ STEPS = {
     "alone": ({}, {"search": "alone"}),
     "local": ({}, {"target": "local"}),
     "gptq": ({}, {"gptq": True}),
+    "actorder": ({}, {"gptq_act_order": True}),
 }
-OLD = ({"full_grid": False}, {"weight_clip": "mse", "kv_rule": "site", "search": "greedy", "target": "fp", "gptq": False})
+OLD = ({"full_grid": False}, {"weight_clip": "mse", "kv_rule": "site", "search": "greedy", "target": "fp", "gptq": False,
+                              "gptq_act_order": False})
 
 
 def variant(name: str):

@@ -48,6 +48,7 @@ class CalibConfig:
     weight_ratios: tuple = CLIP_GRID
     gptq: bool = False
     gptq_damp: float = 0.01
+    gptq_act_order: bool = False
     kv_rule: str = "site"  # "site" or "head"
     kv_ratios: tuple = CLIP_GRID
     search: str = "greedy"  # "greedy" or "alone"
@@ -117,7 +118,7 @@ def init_block_weights(runner: BlockRunner, qb, layer: int, recipe, x_q: np.ndar
         if cfg.gptq:
             site, wn = LINEAR_INPUT[name], np.asarray(w, np.float32)
             if site not in factors:  # once per shared input
-                factors[site] = inverse_hessian_factor(grams[site], cfg.gptq_damp)
+                factors[site] = inverse_hessian_factor(grams[site], cfg.gptq_damp, cfg.gptq_act_order)
             new = gptq_with_factor(wn, factors[site], np.asarray(scale, np.float32), spec)
             e["gptq"] = output_error(wn, new, grams[site]) / tokens
             mod.kernel[...] = jnp.asarray(new, w.dtype)

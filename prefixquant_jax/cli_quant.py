@@ -108,6 +108,8 @@ def add_subcommands(sub, add_model_args, add_eval_args) -> None:
     p.add_argument("--prefix-ids", help="comma-separated token ids to use as the prefix instead of detecting them")
     p.add_argument("--gptq", action="store_true", help="GPTQ weights on the RTN scales (calibration inputs' Hessians) instead of RTN")
     p.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ Hessian dampening, fraction of the mean diagonal")
+    p.add_argument("--gptq-order", choices=("act", "natural"), default="act",
+                   help="GPTQ input-channel order: 'act' largest Hessian diagonal first (default), 'natural' as stored")
     _add_rule_args(p)
     _add_train_args(p)
     _add_flat_args(p)
@@ -136,10 +138,10 @@ def cmd_export_hf(args) -> dict:
     from checkpoints_convert import export_hf, load_checkpoint
     from checkpoints_convert.hf import export_rotated_hf
 
-    from checkpoints_convert.orbax_io import looks_saved
+    from prefixquant_jax.checkpoint.saved import looks_saved
     if looks_saved(args.model):  # a `quantize --save` directory: its weights as the quantized forward sees them
         from checkpoints_convert.hf_quantized import export_quantized_hf
-        from checkpoints_convert.orbax_io import load_quantized
+        from prefixquant_jax.checkpoint.saved import load_quantized
         if args.rotate:
             raise UserError("--rotate applies to FP checkpoints; a saved quantized model is exported as it was quantized")
         out, online = export_quantized_hf(load_quantized(args.model), args.out, overwrite=args.overwrite)
@@ -165,7 +167,7 @@ def add_export_prefix(sub) -> None:
 
 
 def cmd_export_prefix(args) -> dict:
-    from checkpoints_convert.orbax_io import load_saved_prefix, read_metadata
+    from prefixquant_jax.checkpoint.saved import load_saved_prefix, read_metadata
     from checkpoints_convert.prefix_io import save_prefix_kv
 
     meta = read_metadata(args.model)
@@ -267,7 +269,7 @@ def cmd_quantize(args) -> dict:
             raise UserError(f"--grid applies to the PrefixQuant presets, not {preset.name!r}")
         preset = dataclasses.replace(preset, full_grid=False)
     if args.save:  # fail now, not after quantizing
-        from checkpoints_convert.orbax_io import check_save_target
+        from prefixquant_jax.checkpoint.saved import check_save_target
         check_save_target(args.save, args.overwrite)
     flat = preset.method == "flatquant"  # FlatQuant always trains (--train implied)
     train_cfg = _train_cfg(args, preset) if (args.train or args.resume or flat) else None
@@ -293,7 +295,7 @@ def cmd_quantize(args) -> dict:
     opts = QuantizeOptions(calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                            outlier_samples=args.outlier_samples, grid_samples=args.grid_samples, eta=args.eta,
                            seed=args.seed, prefix_ids=prefix_ids, prefix_kv=imported, gptq=args.gptq, gptq_damp=args.gptq_damp,
-                           weight_clip=args.weight_clip, kv_rule=args.kv_clip, search=args.clip_search,
+                           gptq_act_order=args.gptq_order == "act", weight_clip=args.weight_clip, kv_rule=args.kv_clip, search=args.clip_search,
                            target=args.clip_target)
     if (args.train_dir and not args.resume and not args.overwrite and os.path.isdir(args.train_dir)
             and os.listdir(args.train_dir)):  # fail before the slow stages, not after them
@@ -305,7 +307,7 @@ def cmd_quantize(args) -> dict:
     qm = quantize(ck, tok, preset, opts)
     if train_cfg is not None and not flat:
         rules = {k: getattr(args, k) for k in ("weight_clip", "kv_clip", "clip_search", "clip_target", "grid")}
-        fp = {**({"gptq_damp": args.gptq_damp} if args.gptq else {}), "rules": rules}  # a resume needs the same rules
+        fp = {**({"gptq_damp": args.gptq_damp, "gptq_order": args.gptq_order} if args.gptq else {}), "rules": rules}  # a resume needs the same rules
         qm.report["train"] = _finetune(args, qm, tok, train_cfg, fingerprint=fp)
     res = {"model": args.model, "preset": preset.name, "prefix_tokens": qm.report["prefix_tokens"],
            "prefix_text": qm.report["prefix_text"], "eta": args.eta, "bits": {"w": preset.w_bits, "a": preset.a_bits, "kv": preset.kv_bits},
@@ -319,7 +321,7 @@ def cmd_quantize(args) -> dict:
         res["prefix_file"] = save_prefix_kv(qm.prefix_kv, args.export_prefix, overwrite=args.overwrite)
         print(f"prefix KV written to {res['prefix_file']}")
     if args.save:
-        from checkpoints_convert.orbax_io import save_quantized
+        from prefixquant_jax.checkpoint.saved import save_quantized
         res["saved"] = save_quantized(qm, args.save, overwrite=args.overwrite, tokenizer=tok)
         print(f"quantized model saved to {res['saved']}")
     if not args.no_eval:

@@ -43,6 +43,7 @@ class QuantizeOptions:
     flatquant: object = None  # flatquant.FlatOptions for method "flatquant" presets (None: defaults)
     gptq: bool = False  # GPTQ weights (quant/gptq.py) instead of RTN, on the same per-channel scales
     gptq_damp: float = 0.01  # Hessian dampening, fraction of its mean diagonal
+    gptq_act_order: bool = True  # quantize input channels by decreasing Hessian diagonal (quant/gptq.py)
     # PrefixQuant initialisation rules (calibrate.py; defaults chosen on calibration data, BENCHMARKS/RESULTS)
     weight_clip: str = "output"  # "output": output-aware per-channel clip; "mse": data-free ||W - Q(W)||
     kv_rule: str = "head"  # "head": per-head K (attention) / V clip; "site": one searched ratio per site
@@ -151,11 +152,12 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
             report["calibration"] = calibrate_static(fp_model, q_model, recipe, calib_x, prefix_kv, cfg, opts.progress)
         else:  # a resumed --train redoes data-dependent weights (deterministic) and restores the static scales
             cfg = CalibConfig(grid_samples=opts.grid_samples, weight_clip=opts.weight_clip if weight_pass else None,
-                              gptq=opts.gptq, gptq_damp=opts.gptq_damp, kv_rule=opts.kv_rule, search=opts.search,
+                              gptq=opts.gptq, gptq_damp=opts.gptq_damp,
+                              gptq_act_order=opts.gptq_act_order, kv_rule=opts.kv_rule, search=opts.search,
                               target=opts.target, static=opts.calibrate or weight_pass)
             report["calibration"] = calibrate(fp_model, q_model, recipe, calib_x, prefix_kv, cfg, opts.progress)
         report["calibration_rules"] = {"weight_clip": None if flat or not preset.w_bits else opts.weight_clip,
-                                       **{k: getattr(cfg, k) for k in ("gptq", "kv_rule", "search", "target",
+                                       **{k: getattr(cfg, k) for k in ("gptq", "gptq_act_order", "kv_rule", "search", "target",
                                                                        "grid_samples")}}
         if opts.gptq:  # the quantity GPTQ minimises, per token, for the clip rule's rounding and for GPTQ
             report["gptq"] = [{"layer": r["layer"], "rtn_err": {n: e[cfg.weight_clip] for n, e in r["weights"].items()},

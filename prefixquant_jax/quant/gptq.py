@@ -23,14 +23,23 @@ LINEAR_INPUT = {"q": "qkv_in", "k": "qkv_in", "v": "qkv_in", "o": "o_in", "gate"
                 "down": "down_in"}
 
 
-def inverse_hessian_factor(gram: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
-    """(upper Cholesky factor U of H^-1 with H^-1 = U^T U, mask of dead input channels)."""
+def inverse_hessian_factor(gram: np.ndarray, damp: float, act_order: bool = False):
+    """(upper Cholesky factor U of H^-1 with H^-1 = U^T U, mask of dead input channels, order).
+
+    `order` is the sequence in which input channels are quantized (U is of H permuted by it): the
+    natural order, or with `act_order` the channels of largest Hessian diagonal first (GPTQ's
+    "act order": the largest-energy inputs are rounded while the most rows can still absorb their
+    error). The scales are per output channel, so the order changes no scale and costs nothing at
+    inference.
+    """
     H = np.array(gram, np.float64)
     dead = np.diag(H) <= 0
     H[dead, dead] = 1.0
     H[np.diag_indices_from(H)] += damp * np.mean(np.diag(H))
+    order = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(H.shape[0])
+    H = H[np.ix_(order, order)]
     try:
-        return np.linalg.cholesky(np.linalg.inv(H)).T, dead
+        return np.linalg.cholesky(np.linalg.inv(H)).T, dead, order
     except np.linalg.LinAlgError:
         raise UserError("GPTQ: the input Hessian is not positive definite even after damping; raise --gptq-damp") from None
 
@@ -39,7 +48,8 @@ def _round_rows(w: np.ndarray, scale: np.ndarray, spec: QuantSpec) -> np.ndarray
     return np.clip(np.round(w / scale), spec.qmin, spec.qmax) * scale
 
 
-def gptq_kernel(kernel, gram, scale, spec: QuantSpec, damp: float = 0.01, block: int = 128) -> np.ndarray:
+def gptq_kernel(kernel, gram, scale, spec: QuantSpec, damp: float = 0.01, block: int = 128,
+                act_order: bool = False) -> np.ndarray:
     """GPTQ-quantized kernel [in, out] (dequantized, float32), for a symmetric per-channel `spec`.
 
     kernel: [in, out] (x @ kernel); gram: [in, in] = sum of x^T x over calibration tokens; scale: [1, out]
@@ -51,16 +61,17 @@ def gptq_kernel(kernel, gram, scale, spec: QuantSpec, damp: float = 0.01, block:
     n = np.shape(kernel)[0]
     if np.shape(gram) != (n, n):
         raise UserError(f"GPTQ: Gram matrix {np.shape(gram)} does not match kernel rows {n}")
-    return gptq_with_factor(kernel, inverse_hessian_factor(gram, damp), scale, spec, block)
+    return gptq_with_factor(kernel, inverse_hessian_factor(gram, damp, act_order), scale, spec, block)
 
 
 def gptq_with_factor(kernel, factor, scale, spec: QuantSpec, block: int = 128) -> np.ndarray:
     """gptq_kernel given `factor` = inverse_hessian_factor(gram, damp), shared by linears fed by one input."""
-    U, dead = factor
+    U, dead, order = factor
     W = np.array(kernel, np.float64)
     n = W.shape[0]
     s = np.asarray(scale, np.float64).reshape(1, -1)
     W[dead] = 0.0
+    W = W[order]
     Q = np.zeros_like(W)
     for b0 in range(0, n, block):
         b1 = min(n, b0 + block)
@@ -73,7 +84,9 @@ def gptq_with_factor(kernel, factor, scale, spec: QuantSpec, block: int = 128) -
             Wb[i + 1:] -= np.outer(U[b0 + i, b0 + i + 1:b1], err)
             Eb[i] = err
         W[b1:] -= U[b0:b1, b1:].T @ Eb
-    return Q.astype(np.float32)
+    out = np.empty_like(Q)
+    out[order] = Q
+    return out.astype(np.float32)
 
 
 def output_error(kernel, quantized, gram) -> float:

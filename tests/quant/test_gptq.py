@@ -53,6 +53,21 @@ def test_matches_obq_reference():
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7)
 
 
+def test_act_order_is_the_reference_on_permuted_inputs():
+    """act order = GPTQ in the order of decreasing Hessian diagonal: the OBQ reference run on the
+    permuted problem, its rows put back."""
+    w, gram, scale = _problem(seed=3)
+    gram = gram * np.linspace(0.2, 3.0, len(gram))[:, None] * np.linspace(0.2, 3.0, len(gram))[None, :]
+    order = np.argsort(-np.diag(gram), kind="stable")
+    ref = np.empty_like(w, dtype=np.float64)
+    ref[order] = obq_reference(w[order], gram[np.ix_(order, order)], scale, 0.01)
+    ours = gptq_kernel(w, gram, scale, SPEC, damp=0.01, act_order=True)
+    assert np.mean(np.round(ours / scale) != np.round(ref / scale)) == 0.0
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7)
+    assert np.all(ours[5] == 0.0)  # the dead channel, wherever the order puts it
+    assert not np.array_equal(ours, gptq_kernel(w, gram, scale, SPEC, damp=0.01))  # the order matters
+
+
 def test_block_size_does_not_matter():
     w, gram, scale = _problem(seed=1)
     np.testing.assert_array_equal(np.round(gptq_kernel(w, gram, scale, SPEC, block=7) / scale),
