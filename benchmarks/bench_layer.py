@@ -46,7 +46,9 @@ def build_spec(config: ModelConfig, P: int, a_bits: int, dynamic: bool, backend:
 
 def build(config: ModelConfig, spec, seed: int = 0):
     """(bf16 params dict of one layer, the PackedLayer of its int4 RTN weights) for a RuntimeSpec of build_spec."""
-    from prefixquant_jax.runtime.pack import PackedLayer, QWeight, quantize_weight
+    from prefixquant_jax.quant.qarray import concatenate
+    from prefixquant_jax.quant.spec import QuantSpec
+    from prefixquant_jax.runtime.pack import PackedLayer, weight_qarray
 
     D, F, H, KV, hd = (config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads,
                        config.head_dim)
@@ -54,11 +56,11 @@ def build(config: ModelConfig, spec, seed: int = 0):
               "gate": (D, F), "up": (D, F), "down": (F, D)}
     keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
     w = {n: (jax.random.normal(k, s, jnp.float32) / np.sqrt(s[0])) for k, (n, s) in zip(keys, shapes.items())}
-    q = {n: quantize_weight(a, jnp.max(jnp.abs(a), axis=0, keepdims=True) / 7.0, 4) for n, a in w.items()}
+    w4 = QuantSpec(bits=4, granularity="channel")
+    q = {n: weight_qarray(a, jnp.max(jnp.abs(a), axis=0, keepdims=True) / 7.0, w4) for n, a in w.items()}
 
     def cat(names):
-        return QWeight(codes=jnp.concatenate([q[n].codes for n in names], 1),
-                       scale=jnp.concatenate([q[n].scale for n in names], 1), bits=4)
+        return concatenate([q[n] for n in names], axis=1)
 
     dynamic = all(a is None or a.dynamic for _, a in spec.act)
     one, kv = jnp.ones((D,), jnp.bfloat16), jnp.full((KV,), 0.25, jnp.float32)

@@ -21,7 +21,7 @@ from prefixquant_jax.config import ModelConfig
 from prefixquant_jax.model import Block, QuantParam
 from prefixquant_jax.prefix.prefix_kv import PrefixKV
 from prefixquant_jax.quant.presets import get_preset
-from prefixquant_jax.quantize import init_weight_scales
+from prefixquant_jax.pipeline import init_weight_scales
 from prefixquant_jax.train import BlockTrainer, TrainConfig, prefixquant_groups
 
 SHAPES = {"smollm2": dict(hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3, head_dim=64),

@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 from prefixquant_jax.quant.presets import get_preset
-from prefixquant_jax.quantize import QuantizeOptions, quantize
+from prefixquant_jax.pipeline import QuantizeOptions, quantize
 
 STEPS = {
     "grid": ({"full_grid": True}, {}),

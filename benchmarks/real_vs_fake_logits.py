@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefixquant_jax.eval.generate import encode_prompt
-from prefixquant_jax.pipeline import load_for_inference
+from prefixquant_jax.loading import load_for_inference
 from prefixquant_jax.runtime import compile_loaded
 
 

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_eval(args) -> dict:
     from prefixquant_jax.eval.data import load_text, tokenize, windows
     from prefixquant_jax.eval.perplexity import perplexity
-    from prefixquant_jax.pipeline import load_for_inference
+    from prefixquant_jax.loading import load_for_inference
 
     if args.seqlen < 2:
         raise_user(f"--seqlen must be >= 2, got {args.seqlen}")
@@ -135,7 +135,7 @@ def cmd_eval(args) -> dict:
 
 def cmd_generate(args) -> dict:
     from prefixquant_jax.eval.generate import encode_prompt, greedy
-    from prefixquant_jax.pipeline import load_for_inference
+    from prefixquant_jax.loading import load_for_inference
 
     if args.max_new_tokens < 1:
         raise_user(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

@@ -209,7 +209,7 @@ def cmd_analyze(args) -> dict:
 
     from prefixquant_jax.eval.data import calibration_samples, load_text, tokenize
     from prefixquant_jax.model import Llama
-    from prefixquant_jax.pipeline import load_fp
+    from prefixquant_jax.loading import load_fp
     from prefixquant_jax.prefix.outliers import capture_token_ranges, choose_prefix, outlier_ratios, token_absmax
     from prefixquant_jax.prefix.prefix_kv import compute_prefix_kv
     from prefixquant_jax.quant.recipe import QuantRecipe
@@ -257,9 +257,9 @@ def cmd_analyze(args) -> dict:
 def cmd_quantize(args) -> dict:
     from prefixquant_jax.eval.data import load_text, tokenize, windows
     from prefixquant_jax.eval.perplexity import perplexity
-    from prefixquant_jax.pipeline import load_fp
+    from prefixquant_jax.loading import load_fp
     from prefixquant_jax.quant.presets import get_preset
-    from prefixquant_jax.quantize import QuantizeOptions, quantize
+    from prefixquant_jax.pipeline import QuantizeOptions, quantize
     from prefixquant_jax.runner import Compiled
 
     _check_calib(args)

@@ -26,7 +26,8 @@ from flax import nnx
 
 from prefixquant_jax.config import ModelConfig
 from prefixquant_jax.kv_cache import KVCache
-from prefixquant_jax.quant.int_matmul import QAct, exact_in_f32, int_linear
+from prefixquant_jax.quant.int_matmul import exact_in_f32, int_linear
+from prefixquant_jax.quant.qarray import QArray
 
 
 class QuantParam(nnx.Variable):
@@ -142,16 +143,17 @@ class Block(nnx.Module):
         return getattr(self.mlp if name in ("gate", "up", "down") else self.attn, name)
 
     def linear(self, name: str, x):
-        """x @ kernel of linear `name` (q k v o gate up down), as the recipe quantizes it. x may be a QAct
+        """x @ kernel of linear `name` (q k v o gate up down), as the recipe quantizes it. x may be a QArray
         (a site of a recipe with int_matmul): then the runtime's integer product (quant/int_matmul.py)."""
         k = self.linear_module(name).kernel[...]
-        if isinstance(x, QAct):
+        if isinstance(x, QArray):  # activations in the model's dtype, like the kernels
+            value = x.dequantize(k.dtype)
             parts = self.recipe.weight_parts(name, k, self.qparams)
             if parts is not None:
                 k_fq, qw, sw = parts
                 exact = exact_in_f32(x.bits, self.recipe.weight.bits, k.shape[0])
-                return int_linear(x.value, k_fq, x.codes, x.scale, qw, sw, not exact).astype(x.value.dtype)
-            x = x.value
+                return int_linear(value, k_fq, x.qvalue, x.scale, qw, sw, not exact).astype(value.dtype)
+            x = value
         if self.recipe is not None:
             k = self.recipe.apply_weight(name, k, self.qparams, block=self)
         return x @ k

@@ -1,69 +1,234 @@
-"""Glue from a `--model` spec to a ready-to-run model (FP checkpoint or saved quantized model)."""
+"""The PrefixQuant pipeline: rotate -> find outlier tokens -> FP prefix KV -> RTN (or GPTQ) weights -> calibrate.
+
+`quantize(checkpoint, preset, options)` returns a `QuantizedModel`: a Llama whose recipe fake-quantizes
+the named sites, its static qparams, the FP prefix KV and a report of every stage.
+"""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import time
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
 
-from prefixquant_jax.runner import Compiled
+from prefixquant_jax.calibrate import CLIP_GRID, CalibConfig, calibrate, calibrate_static
+from prefixquant_jax.errors import UserError
+from prefixquant_jax.eval.data import calibration_samples, load_text, tokenize
+from prefixquant_jax.kv_cache import KVCache
+from prefixquant_jax.model import Llama, QuantParam
+from prefixquant_jax.prefix.outliers import capture_token_ranges, choose_prefix, outlier_ratios, token_absmax
+from prefixquant_jax.prefix.prefix_kv import PrefixKV, compute_prefix_kv
+from prefixquant_jax.quant.ops import weight_scale
+from prefixquant_jax.quant.qarray import quantize as quantize_array
+from prefixquant_jax.quant.presets import Preset
+from prefixquant_jax.quant.recipe import WEIGHT_NAMES, QuantRecipe
+from prefixquant_jax.rotate.fuse import RotationConfig, rotate_params
+
+WEIGHT_CLIP_GRID = CLIP_GRID
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantizeOptions:
+    calib_data: str = "wikitext2-valid"
+    calib_samples: int = 32
+    calib_seqlen: int = 512
+    outlier_samples: int = 8  # samples used to find the outlier tokens
+    grid_samples: int = 2
+    eta: float = 64.0
+    seed: int = 0
+    prefix_ids: tuple[int, ...] | None = None  # override detection
+    progress: bool = True
+    calibrate: bool = True  # False: leave static scales unset (a resumed --train restores them)
+    prefix_kv: PrefixKV | None = None  # use this prefix KV (e.g. --import-prefix) instead of computing one
+    flatquant: object = None  # flatquant.FlatOptions for method "flatquant" presets (None: defaults)
+    gptq: bool = False  # GPTQ weights (quant/gptq.py) instead of RTN, on the same per-channel scales
+    gptq_damp: float = 0.01  # Hessian dampening, fraction of its mean diagonal
+    gptq_act_order: bool = True  # quantize input channels by decreasing Hessian diagonal (quant/gptq.py)
+    # PrefixQuant initialisation rules (calibrate.py; defaults chosen on calibration data, BENCHMARKS/RESULTS)
+    weight_clip: str = "output"  # "output": output-aware per-channel clip; "mse": data-free ||W - Q(W)||
+    kv_rule: str = "head"  # "head": per-head K (attention) / V clip; "site": one searched ratio per site
+    search: str = "greedy"  # activation clip search: "greedy" (cumulative) or "alone"
+    target: str = "local"  # search target: "local" (FP block on quantized inputs) or "fp" (FP block on FP inputs)
 
 
 @dataclasses.dataclass
-class Loaded:
-    config: Any
-    compiled: Compiled
-    tokenizer_fn: Any  # loaded on first use: building a tokenizer from GGUF takes seconds
-    prefix_kv: Any = None
-    preset: str = "fp"
-    meta: dict = dataclasses.field(default_factory=dict)
-    _tokenizer: Any = None
-    quantized: Any = None  # the QuantizedModel of a saved quantized checkpoint (runtime.pack input); None for FP
+class QuantizedModel:
+    config: object
+    model: Llama
+    fp_model: Llama
+    prefix_kv: PrefixKV | None
+    preset: Preset
+    report: dict
+    # the integer weights a saved model was loaded with, {kernel variable path: QArray} (checkpoint/saved.py):
+    # runtime.pack hands these codes to the kernels as they were stored
+    weights: dict = dataclasses.field(default_factory=dict)
 
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = self.tokenizer_fn()
-        return self._tokenizer
+    def split(self, *filters):
+        """nnx.split of the quantized model: (graphdef, state, ...); e.g. split(QuantParam, ...) puts the
+        quantizer scales in their own state, for gradients w.r.t. them only."""
+        return nnx.split(self.model, *filters)
+
+    def weight(self, layer: int, name: str):
+        """The QArray (quant/qarray.py) of linear `name` (q k v o gate up down) of block `layer`, as the
+        forward quantizes it; UserError when that weight is not quantized."""
+        blk = self.model.layers[layer]
+        spec, key = getattr(blk.recipe, "weight", None), "w_" + name
+        if spec is None or key not in blk.qparams:
+            raise UserError(f"layer {layer} weight {name!r} is not quantized in preset {self.preset.name!r}")
+        return quantize_array(blk.linear_module(name).kernel[...], spec.replace(dynamic=False),
+                              scale=blk.qparams[key][...])
+
+    def apply(self, state, tokens):
+        """Logits [B, L, V] of int tokens [B, L] behind the model's FP prefix KV (positions P..P+L-1).
+
+        Pure in `state` (one state from `split()`, or a tuple of the states of `split(filters...)`), so it can
+        be jitted and differentiated; the graph and the prefix are fixed by this QuantizedModel."""
+        graphdef = nnx.graphdef(self.model)
+        states = state if isinstance(state, tuple) else (state,)
+        model = nnx.merge(graphdef, *states)
+        tokens = jnp.asarray(tokens, jnp.int32)
+        B, L = tokens.shape
+        P = 0 if self.prefix_kv is None else self.prefix_kv.length
+        cache = (KVCache.empty(self.config, B, L, model.dtype) if self.prefix_kv is None
+                 else KVCache.with_prefix(self.prefix_kv, B, P + L, model.dtype))
+        logits, _ = model(tokens, cache, P)
+        return logits
 
 
-def load_fp(model_spec: str, dtype=jnp.float32):
-    """(Checkpoint, Llama) for an FP checkpoint spec."""
-    from checkpoints_convert import load_checkpoint
-    from prefixquant_jax.model import Llama
+def init_weight_scales(model: Llama, spec, progress=True) -> None:
+    """RTN init: per-output-channel scale of every linear kernel (MSE-searched clip) into
+    qparams["w_<name>"]; the kernels stay FP and the recipe fake-quantizes them. Embed/head stay FP."""
+    f = jax.jit(lambda w: weight_scale(w, spec, WEIGHT_CLIP_GRID))
+    for blk in tqdm(model.layers, desc="weights", disable=not progress, leave=False):
+        for name in WEIGHT_NAMES:
+            blk.qparams["w_" + name] = QuantParam(f(blk.linear_module(name).kernel[...]))
 
-    ck = load_checkpoint(model_spec)
-    return ck, Llama.from_params(ck.config, ck.params, dtype)
+
+def find_prefix(unrotated_model, tokenizer, calib: np.ndarray, eta: float, progress=True) -> dict:
+    """Outlier statistics at the down_proj input and the prefix chosen by the eta rule.
+
+    Measured on the unrotated FP model: a Hadamard rotation spreads a token's massive channel over
+    all channels, so on SmolLM2 the max/median ratio drops from 34-81 to 3-12 and no token would pass
+    eta. The tokens themselves (their norms) stay outliers after rotation; that is what the prefix fixes.
+    """
+    ranges = capture_token_ranges(unrotated_model, calib, progress=progress, desc="outliers")
+    ratios = outlier_ratios(token_absmax(ranges, "down_in"))
+    choice = choose_prefix(calib, ratios, eta, unrotated_model.config.bos_token_id)
+    choice["prefix_text"] = [_decode(tokenizer, [t]) for t in choice["prefix_ids"]]
+    return choice
 
 
-def load_for_inference(model_spec: str, dtype=jnp.float32, import_prefix: str | None = None) -> Loaded:
-    from prefixquant_jax.checkpoint.saved import looks_saved
-    if looks_saved(model_spec):
-        return load_saved(model_spec, dtype, import_prefix)
-    ck, model = load_fp(model_spec, dtype)
+def _decode(tokenizer, ids) -> str:
+    """Text of token ids for reports; without a tokenizer (token-array calibration) the ids themselves."""
+    return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
+
+
+def calibration_tokens(calib_tokens) -> np.ndarray:
+    """Calibration samples as int32 [N, L] (N >= 1, L >= 2); UserError otherwise."""
+    a = np.asarray(calib_tokens)
+    if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 2 or not np.issubdtype(a.dtype, np.integer):
+        raise UserError(f"calibration tokens must be an integer array [samples, seqlen], got {a.dtype}{list(a.shape)}")
+    return a.astype(np.int32)
+
+
+def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOptions(),
+             calib_tokens=None) -> QuantizedModel:
+    """The pipeline: rotate -> prefix -> weights (-> GPTQ) -> calibrate (-> FlatQuant training and merge).
+
+    Calibration samples: `calib_tokens` (int [N, L]) when given, else opts.calib_samples x opts.calib_seqlen
+    drawn from opts.calib_data with `tokenizer`. The tokenizer is optional with calib_tokens (reports then
+    show token ids, not text) except for FlatQuant, whose training draws its own samples."""
+    if calib_tokens is None and tokenizer is None:
+        raise UserError("quantize needs calibration tokens or a tokenizer to draw them")
+    times, report = {}, {"preset": preset.name, "seed": opts.seed, "eta": opts.eta}
+    t = time.time()
+    rot = RotationConfig(r1=preset.rotate, r2=preset.rotate, r3=preset.rotate, r4=preset.rotate, seed=opts.seed)
+    if preset.rotate:
+        params, config = rotate_params(ck.params, ck.config, rot)
+        fp_recipe = QuantRecipe(r3=True, r4=True)
+    else:
+        params, config, fp_recipe = ck.params, ck.config, None
+    fp_model = Llama.from_params(config, params, recipe=fp_recipe)
+    times["rotate"] = time.time() - t
+
+    recipe = preset.recipe()
+    flat = preset.method == "flatquant"
+    if opts.gptq and (flat or not preset.w_bits):
+        raise UserError(f"--gptq needs a PrefixQuant preset with quantized weights, not {preset.name!r}")
+    needs_calib = (preset.prefix or preset.is_static or flat or opts.gptq
+                   or (bool(preset.w_bits) and opts.weight_clip == "output"))
+    calib = None
+    if needs_calib and calib_tokens is not None:
+        calib = calibration_tokens(calib_tokens)
+    elif needs_calib:
+        ids = tokenize(tokenizer, load_text(opts.calib_data))
+        calib = calibration_samples(ids, opts.calib_samples, opts.calib_seqlen, opts.seed)
+
     prefix_kv = None
-    if import_prefix:
-        from checkpoints_convert.prefix_io import load_prefix_kv
-        prefix_kv = load_prefix_kv(import_prefix, ck.config)
-        if prefix_kv.k_rotated:
-            from prefixquant_jax.errors import UserError
-            raise UserError(f"{import_prefix}: this prefix KV was computed by a rotated model; it does not fit the unrotated model {model_spec!r}")
-    return Loaded(config=ck.config, compiled=Compiled(model), tokenizer_fn=ck.tokenizer, prefix_kv=prefix_kv)
+    if preset.prefix:
+        t = time.time()
+        if opts.prefix_kv is not None:  # imported: the caller checked kv heads and head_dim against the model
+            prefix_ids = list(opts.prefix_kv.token_ids)
+            report["outliers"] = {"prefix_ids": prefix_ids, "source": "imported"}
+            if opts.prefix_kv.k_rotated != preset.rotate or len(opts.prefix_kv.k) != config.num_layers:
+                raise UserError(f"the given prefix KV (k_rotated={opts.prefix_kv.k_rotated}, {len(opts.prefix_kv.k)} layers) does not "
+                                f"fit preset {preset.name!r} (rotated={preset.rotate}, {config.num_layers} layers)")
+        elif opts.prefix_ids:
+            prefix_ids = list(opts.prefix_ids)
+            report["outliers"] = {"prefix_ids": prefix_ids, "source": "given"}
+        else:
+            plain = Llama.from_params(ck.config, ck.params) if preset.rotate else fp_model
+            choice = find_prefix(plain, tokenizer, calib[:opts.outlier_samples], opts.eta, opts.progress)
+            del plain
+            prefix_ids = choice["prefix_ids"]
+            report["outliers"] = choice
+        if not prefix_ids:
+            raise UserError("the prefix is empty: the model has no BOS id and no outlier token passed eta; lower --eta")
+        text = _decode(tokenizer, prefix_ids)
+        prefix_kv = opts.prefix_kv or compute_prefix_kv(fp_model, prefix_ids, text=text, k_rotated=preset.rotate)
+        times["prefix"] = time.time() - t
+    report["prefix_tokens"] = [] if prefix_kv is None else prefix_kv.token_ids
+    report["prefix_text"] = [] if prefix_kv is None else [_decode(tokenizer, [i]) for i in prefix_kv.token_ids]
 
-
-def load_saved(path: str, dtype=jnp.float32, import_prefix: str | None = None) -> Loaded:
-    """A model saved by `quantize --save` (prefixquant_jax.checkpoint.saved), with its prefix KV and tokenizer;
-    `import_prefix` replaces the saved prefix KV (it must match the model's rotation)."""
-    from prefixquant_jax.checkpoint.saved import load_quantized, saved_tokenizer
-    from prefixquant_jax.errors import UserError
-
-    qm = load_quantized(path, dtype)
-    prefix_kv = qm.prefix_kv
-    if import_prefix:
-        from checkpoints_convert.prefix_io import load_prefix_kv
-        prefix_kv = load_prefix_kv(import_prefix, qm.config)
-        if prefix_kv.k_rotated != qm.preset.rotate:
-            raise UserError(f"{import_prefix}: prefix KV k_rotated={prefix_kv.k_rotated} does not fit {path} "
-                            f"(preset {qm.preset.name!r}, rotated={qm.preset.rotate})")
-    return Loaded(config=qm.config, compiled=Compiled(qm.model), tokenizer_fn=lambda: saved_tokenizer(path),
-                  prefix_kv=prefix_kv, preset=qm.preset.name, meta=qm.report, quantized=qm)
+    t = time.time()
+    q_model = Llama.from_params(config, params, recipe=recipe)
+    if flat:  # learned transforms instead of rotations; weights quantized with LWC in the forward
+        from prefixquant_jax.flatquant.pipeline import init_flatquant
+        recipe, report["flatquant"] = init_flatquant(fp_model, q_model, recipe, calib, prefix_kv, opts.seed,
+                                                     opts.flatquant, opts.progress)
+    weight_pass = not flat and bool(preset.w_bits) and (opts.weight_clip == "output" or opts.gptq)
+    if not flat and preset.w_bits and not weight_pass:
+        init_weight_scales(q_model, preset.weight_spec(), opts.progress)
+    times["weights"] = time.time() - t
+    static_calib = preset.is_static and recipe is not None and opts.calibrate
+    if weight_pass or static_calib:  # block by block on the embedded calibration tokens
+        calib_x = np.asarray(jnp.asarray(params["embed"])[jnp.asarray(calib)], np.float32)
+        t = time.time()
+        if flat:
+            cfg = CalibConfig(grid_samples=opts.grid_samples)  # FlatQuant: its original rules
+            report["calibration"] = calibrate_static(fp_model, q_model, recipe, calib_x, prefix_kv, cfg, opts.progress)
+        else:  # a resumed --train redoes data-dependent weights (deterministic) and restores the static scales
+            cfg = CalibConfig(grid_samples=opts.grid_samples, weight_clip=opts.weight_clip if weight_pass else None,
+                              gptq=opts.gptq, gptq_damp=opts.gptq_damp,
+                              gptq_act_order=opts.gptq_act_order, kv_rule=opts.kv_rule, search=opts.search,
+                              target=opts.target, static=opts.calibrate or weight_pass)
+            report["calibration"] = calibrate(fp_model, q_model, recipe, calib_x, prefix_kv, cfg, opts.progress)
+        report["calibration_rules"] = {"weight_clip": None if flat or not preset.w_bits else opts.weight_clip,
+                                       **{k: getattr(cfg, k) for k in ("gptq", "gptq_act_order", "kv_rule", "search", "target",
+                                                                       "grid_samples")}}
+        if opts.gptq:  # the quantity GPTQ minimises, per token, for the clip rule's rounding and for GPTQ
+            report["gptq"] = [{"layer": r["layer"], "rtn_err": {n: e[cfg.weight_clip] for n, e in r["weights"].items()},
+                               "gptq_err": {n: e["gptq"] for n, e in r["weights"].items()}}
+                              for r in report["calibration"]]
+        times["calibrate"] = time.time() - t
+    qm = QuantizedModel(config=config, model=q_model, fp_model=fp_model, prefix_kv=prefix_kv, preset=preset, report=report)
+    if flat:  # FlatQuant always trains, then folds the transforms into the weights
+        from prefixquant_jax.flatquant.pipeline import train_and_merge
+        t = time.time()
+        train_and_merge(qm, tokenizer, opts.calib_data, opts.flatquant, opts.progress)
+        times["train_merge"] = time.time() - t
+    report["seconds"] = times
+    return qm

@@ -9,7 +9,7 @@ import pytest
 from prefixquant_jax.calibrate import CalibConfig
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.quant.presets import get_preset
-from prefixquant_jax.quantize import QuantizeOptions, quantize
+from prefixquant_jax.pipeline import QuantizeOptions, quantize
 from tests.test_cli import assert_one_line_error, run_cli
 
 

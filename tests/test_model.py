@@ -51,10 +51,10 @@ def test_bfloat16_close_to_fp32(tiny_dir):
 
 def test_forward_weight_quant_equals_prequantized_kernels(tiny_dir):
     """Scales in qparams["w_<name>"] + fake-quant at forward == kernels RTN-quantized offline (clip search alike)."""
-    from prefixquant_jax.quant.ops import quantize_weight
+    from prefixquant_jax.quant.ops import rtn_weight as quantize_weight
     from prefixquant_jax.quant.recipe import QuantRecipe
     from prefixquant_jax.quant.spec import QuantSpec
-    from prefixquant_jax.quantize import WEIGHT_CLIP_GRID, init_weight_scales
+    from prefixquant_jax.pipeline import WEIGHT_CLIP_GRID, init_weight_scales
 
     ck = load_checkpoint(tiny_dir)
     spec = QuantSpec(bits=4, granularity="channel", symmetric=True)

@@ -4,8 +4,9 @@
   variable types); only flax.nnx and prefixquant_jax classes are ever imported back.
 - `encode(recipe)` / `decode(obj)`: a frozen dataclass tree as JSON, {"__class__": name, field: value},
   tuples as lists (decoded back to tuples so the recipe stays hashable).
-- `weight_codes(kernel, scale, spec)` / `dequant(codes, scale)`: integer weight codes whose float32
-  dequantization is bit-identical to the forward's fake-quantized kernel.
+- `weight_codes(kernel, scale, spec)`: integer weight codes (quant.qarray.quantize) whose float32
+  dequantization is bit-identical to the forward's fake-quantized kernel; checkpoint/saved.py loads them
+  back as QArrays.
 - `stored_leaves(qm)`: every NNX variable with the array to store and its encoding (raw / int4 / int8).
 - `metadata(qm, ...)`: the JSON metadata; `rebuild(config, values, meta, ...)`: the Llama skeleton from
   the base parameters, then every other saved variable (any key, any Variable type) placed at its path.
@@ -91,26 +92,22 @@ def jsonable(obj):
     return obj if obj is None or isinstance(obj, (str, int, float, bool)) else str(obj)
 
 
-def dequant(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """kernel = codes * scale in float32, exactly as the fake-quantizer dequantizes (scale floored at EPS)."""
-    from prefixquant_jax.quant.ops import EPS
-    return codes.astype(np.float32) * np.maximum(np.asarray(scale, np.float32), np.float32(EPS))
-
-
 def weight_codes(kernel, scale, spec):
-    """int8 codes of `kernel` under `scale`, or None when codes * scale would not give back, bit for bit,
-    the kernel the forward uses (so storing the codes would change the model)."""
+    """int8 codes of `kernel` under `scale` (quant.qarray.quantize, the forward's encoder), or None when
+    codes * scale would not give back, bit for bit, the kernel the forward uses (storing the codes would
+    then change the model)."""
     import jax.numpy as jnp
-    from prefixquant_jax.quant.ops import EPS, fake_quant
+
+    from prefixquant_jax.quant.qarray import quantize
 
     kernel, scale = np.asarray(kernel), np.asarray(scale)
     if kernel.dtype != np.float32 or kernel.ndim != 2 or scale.shape != (1, kernel.shape[1]):
         return None
-    used = np.asarray(fake_quant(jnp.asarray(kernel), spec, scale=jnp.asarray(scale)))
-    codes = np.clip(np.round(used / np.maximum(scale, np.float32(EPS))), spec.qmin, spec.qmax).astype(np.int8)
-    rebuilt = dequant(codes, scale)
-    again = np.asarray(fake_quant(jnp.asarray(rebuilt), spec, scale=jnp.asarray(scale)))
-    return codes if np.array_equal(rebuilt, used) and np.array_equal(again, rebuilt) else None
+    q = quantize(jnp.asarray(kernel), spec.replace(dynamic=False), scale=jnp.asarray(scale))
+    used = np.asarray(q.dequantize())
+    codes = np.asarray(q.qvalue)
+    again = np.asarray(quantize(jnp.asarray(used), spec.replace(dynamic=False), scale=jnp.asarray(scale)).dequantize())
+    return codes if np.array_equal(again, used) else None
 
 
 def file_crc(path: str) -> int:

@@ -186,7 +186,7 @@ def load_quantized(path: str, dtype=None):
 
     from prefixquant_jax.config import ModelConfig
     from prefixquant_jax.quant.presets import Preset
-    from prefixquant_jax.quantize import QuantizedModel
+    from prefixquant_jax.pipeline import QuantizedModel
 
     path = os.path.abspath(path)
     meta = read_metadata(path)
@@ -196,20 +196,22 @@ def load_quantized(path: str, dtype=None):
         names = {f.name for f in dataclasses.fields(Preset)}
         preset = Preset(**{k: v for k, v in meta["preset"].items() if k in names})
         recipe = codec.decode(meta["model"].get("recipe"), src)
-        values = _restore_values(path, meta)
+        values, weights = _restore_values(path, meta)
         model = codec.rebuild(config, values, meta, dtype or jnp.dtype(meta["model"]["dtype"]), recipe, src)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{src}: malformed metadata ({describe(e)})") from None
     report = dict(meta.get("report") or {})
     report["loaded_from"] = path
     return QuantizedModel(config=config, model=model, fp_model=None, prefix_kv=load_saved_prefix(path, meta, config),
-                          preset=preset, report=report)
+                          preset=preset, report=report, weights=weights)
 
 
-def _restore_values(path: str, meta: dict) -> dict:
-    """{variable path: float array as the model holds it}, after the CRC check and weight decoding."""
+def _restore_values(path: str, meta: dict) -> tuple[dict, dict]:
+    """({variable path: float array as the model holds it}, {kernel path: its stored QArray}), after the
+    CRC check; a kernel stored as codes is the dequantized QArray (quant/qarray.py)."""
     import orbax.checkpoint as ocp
-    from pallas_kernels.int4 import unpack_int4
+
+    from prefixquant_jax.quant.qarray import EPS, QArray
 
     sdir = os.path.join(path, STATE)
     if not os.path.isdir(sdir):
@@ -228,19 +230,20 @@ def _restore_values(path: str, meta: dict) -> dict:
         stored[p] = np.asarray(node)
         if codec.crc(stored[p]) != e["crc32"]:
             raise UserError(f"{sdir}: checksum mismatch for {codec.dotted(p)} (corrupted checkpoint)")
-    values = {}
+    values, weights = {}, {}
     for e in meta["variables"]:
         p, a = tuple(e["path"]), stored[tuple(e["path"])]
-        if e["stored"] == "int4":
-            a = codec.dequant(np.asarray(unpack_int4(a, axis=0)), stored[tuple(e["scale"])])
-        elif e["stored"] == "int8":
-            a = codec.dequant(a, stored[tuple(e["scale"])])
+        if e["stored"] in ("int4", "int8"):
+            scale = np.maximum(np.asarray(stored[tuple(e["scale"])], np.float32), np.float32(EPS))
+            weights[p] = QArray(qvalue=a, scale=scale, zero_point=None, bits=4 if e["stored"] == "int4" else 8,
+                                granularity="channel", packed_axis=0 if e["stored"] == "int4" else None)
+            a = np.asarray(weights[p].dequantize())
         elif e["stored"] != "raw":
             raise UserError(f"{sdir}: unknown encoding {e['stored']!r} of {codec.dotted(p)}")
         if list(a.shape) != list(e["shape"]) or str(a.dtype) != e["dtype"]:
             raise UserError(f"{sdir}: {codec.dotted(p)} is {a.dtype}{list(a.shape)}, metadata says {e['dtype']}{e['shape']}")
         values[p] = a
-    return values
+    return values, weights
 
 
 def load_saved_prefix(path: str, meta: dict | None = None, config=None):

@@ -1,6 +1,6 @@
 """FlatQuant in the quantize pipeline: init the transforms, train them block-wise, merge.
 
-`quantize()` (quantize.py) calls `init_flatquant` where PrefixQuant would set RTN weight scales
+`quantize()` (pipeline.py) calls `init_flatquant` where PrefixQuant would set RTN weight scales
 (no rotation: the learned transforms replace the Hadamards), runs the static grid search for the
 `-static-prefix` preset as usual, then `train_and_merge`: FlatQuant always trains.
 

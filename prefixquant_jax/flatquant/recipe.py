@@ -29,9 +29,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prefixquant_jax.flatquant.transforms import factor, factors, kron_apply, kron_left
-from prefixquant_jax.quant.int_matmul import QAct
-from prefixquant_jax.quant.ops import (EPS, fake_quant, fake_quant_parts, minmax, qparams_from_range, quantize_int,
-                                    ste_round)
+from prefixquant_jax.quant.qarray import (EPS, QArray, fake_quant, from_codes, grouped, minmax, qparams_from_range,
+                                          quantize, quantize_int, ste_round)
 from prefixquant_jax.quant.recipe import QUANT_SITES, hands_qact, weight_parts
 from prefixquant_jax.quant.spec import QuantSpec
 
@@ -54,15 +53,14 @@ def lac_qparams(xf, spec: QuantSpec, a_min, a_max):
 def lac_fake_quant(x, spec: QuantSpec, a_min, a_max):
     """Dynamic fake-quantization whose per-token range is shrunk by sigmoid(a_min) (below 0) and
     sigmoid(a_max) (above 0): learnable activation clipping. Gradients reach a_min / a_max via the scale."""
-    return lac_fake_quant_parts(x, spec, a_min, a_max)[0]
+    return lac_quantize(x, spec, a_min, a_max).dequantize(x.dtype)
 
 
-def lac_fake_quant_parts(x, spec: QuantSpec, a_min, a_max):
-    """(lac_fake_quant(x), codes q, scale, zero), as quant.ops.fake_quant_parts."""
-    xf = x.astype(jnp.float32)
-    scale, zero = lac_qparams(xf, spec, a_min, a_max)
-    q = quantize_int(xf, scale, zero, spec)
-    return ((q - zero) * scale).reshape(x.shape).astype(x.dtype), q, scale, zero
+def lac_quantize(x, spec: QuantSpec, a_min, a_max) -> QArray:
+    """The QArray (straight-through float codes) of x under the LAC-shrunk dynamic range."""
+    xf = grouped(x.astype(jnp.float32), spec)
+    scale, zero = lac_qparams(x.astype(jnp.float32), spec, a_min, a_max)
+    return from_codes(quantize_int(xf, scale, zero, spec), scale, zero, spec, x.shape, ste=True)
 
 
 def mix_heads(x, po):
@@ -164,10 +162,8 @@ class FlatQuantRecipe:
             return x
         if self.merged and hands_qact(self, name, spec):
             if spec.dynamic and f"lac_{name}_max" in t:
-                y, q, scale, _ = lac_fake_quant_parts(x, spec, t[f"lac_{name}_min"][...], t[f"lac_{name}_max"][...])
-            else:
-                y, q, scale, _ = fake_quant_parts(x, spec, scale=None if spec.dynamic else qparams[name][...])
-            return QAct(value=y, codes=q, scale=scale, bits=spec.bits)
+                return lac_quantize(x, spec, t[f"lac_{name}_min"][...], t[f"lac_{name}_max"][...])
+            return quantize(x, spec, scale=None if spec.dynamic else qparams[name][...], ste=True)
         if spec.dynamic:
             if f"lac_{name}_max" in t:
                 return lac_fake_quant(x, spec, t[f"lac_{name}_min"][...], t[f"lac_{name}_max"][...])

@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefixquant_jax.quant.ops import minmax, qparams_from_range
+from prefixquant_jax.quant.qarray import fake_quant, minmax, qparams_from_range
 from prefixquant_jax.quant.spec import QuantSpec
 
 
 def _dequant(x, scale, zero, spec: QuantSpec):
-    q = jnp.clip(jnp.round(x / scale) + zero, spec.qmin, spec.qmax)
-    return (q - zero) * scale
+    """x through the static quantizer (scale, zero): the one encoder, quant/qarray.py."""
+    return fake_quant(x, spec.replace(dynamic=False), scale, zero)
 
 
 def _pick(ratios, errs):

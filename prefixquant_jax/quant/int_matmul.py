@@ -4,31 +4,18 @@ The default fake-quant forward multiplies dequantized floats, (q_x s_x) @ (q_w s
 rounding differs from the integer kernels' acc = q_x @ q_w (exact), y = acc * s_x * s_w. That ~1e-7
 difference flips the odd 4-bit code at a rounding tie downstream, and a 4-bit model amplifies it
 (RESULTS.md, [E]). With `QuantRecipe(int_matmul=True)` an activation site that feeds a linear hands
-the linear a QAct (its codes and scale besides the dequantized value) and `int_linear` computes the
+the linear a QArray (quant/qarray.py: straight-through float codes and scale; its dequantize() is
+the fake-quant value) and `int_linear` computes the
 runtime's numbers: the exact integer accumulation (an f32 dot while every partial sum stays below
 2^24, else an int32 dot), then `* s_x * s_w` in the runtime's order. Gradients are those of the float
 product x_dq @ k_fq (custom VJP), so training sees the usual straight-through / LSQ gradients.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class QAct:
-    """A quantized activation: value = codes * scale [..., K] (the fake-quant output), codes
-    integer-valued f32 [..., K], scale f32 broadcastable to value ([1, 1, 1] per tensor, [..., 1] per token);
-    bits static. Symmetric quantizers only (zero point 0)."""
-
-    value: jax.Array
-    codes: jax.Array
-    scale: jax.Array
-    bits: int = dataclasses.field(metadata={"static": True})
 
 
 def exact_in_f32(a_bits: int, w_bits: int, K: int) -> bool:

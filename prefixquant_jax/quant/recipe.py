@@ -15,8 +15,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from prefixquant_jax.quant.int_matmul import QAct
-from prefixquant_jax.quant.ops import fake_quant, fake_quant_parts
+from prefixquant_jax.quant.qarray import fake_quant, quantize
 from prefixquant_jax.quant.spec import QuantSpec
 from prefixquant_jax.rotate.hadamard import hadamard_transform
 
@@ -77,8 +76,7 @@ class QuantRecipe:
         zero = qparams[name + "_zero"][...] if (not spec.dynamic and (name + "_zero") in qparams) else None
         if not hands_qact(self, name, spec):
             return fake_quant(x, spec, scale=scale, zero=zero)
-        y, q, s, _ = fake_quant_parts(x, spec, scale=scale, zero=zero)
-        return QAct(value=y, codes=q, scale=s, bits=spec.bits)
+        return quantize(x, spec, scale=scale, zero=zero, ste=True)  # the linear computes the integer product
 
     def weight_parts(self, name: str, kernel, qparams):
         return weight_parts(self.weight, name, kernel, qparams)
@@ -93,7 +91,7 @@ class QuantRecipe:
 
 
 def hands_qact(recipe, site: str, spec: QuantSpec) -> bool:
-    """Whether activation site `site` (quantizer `spec`) of a recipe with int_matmul hands its linears a QAct:
+    """Whether activation site `site` (quantizer `spec`) of a recipe with int_matmul hands its linears a QArray:
     symmetric per-tensor or per-token activations feeding quantized weights."""
     return (recipe.int_matmul and recipe.weight is not None and site in ACT_SITES and spec.symmetric
             and spec.granularity in ("tensor", "token"))
@@ -105,8 +103,8 @@ def weight_parts(weight: QuantSpec | None, name: str, kernel, qparams):
     key = "w_" + name
     if weight is None or key not in qparams:
         return None
-    y, q, s, _ = fake_quant_parts(kernel, weight, scale=qparams[key][...])
-    return y, q, s
+    qw = quantize(kernel, weight, scale=qparams[key][...], ste=True)
+    return qw.dequantize(kernel.dtype), qw.qvalue, qw.scale
 
 
 def sown_value(v):

@@ -12,12 +12,11 @@ from prefixquant_jax.runtime.model import (
 )
 from prefixquant_jax.runtime.pack import (
     PackedModel,
-    QWeight,
     RuntimeSpec,
     default_backend,
     pack,
 )
 from prefixquant_jax.runtime.runner import RealCompiled, compile_loaded
 
-__all__ = ["PackedModel", "QWeight", "QuantKVCache", "RealCompiled", "RuntimeSpec", "compile_loaded", "decode_step",
+__all__ = ["PackedModel", "QuantKVCache", "RealCompiled", "RuntimeSpec", "compile_loaded", "decode_step",
            "default_backend", "empty_cache", "forward", "pack", "prefill"]

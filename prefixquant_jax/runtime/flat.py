@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from prefixquant_jax.flatquant.recipe import SITE_TRANSFORM, lac_qparams, mix_heads, per_head
 from prefixquant_jax.flatquant.transforms import factor, kron_apply
-from prefixquant_jax.quant.ops import quantize_int
+from prefixquant_jax.quant.qarray import quantize_int
 from prefixquant_jax.quant.spec import QuantSpec
 
 

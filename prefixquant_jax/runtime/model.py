@@ -57,7 +57,7 @@ from pallas_kernels.gemm_w4a8 import w4a8_matmul, w4a8_matmul_ref
 from pallas_kernels.int4 import pack_int4, unpack_int4
 from pallas_kernels.rotate_quant import quantize_ref, rotate_quant
 from prefixquant_jax.model import apply_rope, attention, rope_tables
-from prefixquant_jax.quant.ops import EPS, dynamic_qparams
+from prefixquant_jax.quant.qarray import EPS, QArray, dynamic_qparams
 from prefixquant_jax.quant.spec import QuantSpec
 from prefixquant_jax.rotate.hadamard import hadamard_kron_factors, hadamard_transform
 from prefixquant_jax.runtime import flat
@@ -65,7 +65,6 @@ from prefixquant_jax.runtime.pack import (
     ActSpec,
     PackedLayer,
     PackedModel,
-    QWeight,
     RuntimeSpec,
 )
 
@@ -136,20 +135,21 @@ def quantize_act(x, a: ActSpec, scale, rotate: bool, backend: str, interpret: bo
     return (pack_int4(q, axis=-1) if a.bits == 4 else q), s
 
 
-def int_matmul(codes, x_scale, a_bits: int, w: QWeight, backend: str, out_dtype, interpret: bool | None = None):
-    """(codes x w.codes) * x_scale * w.scale, [M, N] in out_dtype; int32 accumulation."""
+def int_matmul(codes, x_scale, a_bits: int, w: QArray, backend: str, out_dtype, interpret: bool | None = None):
+    """(codes x w's codes) * x_scale * w.scale, [M, N] in out_dtype; int32 accumulation. w.qvalue: the
+    codes as the kernels take them (4 bits: packed along `in`)."""
     if w.bits == 4:
         if backend == "kernels":
             fn = functools.partial(w4a4_matmul if a_bits == 4 else w4a8_matmul, interpret=interpret)
         else:
             fn = w4a4_matmul_ref if a_bits == 4 else w4a8_matmul_ref
-        return fn(codes, x_scale, w.codes, w.scale, out_dtype)
+        return fn(codes, x_scale, w.qvalue, w.scale, out_dtype)
     qx = unpack_int4(codes, axis=-1) if a_bits == 4 else codes  # W8: no kernel, XLA int8 dot
-    acc = jnp.dot(qx, w.codes, preferred_element_type=jnp.int32)
+    acc = jnp.dot(qx, w.qvalue, preferred_element_type=jnp.int32)
     return (acc.astype(jnp.float32) * x_scale * w.scale).astype(out_dtype)
 
 
-def linear(spec: RuntimeSpec, lp: PackedLayer, site: str, w: QWeight, x, rotate: bool = False):
+def linear(spec: RuntimeSpec, lp: PackedLayer, site: str, w: QArray, x, rotate: bool = False):
     """The linear fed by activation site `site`: x [..., K] -> [..., N] in the compute dtype."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])

@@ -3,10 +3,11 @@
 The fake-quant model keeps float kernels and fake-quantizes them at every forward; here the same
 quantizers are applied once and their integer codes are stored:
 
-  weights    codes = clip(round(kernel / w_scale), qmin, qmax), w_scale = max(qparams["w_<name>"], 1e-8)
-             [1, out]; 4-bit codes packed two per byte along axis 0 (pallas_kernels.int4 layout:
-             int8 [in/2, out]), 8-bit codes as int8 [in, out]. q|k|v and gate|up are concatenated along
-             `out` (one GEMM each: same input, per-column scales, so the result is column-wise identical).
+  weights    QArrays (quant/qarray.py: the fake quantizer's own encoder) of the kernels under their scales
+             qparams["w_<name>"] [1, out]; 4-bit codes packed two per byte along axis 0 (pallas_kernels.int4
+             layout: int8 [in/2, out]), 8-bit codes as int8 [in, out]. q|k|v and gate|up are concatenated
+             QArrays along `out` (one GEMM each: same input, per-column scales, so the result is column-wise
+             identical; codes are concatenated, never re-quantized).
   activations  static sites: scale max(qparams[site], 1e-8) f32 [1, 1]; dynamic (per token) sites: no
              stored scale; FP sites: nothing. The per-site spec lives in the static RuntimeSpec.
   KV cache   static per head, asymmetric: scale max(qparams[k|v_cache], 1e-8) f32 [KV], zero
@@ -33,10 +34,11 @@ import numpy as np
 
 from prefixquant_jax.config import ModelConfig
 from prefixquant_jax.errors import UserError
+from prefixquant_jax.quant.qarray import EPS, QArray, concatenate, quantize
 from prefixquant_jax.quant.recipe import ACT_SITES, QuantRecipe
+from prefixquant_jax.quant.spec import QuantSpec
 from prefixquant_jax.runtime.flat import layer_params
 
-EPS = 1e-8  # prefixquant_jax.quant.ops.EPS: the fake quantizer floors every scale at this
 BACKENDS = ("kernels", "xla")
 
 
@@ -86,23 +88,6 @@ class RuntimeSpec:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class QWeight:
-    """Integer weight like qwix's QArray: codes int8 [in/2, out] (bits 4, packed along in) or
-    [in, out] (bits 8), per-output-channel scale f32 [1, out]; bits is static."""
-
-    codes: jax.Array
-    scale: jax.Array
-    bits: int = dataclasses.field(metadata={"static": True})
-
-    def dequantize(self, dtype=jnp.float32):
-        """codes * scale as a float [in, out] (the fake-quant kernel)."""
-        from pallas_kernels.int4 import unpack_int4
-        q = unpack_int4(self.codes, axis=0) if self.bits == 4 else self.codes
-        return (q.astype(jnp.float32) * self.scale).astype(dtype)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
 class PackedLayer:
     """One decoder layer. qkv: [D, (H + 2 KV) hd]; o: [H hd, D]; gate_up: [D, 2F]; down: [F, D].
     act_scale: {site: f32 [1, 1]} for static activation sites only. k_/v_scale, k_/v_zero: f32 [KV] (static
@@ -110,10 +95,10 @@ class PackedLayer:
 
     input_norm: jax.Array
     post_norm: jax.Array
-    qkv: QWeight
-    o: QWeight
-    gate_up: QWeight
-    down: QWeight
+    qkv: QArray
+    o: QArray
+    gate_up: QArray
+    down: QArray
     act_scale: dict
     k_scale: jax.Array
     k_zero: jax.Array
@@ -199,22 +184,13 @@ def runtime_spec(qm, backend: str | None = None, dtype=None) -> RuntimeSpec:
                        kv_original_space=flat and recipe.kv_original_space)
 
 
-def quantize_weight(kernel, scale, bits: int) -> QWeight:
-    """QWeight of a float kernel [in, out] with scale [1, out], exactly as quant.ops.fake_quant rounds it."""
-    from pallas_kernels.int4 import pack_int4
-    s = jnp.maximum(jnp.asarray(scale, jnp.float32).reshape(1, -1), EPS)
-    lim = 2 ** (bits - 1)
-    q = jnp.clip(jnp.round(jnp.asarray(kernel, jnp.float32) / s), -lim, lim - 1).astype(jnp.int8)
-    if bits == 4:
-        if q.shape[0] % 2:
-            raise UserError(f"int4 weights need an even input size, got {q.shape[0]}")
-        q = pack_int4(q, axis=0)
-    return QWeight(codes=q, scale=s, bits=bits)
-
-
-def _concat(ws: list[QWeight]) -> QWeight:
-    return QWeight(codes=jnp.concatenate([w.codes for w in ws], axis=1),
-                   scale=jnp.concatenate([w.scale for w in ws], axis=1), bits=ws[0].bits)
+def weight_qarray(kernel, scale, spec: QuantSpec) -> QArray:
+    """The codes of a float kernel [in, out] under its scale [1, out], from the fake model's own encoder
+    (quant.qarray.quantize), 4-bit codes packed two per byte along `in` (the kernels' layout)."""
+    if spec.bits == 4 and kernel.shape[0] % 2:
+        raise UserError(f"int4 weights need an even input size, got {kernel.shape[0]}")
+    return quantize(jnp.asarray(kernel, jnp.float32), spec.replace(dynamic=False),
+                    scale=jnp.asarray(scale, jnp.float32).reshape(1, -1)).pack(axis=0)
 
 
 def _qp(blk, key: str, i: int):
@@ -223,11 +199,17 @@ def _qp(blk, key: str, i: int):
     return jnp.asarray(blk.qparams[key][...], jnp.float32)
 
 
-def _pack_layer(blk, spec: RuntimeSpec, i: int) -> PackedLayer:
+def _pack_layer(blk, spec: RuntimeSpec, i: int, stored: dict) -> PackedLayer:
     cdt = spec.compute_dtype
 
     def wq(name):
-        return quantize_weight(blk.linear_module(name).kernel[...], _qp(blk, "w_" + name, i), spec.w_bits)
+        kernel, scale = blk.linear_module(name).kernel[...], _qp(blk, "w_" + name, i)
+        q = stored.get(("layers", str(i), "mlp" if name in ("gate", "up", "down") else "attn", name, "kernel"))
+        if (q is not None and q.bits == spec.w_bits and (q.bits == 8 or q.packed_axis == 0)
+                and np.array_equal(np.asarray(q.scale), np.maximum(np.asarray(scale), EPS))
+                and np.array_equal(np.asarray(q.dequantize(kernel.dtype)), np.asarray(kernel))):
+            return q  # the loaded checkpoint's codes, as stored (the model still holds exactly them)
+        return weight_qarray(kernel, scale, blk.recipe.weight)
 
     act_scale = {}
     for site, a in spec.act:
@@ -243,8 +225,8 @@ def _pack_layer(blk, spec: RuntimeSpec, i: int) -> PackedLayer:
         kv[s + "_zero"] = jnp.round(z).reshape(-1)
     return PackedLayer(input_norm=jnp.asarray(blk.input_norm.weight[...], cdt),
                        post_norm=jnp.asarray(blk.post_norm.weight[...], cdt),
-                       qkv=_concat([wq("q"), wq("k"), wq("v")]), o=wq("o"),
-                       gate_up=_concat([wq("gate"), wq("up")]), down=wq("down"), act_scale=act_scale,
+                       qkv=concatenate([wq("q"), wq("k"), wq("v")], axis=1), o=wq("o"),
+                       gate_up=concatenate([wq("gate"), wq("up")], axis=1), down=wq("down"), act_scale=act_scale,
                        flat=layer_params(blk, blk.recipe) if spec.flat else {}, **kv)
 
 
@@ -256,7 +238,8 @@ def pack(qm, backend: str | None = None, dtype=None, prefix_kv=None) -> PackedMo
         qm = dataclasses.replace(qm, prefix_kv=prefix_kv)
     spec = runtime_spec(qm, backend, dtype)
     m, c = qm.model, qm.config
-    layers = [_pack_layer(b, spec, i) for i, b in enumerate(m.layers)]
+    stored = {tuple(map(str, p)): q for p, q in getattr(qm, "weights", {}).items()}
+    layers = [_pack_layer(b, spec, i, stored) for i, b in enumerate(m.layers)]
     pk, pv = [], []
     if qm.prefix_kv is not None:
         for a in qm.prefix_kv.k:

@@ -21,7 +21,7 @@ from tests.test_cli import assert_one_line_error, run_cli
 @pytest.fixture(scope="module")
 def quantized(tiny_dir, text_file):
     from prefixquant_jax.quant.presets import get_preset
-    from prefixquant_jax.quantize import QuantizeOptions, quantize
+    from prefixquant_jax.pipeline import QuantizeOptions, quantize
 
     ck = load_checkpoint(tiny_dir)
     tok = ck.tokenizer()

@@ -7,7 +7,7 @@ import numpy as np
 import prefixquant_jax
 from checkpoints_convert import load_checkpoint
 from prefixquant_jax.quant.presets import get_preset
-from prefixquant_jax.quantize import QuantizeOptions, quantize
+from prefixquant_jax.pipeline import QuantizeOptions, quantize
 from tests.checkpoints_convert.test_hf import TOL, _ref_logits
 from tests.conftest import TINY_TEXT, rng_tokens
 from tests.test_cli import run_cli

@@ -11,7 +11,7 @@ def test_training_lowers_block_loss_then_merges(tiny_dir, text_file):
     from checkpoints_convert import load_checkpoint
     from prefixquant_jax.flatquant import FlatOptions, TransformBase
     from prefixquant_jax.quant.presets import get_preset
-    from prefixquant_jax.quantize import QuantizeOptions, quantize
+    from prefixquant_jax.pipeline import QuantizeOptions, quantize
     from prefixquant_jax.train import TrainConfig, finetune
 
     ck = load_checkpoint(tiny_dir)

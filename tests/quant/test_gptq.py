@@ -96,7 +96,7 @@ def test_rejects_other_granularity():
 def test_gptq_pass_on_tiny_model(tiny_dir, text_file):
     from checkpoints_convert import load_checkpoint
     from prefixquant_jax.quant.presets import get_preset
-    from prefixquant_jax.quantize import QuantizeOptions, quantize
+    from prefixquant_jax.pipeline import QuantizeOptions, quantize
 
     ck = load_checkpoint(tiny_dir)
     opts = QuantizeOptions(calib_data=text_file, calib_samples=4, calib_seqlen=32, outlier_samples=4, eta=4,

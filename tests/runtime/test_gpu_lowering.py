@@ -6,7 +6,6 @@ listed (see tests/pallas_kernels/test_gpu_lowering.py for what lowering does and
 """
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import pytest
 

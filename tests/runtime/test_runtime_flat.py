@@ -18,7 +18,7 @@ from prefixquant_jax.prefix.outliers import capture_token_ranges
 from prefixquant_jax.prefix.prefix_kv import compute_prefix_kv
 from prefixquant_jax.quant.presets import get_preset
 from prefixquant_jax.quant.spec import QuantSpec
-from prefixquant_jax.quantize import QuantizedModel
+from prefixquant_jax.pipeline import QuantizedModel
 from prefixquant_jax.runner import Compiled
 from prefixquant_jax.runtime import decode_step, pack, prefill
 from tests.conftest import rng_tokens

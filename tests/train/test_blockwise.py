@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def _quantized(tiny_dir, text_file, preset="w4a4kv4-static"):
     from checkpoints_convert import load_checkpoint
     from prefixquant_jax.quant.presets import get_preset
-    from prefixquant_jax.quantize import QuantizeOptions, quantize
+    from prefixquant_jax.pipeline import QuantizeOptions, quantize
 
     ck = load_checkpoint(tiny_dir)
     tok = ck.tokenizer()

@@ -1,0 +1,69 @@
+"""Glue from a `--model` spec to a ready-to-run model (FP checkpoint or saved quantized model)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from prefixquant_jax.runner import Compiled
+
+
+@dataclasses.dataclass
+class Loaded:
+    config: Any
+    compiled: Compiled
+    tokenizer_fn: Any  # loaded on first use: building a tokenizer from GGUF takes seconds
+    prefix_kv: Any = None
+    preset: str = "fp"
+    meta: dict = dataclasses.field(default_factory=dict)
+    _tokenizer: Any = None
+    quantized: Any = None  # the QuantizedModel of a saved quantized checkpoint (runtime.pack input); None for FP
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = self.tokenizer_fn()
+        return self._tokenizer
+
+
+def load_fp(model_spec: str, dtype=jnp.float32):
+    """(Checkpoint, Llama) for an FP checkpoint spec."""
+    from checkpoints_convert import load_checkpoint
+    from prefixquant_jax.model import Llama
+
+    ck = load_checkpoint(model_spec)
+    return ck, Llama.from_params(ck.config, ck.params, dtype)
+
+
+def load_for_inference(model_spec: str, dtype=jnp.float32, import_prefix: str | None = None) -> Loaded:
+    from prefixquant_jax.checkpoint.saved import looks_saved
+    if looks_saved(model_spec):
+        return load_saved(model_spec, dtype, import_prefix)
+    ck, model = load_fp(model_spec, dtype)
+    prefix_kv = None
+    if import_prefix:
+        from checkpoints_convert.prefix_io import load_prefix_kv
+        prefix_kv = load_prefix_kv(import_prefix, ck.config)
+        if prefix_kv.k_rotated:
+            from prefixquant_jax.errors import UserError
+            raise UserError(f"{import_prefix}: this prefix KV was computed by a rotated model; it does not fit the unrotated model {model_spec!r}")
+    return Loaded(config=ck.config, compiled=Compiled(model), tokenizer_fn=ck.tokenizer, prefix_kv=prefix_kv)
+
+
+def load_saved(path: str, dtype=jnp.float32, import_prefix: str | None = None) -> Loaded:
+    """A model saved by `quantize --save` (prefixquant_jax.checkpoint.saved), with its prefix KV and tokenizer;
+    `import_prefix` replaces the saved prefix KV (it must match the model's rotation)."""
+    from prefixquant_jax.checkpoint.saved import load_quantized, saved_tokenizer
+    from prefixquant_jax.errors import UserError
+
+    qm = load_quantized(path, dtype)
+    prefix_kv = qm.prefix_kv
+    if import_prefix:
+        from checkpoints_convert.prefix_io import load_prefix_kv
+        prefix_kv = load_prefix_kv(import_prefix, qm.config)
+        if prefix_kv.k_rotated != qm.preset.rotate:
+            raise UserError(f"{import_prefix}: prefix KV k_rotated={prefix_kv.k_rotated} does not fit {path} "
+                            f"(preset {qm.preset.name!r}, rotated={qm.preset.rotate})")
+    return Loaded(config=qm.config, compiled=Compiled(qm.model), tokenizer_fn=lambda: saved_tokenizer(path),
+                  prefix_kv=prefix_kv, preset=qm.preset.name, meta=qm.report, quantized=qm)
