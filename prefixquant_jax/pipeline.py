@@ -217,8 +217,10 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
                               target=opts.target, static=opts.calibrate or weight_pass)
             report["calibration"] = calibrate(fp_model, q_model, recipe, calib_x, prefix_kv, cfg, opts.progress)
         report["calibration_rules"] = {"weight_clip": None if flat or not preset.w_bits else opts.weight_clip,
-                                       **{k: getattr(cfg, k) for k in ("gptq", "gptq_act_order", "kv_rule", "search", "target",
+                                       **{k: getattr(cfg, k) for k in ("gptq", "kv_rule", "search", "target",
                                                                        "grid_samples")}}
+        if opts.gptq:
+            report["calibration_rules"]["gptq_order"] = "act" if opts.gptq_act_order else "natural"
         if opts.gptq:  # the quantity GPTQ minimises, per token, for the clip rule's rounding and for GPTQ
             report["gptq"] = [{"layer": r["layer"], "rtn_err": {n: e[cfg.weight_clip] for n, e in r["weights"].items()},
                                "gptq_err": {n: e["gptq"] for n, e in r["weights"].items()}}
