@@ -62,7 +62,7 @@ class QuantizedModel:
     prefix_kv: PrefixKV | None
     preset: Preset
     report: dict
-    # the integer weights a saved model was loaded with, {kernel variable path: QArray} (checkpoint/saved.py):
+    # the integer weights a saved model was loaded with, {(layer, linear name): QArray} (checkpoint/saved.py):
     # runtime.pack hands these codes to the kernels as they were stored
     weights: dict = dataclasses.field(default_factory=dict)
 
@@ -219,9 +219,8 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
         report["calibration_rules"] = {"weight_clip": None if flat or not preset.w_bits else opts.weight_clip,
                                        **{k: getattr(cfg, k) for k in ("gptq", "kv_rule", "search", "target",
                                                                        "grid_samples")}}
-        if opts.gptq:
+        if opts.gptq:  # the order, and the quantity GPTQ minimises, per token, for the clip rule's rounding and for GPTQ
             report["calibration_rules"]["gptq_order"] = "act" if opts.gptq_act_order else "natural"
-        if opts.gptq:  # the quantity GPTQ minimises, per token, for the clip rule's rounding and for GPTQ
             report["gptq"] = [{"layer": r["layer"], "rtn_err": {n: e[cfg.weight_clip] for n, e in r["weights"].items()},
                                "gptq_err": {n: e["gptq"] for n, e in r["weights"].items()}}
                               for r in report["calibration"]]

@@ -93,9 +93,9 @@ def jsonable(obj):
 
 
 def weight_codes(kernel, scale, spec):
-    """int8 codes of `kernel` under `scale` (quant.qarray.quantize, the forward's encoder), or None when
-    codes * scale would not give back, bit for bit, the kernel the forward uses (storing the codes would
-    then change the model)."""
+    """The QArray of `kernel` under `scale` (quant.qarray.quantize, the forward's encoder; int8 codes,
+    unpacked), or None when codes * scale would not give back, bit for bit, the kernel the forward uses
+    (storing the codes would then change the model)."""
     import jax.numpy as jnp
 
     from prefixquant_jax.quant.qarray import quantize
@@ -105,9 +105,8 @@ def weight_codes(kernel, scale, spec):
         return None
     q = quantize(jnp.asarray(kernel), spec.replace(dynamic=False), scale=jnp.asarray(scale))
     used = np.asarray(q.dequantize())
-    codes = np.asarray(q.qvalue)
     again = np.asarray(quantize(jnp.asarray(used), spec.replace(dynamic=False), scale=jnp.asarray(scale)).dequantize())
-    return codes if np.array_equal(again, used) else None
+    return q if np.array_equal(again, used) else None
 
 
 def file_crc(path: str) -> int:
@@ -138,8 +137,6 @@ def flat_state(model) -> list:
 
 def stored_leaves(qm):
     """[(path, variable class, original array, stored array, encoding, scale path)] for every variable."""
-    from pallas_kernels.int4 import pack_int4
-
     flat = {tuple(p): v for p, v in flat_state(qm.model)}
     arrays = {p: np.asarray(v[...]) for p, v in flat.items()}
     spec, out = weight_spec(qm), []
@@ -147,13 +144,13 @@ def stored_leaves(qm):
         a, stored, enc, scale_path = arrays[p], arrays[p], "raw", None
         if spec is not None and len(p) == 5 and p[0] == "layers" and p[4] == "kernel" and WEIGHTS.get(p[3]) == p[2]:
             sp = ("layers", p[1], "qparams", "w_" + p[3])
-            codes = weight_codes(a, arrays[sp], spec) if sp in arrays else None
-            if codes is not None:
+            q = weight_codes(a, arrays[sp], spec) if sp in arrays else None
+            if q is not None:
                 scale_path = sp
                 if spec.bits == 4 and a.shape[0] % 2 == 0:
-                    stored, enc = np.asarray(pack_int4(codes, axis=0)), "int4"
+                    stored, enc = np.asarray(q.pack(axis=0).qvalue), "int4"
                 else:
-                    stored, enc = codes, "int8"
+                    stored, enc = np.asarray(q.qvalue), "int8"
         out.append((p, type(v), a, stored, enc, scale_path))
     return out
 

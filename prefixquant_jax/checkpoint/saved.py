@@ -207,8 +207,8 @@ def load_quantized(path: str, dtype=None):
 
 
 def _restore_values(path: str, meta: dict) -> tuple[dict, dict]:
-    """({variable path: float array as the model holds it}, {kernel path: its stored QArray}), after the
-    CRC check; a kernel stored as codes is the dequantized QArray (quant/qarray.py)."""
+    """({variable path: float array as the model holds it}, {(layer, linear name): its stored QArray}),
+    after the CRC check; a kernel stored as codes is the dequantized QArray (quant/qarray.py)."""
     import orbax.checkpoint as ocp
 
     from prefixquant_jax.quant.qarray import EPS, QArray
@@ -235,9 +235,10 @@ def _restore_values(path: str, meta: dict) -> tuple[dict, dict]:
         p, a = tuple(e["path"]), stored[tuple(e["path"])]
         if e["stored"] in ("int4", "int8"):
             scale = np.maximum(np.asarray(stored[tuple(e["scale"])], np.float32), np.float32(EPS))
-            weights[p] = QArray(qvalue=a, scale=scale, zero_point=None, bits=4 if e["stored"] == "int4" else 8,
-                                granularity="channel", packed_axis=0 if e["stored"] == "int4" else None)
-            a = np.asarray(weights[p].dequantize())
+            q = QArray(qvalue=a, scale=scale, zero_point=None, bits=4 if e["stored"] == "int4" else 8,
+                       granularity="channel", packed_axis=0 if e["stored"] == "int4" else None)
+            weights[(int(p[1]), p[3])] = q  # kernel path ("layers", i, "attn" | "mlp", name, "kernel")
+            a = np.asarray(q.dequantize())
         elif e["stored"] != "raw":
             raise UserError(f"{sdir}: unknown encoding {e['stored']!r} of {codec.dotted(p)}")
         if list(a.shape) != list(e["shape"]) or str(a.dtype) != e["dtype"]:

@@ -56,11 +56,12 @@ def lac_fake_quant(x, spec: QuantSpec, a_min, a_max):
     return lac_quantize(x, spec, a_min, a_max).dequantize(x.dtype)
 
 
-def lac_quantize(x, spec: QuantSpec, a_min, a_max) -> QArray:
-    """The QArray (straight-through float codes) of x under the LAC-shrunk dynamic range."""
+def lac_quantize(x, spec: QuantSpec, a_min, a_max, ste: bool = True) -> QArray:
+    """The QArray of x under the LAC-shrunk dynamic range (straight-through float codes, or int codes
+    with ste=False: the int4 runtime's)."""
     xf = grouped(x.astype(jnp.float32), spec)
     scale, zero = lac_qparams(x.astype(jnp.float32), spec, a_min, a_max)
-    return from_codes(quantize_int(xf, scale, zero, spec), scale, zero, spec, x.shape, ste=True)
+    return from_codes(quantize_int(xf, scale, zero, spec), scale, zero, spec, x.shape, ste)
 
 
 def mix_heads(x, po):

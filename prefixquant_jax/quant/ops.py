@@ -10,19 +10,11 @@ import jax
 import jax.numpy as jnp
 
 from prefixquant_jax.quant.qarray import (EPS, dynamic_qparams, fake_quant, grouped, minmax, qparams_from_range,
-                                          quantize, quantize_int, reduce_axes, ste_round)
+                                          quantize_int, reduce_axes, ste_round)
 from prefixquant_jax.quant.spec import QuantSpec
 
-__all__ = ["EPS", "dynamic_qparams", "fake_quant", "fake_quant_parts", "minmax", "mse_clip_search",
+__all__ = ["EPS", "dynamic_qparams", "fake_quant", "minmax", "mse_clip_search",
            "qparams_from_range", "quantize_int", "reduce_axes", "rtn_weight", "ste_round", "weight_scale"]
-
-
-def fake_quant_parts(x, spec: QuantSpec, scale=None, zero=None, clip=None):
-    """(fake_quant(x), codes q, scale, zero) from one `quantize(..., ste=True)`: q integer-valued float32
-    in the grouped view, scale and zero as they broadcast against it (zero 0 for symmetric specs)."""
-    qa = quantize(x, spec, scale, zero, clip, ste=True)
-    zero = jnp.zeros((), jnp.float32) if qa.zero_point is None else qa.zero_point
-    return qa.dequantize(x.dtype), grouped(qa.qvalue, spec), qa.scale, zero
 
 
 def mse_clip_search(x, spec: QuantSpec, ratios) -> jnp.ndarray:

@@ -22,9 +22,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from prefixquant_jax.flatquant.recipe import SITE_TRANSFORM, lac_qparams, mix_heads, per_head
+from prefixquant_jax.flatquant.recipe import SITE_TRANSFORM, lac_qparams, lac_quantize, mix_heads, per_head
 from prefixquant_jax.flatquant.transforms import factor, kron_apply
-from prefixquant_jax.quant.qarray import quantize_int
 from prefixquant_jax.quant.spec import QuantSpec
 
 
@@ -86,9 +85,8 @@ def lac_factors(fp: dict, site: str):
 def lac_act_codes(fp: dict, site: str, x2, bits: int):
     """Symmetric per-token codes int8 [M, K] and scale f32 [M, 1] of x2 [M, K] with the site's LAC factors."""
     spec = QuantSpec(bits=bits, granularity="token", symmetric=True, dynamic=True)
-    xf = x2.astype(jnp.float32)
-    scale, zero = lac_qparams(xf, spec, fp[f"lac_{site}_min"], fp[f"lac_{site}_max"])
-    return quantize_int(xf, scale, zero, spec).astype(jnp.int8), scale
+    q = lac_quantize(x2, spec, fp[f"lac_{site}_min"], fp[f"lac_{site}_max"], ste=False)
+    return q.qvalue, q.scale
 
 
 def lac_kv_qparams(fp: dict, site: str, x, bits: int):

@@ -204,7 +204,7 @@ def _pack_layer(blk, spec: RuntimeSpec, i: int, stored: dict) -> PackedLayer:
 
     def wq(name):
         kernel, scale = blk.linear_module(name).kernel[...], _qp(blk, "w_" + name, i)
-        q = stored.get(("layers", str(i), "mlp" if name in ("gate", "up", "down") else "attn", name, "kernel"))
+        q = stored.get((i, name))
         if (q is not None and q.bits == spec.w_bits and (q.bits == 8 or q.packed_axis == 0)
                 and np.array_equal(np.asarray(q.scale), np.maximum(np.asarray(scale), EPS))
                 and np.array_equal(np.asarray(q.dequantize(kernel.dtype)), np.asarray(kernel))):
@@ -238,8 +238,7 @@ def pack(qm, backend: str | None = None, dtype=None, prefix_kv=None) -> PackedMo
         qm = dataclasses.replace(qm, prefix_kv=prefix_kv)
     spec = runtime_spec(qm, backend, dtype)
     m, c = qm.model, qm.config
-    stored = {tuple(map(str, p)): q for p, q in getattr(qm, "weights", {}).items()}
-    layers = [_pack_layer(b, spec, i, stored) for i, b in enumerate(m.layers)]
+    layers = [_pack_layer(b, spec, i, qm.weights) for i, b in enumerate(m.layers)]
     pk, pv = [], []
     if qm.prefix_kv is not None:
         for a in qm.prefix_kv.k:

@@ -95,6 +95,29 @@ def test_round_trip_identical_logits_and_ppl(quantized, saved, text_file):
         assert meta["sizes"]["disk_bytes"] < 0.7 * meta["sizes"]["fp32_params_bytes"]
 
 
+def test_packed_runtime_takes_the_stored_codes(quantized, saved):
+    """A loaded model's int4 codes reach the runtime as stored (no float round trip); a kernel changed after
+    loading is re-encoded from the model instead; either way the codes equal a fresh pack of the original."""
+    import orbax.checkpoint as ocp
+
+    from prefixquant_jax.runtime import pack
+
+    qm, _ = quantized
+    back = pq.load(saved)
+    raw = ocp.PyTreeCheckpointer().restore(os.path.join(saved, orbax_io.STATE))
+    o = back.weights[(0, "o")]
+    assert o.bits == 4 and o.packed_axis == 0
+    np.testing.assert_array_equal(np.asarray(o.qvalue), raw["layers"]["0"]["attn"]["o"]["kernel"])
+    fresh, loaded = pack(qm, backend="xla"), pack(back, backend="xla")
+    assert loaded.layers[0].o.qvalue is o.qvalue  # the stored array itself
+    for a, b in zip(fresh.layers, loaded.layers):
+        for name in ("qkv", "o", "gate_up", "down"):
+            np.testing.assert_array_equal(np.asarray(getattr(a, name).qvalue), np.asarray(getattr(b, name).qvalue))
+    k = back.model.layers[0].attn.o.kernel
+    k[...] = k[...] * 2.0  # the model no longer holds the stored codes
+    assert pack(back, backend="xla").layers[0].o.qvalue is not o.qvalue
+
+
 def test_int8_weights_and_extra_variables(quantized, tmp_path):
     """w_bits 8 stores int8 codes; a variable of another type in a new container survives the round trip."""
     from flax import nnx
