@@ -1,7 +1,11 @@
-"""GGUF (llama.cpp) Llama checkpoints, dequantized to float32 with the `gguf` package.
+"""GGUF (llama.cpp) checkpoints of the `llama`, `qwen2` and `qwen3` architectures, dequantized to float32
+with the `gguf` package.
 
-llama.cpp's converter permutes the rows of Q and K so that rotary pairs are interleaved
-(x0, x1), (x2, x3), ...; the HF layout pairs dimension j with j + head_dim/2. We undo it per head.
+llama.cpp's converter permutes the rows of Q and K of the `llama` architecture (Llama, Mistral) so that
+rotary pairs are interleaved (x0, x1), (x2, x3), ...; the HF layout pairs dimension j with j + head_dim/2.
+We undo it per head, for `llama` only: its Qwen2/Qwen3 converters write Q and K (and their biases and
+q/k norms) in the HF order. A Llama-3 rope is stored by llama.cpp as the per-frequency divisors
+`rope_freqs.weight`, not as metadata; `llama3_scaling` recovers the HF rope_scaling from them.
 """
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ _LAYER_KEYS = {
     "ffn_up.weight": ("mlp", "up"),
     "ffn_down.weight": ("mlp", "down"),
 }
+_BIAS_KEYS = {"attn_q.bias": ("attn", "q_bias"), "attn_k.bias": ("attn", "k_bias"), "attn_v.bias": ("attn", "v_bias")}
+_NORM_KEYS = {"attn_q_norm.weight": ("attn", "q_norm"), "attn_k_norm.weight": ("attn", "k_norm")}
+ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # GGUF general.architecture -> model_type
 
 
 def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -38,6 +45,37 @@ def _field(reader, key, default=None):
     return v
 
 
+def llama3_scaling(freq_factors, theta: float, head_dim: int, low: float = 1.0, high: float = 4.0) -> dict | None:
+    """HF `rope_scaling` of type llama3 whose per-frequency divisors equal llama.cpp's `rope_freqs` (None when
+    they are all 1). llama.cpp writes 1 (short wavelengths), `factor` (long ones) and 1 / ((1 - s) / factor + s)
+    between, s = (old_ctx / wavelen - low) / (high - low); with low/high the Llama-3.x values 1 and 4 this gives
+    factor and old_ctx. UserError when no such scaling reproduces the divisors."""
+    f = np.asarray(freq_factors, np.float64).reshape(-1)
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if f.shape != inv.shape:
+        raise UserError(f"rope_freqs has {f.size} entries, head_dim / 2 = {inv.size}")
+    if np.allclose(f, 1.0, rtol=0, atol=1e-6):
+        return None
+    factor, wavelen = float(f.max()), 2 * np.pi / inv
+    mid = (f > 1 + 1e-5) & (f < factor * (1 - 1e-5))
+    if mid.any():
+        smooth = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)
+        ctx = float(np.median(wavelen[mid] * (low + smooth * (high - low))))
+    else:  # any old_ctx between the two groups' boundaries gives the same divisors
+        lo_ctx = high * wavelen[f <= 1 + 1e-5].max(initial=0.0)
+        hi_ctx = low * wavelen[f >= factor * (1 - 1e-5)].min(initial=np.inf)
+        ctx = 8192.0 if lo_ctx < 8192.0 < hi_ctx else float(np.sqrt(max(lo_ctx, 1.0) * hi_ctx))
+    if abs(ctx - round(ctx)) < 1e-3 * ctx:
+        ctx = float(round(ctx))
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+               "original_max_position_embeddings": ctx}
+    probe = ModelConfig(vocab_size=1, hidden_size=head_dim, intermediate_size=1, num_layers=1, num_heads=1,
+                        num_kv_heads=1, head_dim=head_dim, rope_theta=theta, rope_scaling=tuple(sorted(scaling.items())))
+    if not np.allclose(probe.inv_freq(), inv / f, rtol=1e-4, atol=0):
+        raise UserError("rope_freqs.weight is not a Llama-3 rope scaling (low_freq_factor 1, high_freq_factor 4)")
+    return scaling
+
+
 def read_gguf(path: str) -> tuple[ModelConfig, dict]:
     import gguf
 
@@ -46,34 +84,14 @@ def read_gguf(path: str) -> tuple[ModelConfig, dict]:
     except Exception as e:
         raise UserError(f"{path}: cannot read GGUF file ({describe(e)})") from None
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise UserError(f"{path}: GGUF architecture {arch!r} is not 'llama'")
+    if arch not in ARCHS:
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHS)})")
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise UserError(f"{path}: no token_embd.weight tensor")
-    vocab = int(tensors["token_embd.weight"].shape[-1])
-    hidden = int(_field(reader, "llama.embedding_length"))
-    heads = int(_field(reader, "llama.attention.head_count"))
-    head_dim = int(_field(reader, "llama.rope.dimension_count", hidden // heads))
-    scaling = None
-    if _field(reader, "llama.rope.scaling.type") == "linear":
-        scaling = {"rope_type": "linear", "factor": float(_field(reader, "llama.rope.scaling.factor"))}
-    config = ModelConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=int(_field(reader, "llama.feed_forward_length")),
-        num_layers=int(_field(reader, "llama.block_count")),
-        num_heads=heads,
-        num_kv_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
-        head_dim=head_dim,
-        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
-        rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        tie_word_embeddings="output.weight" not in tensors,
-        max_position_embeddings=int(_field(reader, "llama.context_length", 2048)),
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
-    )
+
+    def meta(key, default=None):
+        return _field(reader, f"{arch}.{key}", default)
 
     def deq(name):
         t = tensors[name]
@@ -84,23 +102,64 @@ def read_gguf(path: str) -> tuple[ModelConfig, dict]:
         # numpy shape is the reverse of ggml's: [rows=out, cols=in] for 2-D weights
         return np.asarray(a, dtype=np.float32).reshape([int(s) for s in reversed(t.shape)])
 
+    vocab = int(tensors["token_embd.weight"].shape[-1])
+    hidden = int(meta("embedding_length"))
+    heads = int(meta("attention.head_count"))
+    head_dim = int(meta("attention.key_length", meta("rope.dimension_count", hidden // heads)))
+    theta = float(meta("rope.freq_base", 10000.0))
+    scaling = None
+    if meta("rope.scaling.type") == "linear":
+        scaling = {"rope_type": "linear", "factor": float(meta("rope.scaling.factor"))}
+    elif "rope_freqs.weight" in tensors:
+        try:
+            scaling = llama3_scaling(deq("rope_freqs.weight"), theta, head_dim)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+    model_type = ARCHS[arch]
+    config = ModelConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(meta("feed_forward_length")),
+        num_layers=int(meta("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(meta("attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        rope_theta=theta,
+        rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
+        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_word_embeddings="output.weight" not in tensors,
+        max_position_embeddings=int(meta("context_length", 2048)),
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        model_type=model_type,
+        attention_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
+    )
+
     params: dict = {"embed": deq("token_embd.weight"), "final_norm": deq("output_norm.weight"),
                     "layers": {i: {"attn": {}, "mlp": {}} for i in range(config.num_layers)}}
     if not config.tie_word_embeddings:
         params["lm_head"] = deq("output.weight").T
+    keys = dict(_LAYER_KEYS)
+    keys.update(_BIAS_KEYS if config.attention_bias else {})
+    keys.update(_NORM_KEYS if config.qk_norm else {})
+    permute = arch == "llama"  # llama.cpp interleaves rotary pairs of Q and K only for this architecture
     for i in range(config.num_layers):
-        for key, path_ in _LAYER_KEYS.items():
+        for key, path_ in keys.items():
             name = f"blk.{i}.{key}"
             if name not in tensors:
                 raise UserError(f"{path}: missing tensor {name}")
             a = deq(name)
-            if key == "attn_q.weight":
+            if permute and key == "attn_q.weight":
                 a = unpermute_rows(a, config.num_heads)
-            elif key == "attn_k.weight":
+            elif permute and key == "attn_k.weight":
                 a = unpermute_rows(a, config.num_kv_heads)
             if len(path_) == 1:
                 params["layers"][i][path_[0]] = a
             else:
-                params["layers"][i][path_[0]][path_[1]] = a.T
+                params["layers"][i][path_[0]][path_[1]] = a.T if a.ndim == 2 else a
+        extra = [n for n in (*_BIAS_KEYS, *_NORM_KEYS, "attn_output.bias") if n not in keys and f"blk.{i}.{n}" in tensors]
+        if extra:
+            raise UserError(f"{path}: unexpected tensor blk.{i}.{extra[0]} for GGUF architecture {arch!r}")
     check_shapes(params, config, path)
     return config, params

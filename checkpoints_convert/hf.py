@@ -27,6 +27,11 @@ _LAYER_KEYS = {
     "mlp.gate_proj.weight": ("mlp", "gate"),
     "mlp.up_proj.weight": ("mlp", "up"),
     "mlp.down_proj.weight": ("mlp", "down"),
+    "self_attn.q_proj.bias": ("attn", "q_bias"),  # Qwen2 (config.attention_bias)
+    "self_attn.k_proj.bias": ("attn", "k_bias"),
+    "self_attn.v_proj.bias": ("attn", "v_bias"),
+    "self_attn.q_norm.weight": ("attn", "q_norm"),  # Qwen3 (config.qk_norm)
+    "self_attn.k_norm.weight": ("attn", "k_norm"),
 }
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -37,6 +42,10 @@ def expected_shapes(c: ModelConfig) -> dict:
     layer = {"input_norm": (D,), "post_norm": (D,),
              "attn": {"q": (D, q), "k": (D, kv), "v": (D, kv), "o": (q, D)},
              "mlp": {"gate": (D, F), "up": (D, F), "down": (F, D)}}
+    if c.attention_bias:
+        layer["attn"].update(q_bias=(q,), k_bias=(kv,), v_bias=(kv,))
+    if c.qk_norm:
+        layer["attn"].update(q_norm=(c.head_dim,), k_norm=(c.head_dim,))
     shapes = {"embed": (c.vocab_size, D), "final_norm": (D,), "layers": {i: layer for i in range(c.num_layers)}}
     if not c.tie_word_embeddings:
         shapes["lm_head"] = (D, c.vocab_size)
@@ -44,13 +53,17 @@ def expected_shapes(c: ModelConfig) -> dict:
 
 
 def check_shapes(params: dict, config: ModelConfig, source: str) -> None:
-    """Raise UserError naming the first missing tensor or shape mismatch."""
+    """Raise UserError naming the first missing or unexpected tensor or shape mismatch."""
     def walk(exp, got, path):
         if isinstance(exp, dict):
             for k, e in exp.items():
                 if not isinstance(got, dict) or k not in got:
                     raise UserError(f"{source}: missing tensor {'.'.join(map(str, path + (k,)))}")
                 walk(e, got[k], path + (k,))
+            extra = sorted(set(got) - set(exp), key=str)
+            if extra:
+                raise UserError(f"{source}: unexpected tensor {'.'.join(map(str, path + (extra[0],)))} "
+                                f"(model_type {config.model_type!r} has no such parameter)")
         elif tuple(np.shape(got)) != tuple(exp):
             raise UserError(f"{source}: shape mismatch for {'.'.join(map(str, path))}: got {tuple(np.shape(got))}, config says {tuple(exp)}")
     walk(expected_shapes(config), params, ())
@@ -76,11 +89,11 @@ def hf_state_to_params(state: dict, config: ModelConfig, source: str) -> dict:
             if len(path) == 1:
                 params["layers"][i][path[0]] = a
             else:
-                params["layers"][i][path[0]][path[1]] = a.T
+                params["layers"][i][path[0]][path[1]] = a.T if a.ndim == 2 else a
         elif name.endswith("rotary_emb.inv_freq"):
             continue  # derived from the config
         else:
-            raise UserError(f"{source}: unexpected tensor {name!r} (biases and non-Llama layers are not supported)")
+            raise UserError(f"{source}: unexpected tensor {name!r} (o/MLP biases and non-Llama layers are not supported)")
     check_shapes(params, config, source)
     return params
 
@@ -152,8 +165,10 @@ def params_to_hf_state(params: dict, config: ModelConfig) -> dict:
     for i in range(config.num_layers):
         p = params["layers"][i]
         for hf_name, path in _LAYER_KEYS.items():
-            a = p[path[0]] if len(path) == 1 else np.asarray(p[path[0]][path[1]]).T
-            state[f"model.layers.{i}.{hf_name}"] = a
+            if len(path) == 2 and path[1] not in p[path[0]]:
+                continue  # a bias or q/k norm of another family
+            a = p[path[0]] if len(path) == 1 else np.asarray(p[path[0]][path[1]])
+            state[f"model.layers.{i}.{hf_name}"] = a.T if a.ndim == 2 else a
     return {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in state.items()}
 
 

@@ -9,6 +9,11 @@ what the converter, the rotations and the exporters exchange:
                     "attn": {"q": [D, H*hd], "k": [D, KV*hd], "v": [D, KV*hd], "o": [H*hd, D]},
                     "mlp": {"gate": [D, F], "up": [D, F], "down": [F, D]}}}}
 
+and, per family (config.FAMILIES), in "attn": "q_bias" [H*hd], "k_bias" [KV*hd], "v_bias" [KV*hd]
+(`config.attention_bias`, Qwen2: added after the product) and "q_norm", "k_norm" [hd] (`config.qk_norm`,
+Qwen3: an RMSNorm over each head of q and k, between the projection and RoPE). A Llama has neither, and its
+forward is unchanged by them (no zero bias, no identity norm).
+
 Quantization and rotation hook in through one place: `Block.site(name, x)`, called at the named
 sites `qkv_in`, `k_cache`, `v_cache`, `o_in`, `up_gate_in`, `down_in`; the block's `recipe` (a
 static, frozen object or None) decides what happens there, and `Block.linear` asks it for each
@@ -39,11 +44,13 @@ def _param(a, dtype):
 
 
 class Linear(nnx.Module):
-    def __init__(self, kernel, dtype):
+    def __init__(self, kernel, dtype, bias=None):
         self.kernel = _param(kernel, dtype)
+        self.bias = None if bias is None else _param(bias, dtype)
 
     def __call__(self, x):
-        return x @ self.kernel[...]
+        y = x @ self.kernel[...]
+        return y if self.bias is None else y + self.bias[...]
 
 
 class RMSNorm(nnx.Module):
@@ -108,8 +115,13 @@ def attention(q, k, v, offset, num_kv_heads, query_chunk: int = 512):
 
 
 class Attention(nnx.Module):
-    def __init__(self, p: dict, dtype):
-        self.q, self.k, self.v, self.o = (Linear(p[n], dtype) for n in ("q", "k", "v", "o"))
+    def __init__(self, p: dict, dtype, config: ModelConfig | None = None):
+        bias = config is not None and config.attention_bias
+        self.q, self.k, self.v = (Linear(p[n], dtype, p[n + "_bias"] if bias else None) for n in ("q", "k", "v"))
+        self.o = Linear(p["o"], dtype)
+        norm = config is not None and config.qk_norm
+        self.q_norm = RMSNorm(p["q_norm"], config.rms_norm_eps, dtype) if norm else None
+        self.k_norm = RMSNorm(p["k_norm"], config.rms_norm_eps, dtype) if norm else None
 
 
 class MLP(nnx.Module):
@@ -124,7 +136,7 @@ class Block(nnx.Module):
         self.config = config
         self.input_norm = RMSNorm(p["input_norm"], config.rms_norm_eps, dtype)
         self.post_norm = RMSNorm(p["post_norm"], config.rms_norm_eps, dtype)
-        self.attn = Attention(p["attn"], dtype)
+        self.attn = Attention(p["attn"], dtype, config)
         self.mlp = MLP(p["mlp"], dtype)
         self.recipe = recipe
         self.qparams = nnx.Dict()  # site name -> QuantParam, filled by calibration
@@ -145,7 +157,15 @@ class Block(nnx.Module):
     def linear(self, name: str, x):
         """x @ kernel of linear `name` (q k v o gate up down), as the recipe quantizes it. x may be a QArray
         (a site of a recipe with int_matmul): then the runtime's integer product (quant/int_matmul.py)."""
-        k = self.linear_module(name).kernel[...]
+        mod = self.linear_module(name)
+        y = self._product(name, mod.kernel[...], x)
+        if mod.bias is None:
+            return y
+        b = mod.bias[...]  # added after the (integer or float) product, as the runtime does
+        hook = getattr(self.recipe, "apply_bias", None)  # FlatQuant's unmerged v: the bias times P_v
+        return y + (b if hook is None else hook(name, b, block=self)).astype(y.dtype)
+
+    def _product(self, name: str, k, x):
         if isinstance(x, QArray):  # activations in the model's dtype, like the kernels
             value = x.dequantize(k.dtype)
             parts = self.recipe.weight_parts(name, k, self.qparams)
@@ -165,6 +185,8 @@ class Block(nnx.Module):
         q = self.linear("q", h).reshape(B, L, c.num_heads, c.head_dim)
         k = self.linear("k", h).reshape(B, L, c.num_kv_heads, c.head_dim)
         v = self.linear("v", h).reshape(B, L, c.num_kv_heads, c.head_dim)
+        if self.attn.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
+            q, k = self.attn.q_norm(q), self.attn.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k = self.site("q_rot", q), self.site("k_rot", k)  # R3 lives here
         k, v = self.site("k_cache", k), self.site("v_cache", v)
@@ -204,6 +226,7 @@ class Llama(nnx.Module):
 
         Returns (final-normed hidden [B, L, D], updated cache)."""
         L = tokens.shape[1]
+        self.config.check_length(cache.k[0].shape[1])
         cos, sin = rope_tables(self.config, offset + jnp.arange(L))
         x = self.embed[...][tokens]
         ks, vs = [], []
@@ -226,8 +249,13 @@ class Llama(nnx.Module):
 
 
 def _block_dict(b: Block) -> dict:
-    return {"input_norm": b.input_norm.weight[...], "post_norm": b.post_norm.weight[...],
-            "attn": {n: getattr(b.attn, n).kernel[...] for n in ("q", "k", "v", "o")},
+    attn = {n: getattr(b.attn, n).kernel[...] for n in ("q", "k", "v", "o")}
+    for n in ("q", "k", "v"):
+        if getattr(b.attn, n).bias is not None:
+            attn[n + "_bias"] = getattr(b.attn, n).bias[...]
+    if b.attn.q_norm is not None:
+        attn["q_norm"], attn["k_norm"] = b.attn.q_norm.weight[...], b.attn.k_norm.weight[...]
+    return {"input_norm": b.input_norm.weight[...], "post_norm": b.post_norm.weight[...], "attn": attn,
             "mlp": {n: getattr(b.mlp, n).kernel[...] for n in ("gate", "up", "down")}}
 
 

@@ -43,6 +43,62 @@ def make_tiny_hf(path, gqa=True, tied=False, rope="default", fmt="safetensors", 
     return model
 
 
+FAMILIES = ("qwen2", "qwen3", "mistral", "llama3")
+
+
+def tiny_family_config(family: str, vocab=320, max_pos=256, **over):
+    """A tiny transformers config of `family`: Qwen2 (q/k/v biases, rope_theta 1e6, untied), Qwen3 (q/k norms,
+    head_dim 32 != hidden/heads = 16, tied), Mistral (sliding_window longer than max_pos: inactive), Llama-3.2
+    (llama3 rope, tied)."""
+    import transformers
+
+    kw = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=max_pos, rms_norm_eps=1e-6, bos_token_id=1,
+              eos_token_id=2, initializer_range=0.1)
+    if family == "qwen2":
+        cls, kw = transformers.Qwen2Config, dict(kw, rope_theta=1e6, tie_word_embeddings=False, use_sliding_window=False)
+    elif family == "qwen3":
+        cls, kw = transformers.Qwen3Config, dict(kw, head_dim=32, rope_theta=1e6, tie_word_embeddings=True)
+    elif family == "mistral":
+        cls, kw = transformers.MistralConfig, dict(kw, head_dim=16, rope_theta=1e6, sliding_window=4096,
+                                                   tie_word_embeddings=False)
+    elif family == "llama3":
+        cls, kw = transformers.LlamaConfig, dict(kw, head_dim=16, rope_theta=5e5, tie_word_embeddings=True, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64})
+    else:
+        raise ValueError(family)
+    kw.update(over)
+    return cls(**kw)
+
+
+def make_tiny_family(path, family: str, fmt="safetensors", seed=0, tokenizer=True, **over):
+    """Save a random tiny model of `family` to `path`. Peaky weights: initializer_range 0.1 (5x the default),
+    norms 1 + 0.2 N(0, 1) and biases 0.5 N(0, 1) (transformers initializes biases to zero), so a dropped bias or
+    norm moves the logits by far more than the 1e-4 tolerance of the tests."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_family_config(family, **over)).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+    if fmt == "sharded":
+        model.save_pretrained(path, max_shard_size="100KB")
+    else:
+        model.save_pretrained(path)
+    if fmt == "bin":  # transformers 5 writes safetensors only: a torch state dict in the old layout
+        os.remove(os.path.join(path, "model.safetensors"))
+        torch.save(model.state_dict(), os.path.join(path, "pytorch_model.bin"))
+    if tokenizer:
+        tiny_tokenizer().save_pretrained(path)
+    return model
+
+
 _TOK = None
 
 

@@ -197,6 +197,11 @@ def rebuild(config, values: dict, meta: dict, dtype, recipe, src: str):
                   "attn": {n: get("layers", i, "attn", n, "kernel") for n in ("q", "k", "v", "o")},
                   "mlp": {n: get("layers", i, "mlp", n, "kernel") for n in ("gate", "up", "down")}}
               for i in range(config.num_layers)}
+    for i, lp in layers.items():  # the family's q/k/v biases and q/k norms (config.FAMILIES)
+        if config.attention_bias:
+            lp["attn"].update({n + "_bias": get("layers", i, "attn", n, "bias") for n in ("q", "k", "v")})
+        if config.qk_norm:
+            lp["attn"].update({n + "_norm": get("layers", i, "attn", n + "_norm", "weight") for n in ("q", "k")})
     params = {"embed": get("embed"), "final_norm": get("final_norm", "weight"), "layers": layers}
     if not config.tie_word_embeddings:
         params["lm_head"] = get("lm_head")

@@ -5,6 +5,7 @@ Per block, after a condition-number check of every transform:
     (v: times P_v per KV head; o: (P_o kron P_v)^-1 W), clamped per output channel by the learned LWC
     factors; the RTN scale of that clamped kernel (per output channel, symmetric) goes to
     qparams["w_<linear>"], so the forward fake-quantizes it exactly as in training;
+  * a q/k/v bias (Qwen2) stays, except v's, which is multiplied by P_v per KV head like the v kernel's columns;
   * the per-channel scales move into the model: s_qkv into the input RMSNorm weight, s_ug into the post
     RMSNorm weight, s_down into the up kernel's columns (a positive per-output-channel factor: the same
     integer codes, the scale multiplied by s);
@@ -19,7 +20,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from prefixquant_jax.flatquant.recipe import channel_scale, offline_kernel, quantizable_kernel
+from prefixquant_jax.flatquant.recipe import channel_scale, offline_kernel, quantizable_kernel, transformed_bias
 from prefixquant_jax.flatquant.transforms import COND_MAX, check_transforms
 from prefixquant_jax.model import QuantParam
 from prefixquant_jax.quant.recipe import WEIGHT_NAMES
@@ -38,6 +39,9 @@ def merge_block(block, recipe) -> None:
             new[name] = quantizable_kernel(t, name, kernel, recipe.param)
     if "down_s" in t:
         new["up"] = new["up"] * t["down_s"][...][None, :]
+    if block.attn.v.bias is not None:  # Qwen2: v's bias moves with the v kernel's columns (times P_v)
+        b = block.attn.v.bias
+        b[...] = transformed_bias(t, "v", b[...], recipe.param)
     for name, k in new.items():
         var = block.linear_module(name).kernel
         var[...] = k.astype(var[...].dtype)

@@ -98,6 +98,15 @@ def offline_kernel(t, name: str, kernel, param: str):
     return k
 
 
+def transformed_bias(t, name: str, bias, param: str):
+    """Bias [out] of linear `name` with the block's output-side transform: v -> b_v P_v per KV head."""
+    if name != "v" or not factors(t, "v", param):
+        return bias
+    pv = factor(t, "v_1", param)[0]
+    b = bias.astype(jnp.float32).reshape(-1, pv.shape[0])
+    return (b @ pv).reshape(bias.shape).astype(bias.dtype)
+
+
 def lwc_clip(k, t, name: str):
     """Clamp each output channel of k [in, out] to [sigmoid(a_min) * min, sigmoid(a_max) * max] (LWC)."""
     if f"lwc_{name}_max" not in t:
@@ -189,6 +198,14 @@ class FlatQuantRecipe:
         if self.kv_original_space and name in ("k_cache", "v_cache") and self._has(t, name[0]):
             x = per_head(x, factor(t, name[0] + "_1", self.param)[1])
         return x
+
+    def apply_bias(self, name: str, bias, block=None):
+        """The bias of linear `name` as the forward adds it: before the merge, v's bias times P_v per KV head
+        (the v kernel's output side, offline_kernel); input-side transforms leave a bias alone. The merge
+        stores exactly this (merge.py)."""
+        if self.merged or name != "v" or block is None:
+            return bias
+        return transformed_bias(block.transforms, name, bias, self.param)
 
     def weight_parts(self, name: str, kernel, qparams):
         """As QuantRecipe.weight_parts, for a merged model (before the merge the kernels are not yet quantizable)."""

@@ -8,6 +8,15 @@ Conventions (kernels are [in, out], activations are row vectors, every R is orth
   R4      online x -> x H on the down_proj input (site `down_rot`); offline down <- H^T down
   R3      online Hadamard on Q and K after RoPE (sites `q_rot`, `k_rot`); nothing offline
 The rotated FP model computes the same function as the original (up to float rounding).
+
+Biases and q/k norms (Qwen2, Qwen3; model.py): a bias is added after its product, so a rotation on the
+input side of a linear (norm folding, R1: x W + b -> (x R1)(R1^T W) + b) leaves it as it is, and one on the
+output side rotates it with the columns: R2 on V gives b_v -> b_v R2 per KV head (o has no bias). Qwen3's
+q_norm / k_norm (RMSNorm over each head, between the projection and RoPE) stay in place, unfolded: their
+statistics are taken over the projection's output, which R1 leaves unchanged, and their weights cannot
+move into the kernel (they act after the normalization) nor past RoPE (which mixes dims j and j + hd/2).
+R3 therefore stays after RoPE, i.e. after the norms too: q' = RoPE(q_norm(q)) H, k' = RoPE(k_norm(k)) H,
+and q' k'^T = q k^T for the orthogonal H, so attention is unchanged; R2 acts on V, which has no norm.
 """
 from __future__ import annotations
 
@@ -32,6 +41,9 @@ class RotationConfig:
         return self.r1 or self.r2 or self.r4
 
 
+_PASS = ("q_bias", "k_bias", "v_bias", "q_norm", "k_norm")  # unchanged by folding and R1 (module docstring)
+
+
 def _f64(a):
     return np.asarray(a, dtype=np.float64)
 
@@ -48,7 +60,8 @@ def fold_norms(params: dict, config: ModelConfig) -> tuple[dict, ModelConfig]:
         p["layers"][i] = {
             "input_norm": np.ones_like(gi), "post_norm": np.ones_like(gp),
             "attn": {"q": gi[:, None] * _f64(lp["attn"]["q"]), "k": gi[:, None] * _f64(lp["attn"]["k"]),
-                     "v": gi[:, None] * _f64(lp["attn"]["v"]), "o": _f64(lp["attn"]["o"])},
+                     "v": gi[:, None] * _f64(lp["attn"]["v"]), "o": _f64(lp["attn"]["o"]),
+                     **{n: _f64(lp["attn"][n]) for n in _PASS if n in lp["attn"]}},
             "mlp": {"gate": gp[:, None] * _f64(lp["mlp"]["gate"]), "up": gp[:, None] * _f64(lp["mlp"]["up"]),
                     "down": _f64(lp["mlp"]["down"])},
         }
@@ -84,6 +97,8 @@ def rotate_params(params: dict, config: ModelConfig, rot: RotationConfig) -> tup
         if R2 is not None:
             a["v"] = _per_head_cols(a["v"], config.num_kv_heads, hd, R2)
             a["o"] = _per_head_rows(a["o"], config.num_heads, hd, R2)
+            if "v_bias" in a:
+                a["v_bias"] = _per_head_cols(a["v_bias"][None], config.num_kv_heads, hd, R2)[0]
         if H4 is not None:
             m["down"] = H4.T @ m["down"]
     import jax

@@ -7,7 +7,9 @@ Per layer, for tokens x [B, L, D] at absolute positions P + row .. P + row + L -
              (R1 is already in the weights); int4 codes packed two per byte, int8 codes for 8 bits
     q|k|v = GEMM(codes, s, W_qkv)                     W4A4 (a 4 bits) / W4A8 (a 8 bits) kernel, int32
                                                       accumulation, epilogue acc * s_x * s_w; W8: int8 XLA dot
-    q, k  = R3(RoPE(q)), R3(RoPE(k))                  online Hadamard on head_dim (hadamard_transform)
+                                                      (+ the q|k|v bias after the epilogue: Qwen2)
+    q, k  = R3(RoPE(q)), R3(RoPE(k))                  online Hadamard on head_dim (hadamard_transform);
+                                                      Qwen3: RoPE(q_norm(q)), RoPE(k_norm(k)) inside
     k, v  -> codes clip(round(x / s) + z, 0, 2^b-1)   static per head, or dynamic per (token, head) (s, z from
                                                       the token's range, stored beside its codes), written at
                                                       cache rows row..row+L-1
@@ -251,9 +253,13 @@ def layer(spec: RuntimeSpec, lp: PackedLayer, x, kv, pk, pv, row, cos, sin):
     B, L, _ = x.shape
     H, KV, hd = c.num_heads, c.num_kv_heads, c.head_dim
     qkv = linear(spec, lp, "qkv_in", lp.qkv, rms_norm(x, lp.input_norm, c.rms_norm_eps))
+    if lp.qkv_bias is not None:  # Qwen2: after the GEMM's epilogue, as the fake model adds it
+        qkv = qkv + lp.qkv_bias.astype(qkv.dtype)
     q = qkv[..., :H * hd].reshape(B, L, H, hd)
     k = qkv[..., H * hd:(H + KV) * hd].reshape(B, L, KV, hd)
     v = qkv[..., (H + KV) * hd:].reshape(B, L, KV, hd)
+    if lp.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
+        q, k = rms_norm(q, lp.q_norm, c.rms_norm_eps), rms_norm(k, lp.k_norm, c.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if spec.r3:
         q, k = hadamard_transform(q), hadamard_transform(k)
@@ -280,6 +286,7 @@ def hidden(pm: PackedModel, tokens, cache: QuantKVCache, row):
     and the updated cache. L == 1 takes the decode path (decode_attention for 4-bit KV)."""
     spec = pm.spec
     L = tokens.shape[1]
+    spec.config.check_length(spec.prefix_len + max(cache.rows, L))
     cos, sin = rope_tables(spec.config, spec.prefix_len + row + jnp.arange(L))
     x = pm.embed[tokens]
     out = []

@@ -91,7 +91,9 @@ class RuntimeSpec:
 class PackedLayer:
     """One decoder layer. qkv: [D, (H + 2 KV) hd]; o: [H hd, D]; gate_up: [D, 2F]; down: [F, D].
     act_scale: {site: f32 [1, 1]} for static activation sites only. k_/v_scale, k_/v_zero: f32 [KV] (static
-    KV), empty [0] for dynamic KV. flat: FlatQuant's online factors and LAC logits (runtime/flat.py), {} else."""
+    KV), empty [0] for dynamic KV. flat: FlatQuant's online factors and LAC logits (runtime/flat.py), {} else.
+    qkv_bias: [(H + 2 KV) hd] in the compute dtype (config.attention_bias, Qwen2), added after the GEMM;
+    q_norm, k_norm: [hd] (config.qk_norm, Qwen3), RMSNorm over each head before RoPE; None otherwise."""
 
     input_norm: jax.Array
     post_norm: jax.Array
@@ -105,6 +107,9 @@ class PackedLayer:
     v_scale: jax.Array
     v_zero: jax.Array
     flat: dict
+    qkv_bias: jax.Array | None = None
+    q_norm: jax.Array | None = None
+    k_norm: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -223,11 +228,17 @@ def _pack_layer(blk, spec: RuntimeSpec, i: int, stored: dict) -> PackedLayer:
         kv[s + "_scale"] = jnp.maximum(_qp(blk, s + "_cache", i), EPS).reshape(-1)
         z = _qp(blk, s + "_cache_zero", i) if (s + "_cache_zero") in blk.qparams else jnp.zeros_like(kv[s + "_scale"])
         kv[s + "_zero"] = jnp.round(z).reshape(-1)
+    a = blk.attn
+    fam = {}
+    if a.q.bias is not None:
+        fam["qkv_bias"] = jnp.concatenate([jnp.asarray(getattr(a, n).bias[...], cdt) for n in ("q", "k", "v")])
+    if a.q_norm is not None:
+        fam["q_norm"], fam["k_norm"] = (jnp.asarray(nm.weight[...], cdt) for nm in (a.q_norm, a.k_norm))
     return PackedLayer(input_norm=jnp.asarray(blk.input_norm.weight[...], cdt),
                        post_norm=jnp.asarray(blk.post_norm.weight[...], cdt),
                        qkv=concatenate([wq("q"), wq("k"), wq("v")], axis=1), o=wq("o"),
                        gate_up=concatenate([wq("gate"), wq("up")], axis=1), down=wq("down"), act_scale=act_scale,
-                       flat=layer_params(blk, blk.recipe) if spec.flat else {}, **kv)
+                       flat=layer_params(blk, blk.recipe) if spec.flat else {}, **kv, **fam)
 
 
 def pack(qm, backend: str | None = None, dtype=None, prefix_kv=None) -> PackedModel:
