@@ -54,8 +54,8 @@ from pallas_kernels.decode_attention import (
     pack_kv_uint4,
     unpack_kv_uint4,
 )
-from pallas_kernels.gemm_w4a4 import w4a4_matmul, w4a4_matmul_ref
-from pallas_kernels.gemm_w4a8 import w4a8_matmul, w4a8_matmul_ref
+from pallas_kernels.gemm_w4a4 import w4a4_matmul_ref
+from pallas_kernels.gemm_w4a8 import w4a8_matmul_ref
 from pallas_kernels.int4 import pack_int4, unpack_int4
 from pallas_kernels.rotate_quant import quantize_ref, rotate_quant
 from prefixquant_jax.model import apply_rope, attention, rope_tables
@@ -63,6 +63,7 @@ from prefixquant_jax.quant.qarray import EPS, QArray, dynamic_qparams
 from prefixquant_jax.quant.spec import QuantSpec
 from prefixquant_jax.rotate.hadamard import hadamard_kron_factors, hadamard_transform
 from prefixquant_jax.runtime import flat
+from prefixquant_jax.runtime.kernel_choice import gemm_kernel
 from prefixquant_jax.runtime.pack import (
     ActSpec,
     PackedLayer,
@@ -137,12 +138,14 @@ def quantize_act(x, a: ActSpec, scale, rotate: bool, backend: str, interpret: bo
     return (pack_int4(q, axis=-1) if a.bits == 4 else q), s
 
 
-def int_matmul(codes, x_scale, a_bits: int, w: QArray, backend: str, out_dtype, interpret: bool | None = None):
+def int_matmul(codes, x_scale, a_bits: int, w: QArray, backend: str, out_dtype, interpret: bool | None = None,
+               kernels: str = "auto"):
     """(codes x w's codes) * x_scale * w.scale, [M, N] in out_dtype; int32 accumulation. w.qvalue: the
-    codes as the kernels take them (4 bits: packed along `in`)."""
+    codes as the kernels take them (4 bits: packed along `in`). kernels: Mosaic GPU or Triton GEMMs
+    (runtime/kernel_choice.py)."""
     if w.bits == 4:
         if backend == "kernels":
-            fn = functools.partial(w4a4_matmul if a_bits == 4 else w4a8_matmul, interpret=interpret)
+            fn = gemm_kernel(a_bits, kernels, interpret)
         else:
             fn = w4a4_matmul_ref if a_bits == 4 else w4a8_matmul_ref
         return fn(codes, x_scale, w.qvalue, w.scale, out_dtype)
@@ -163,17 +166,17 @@ def linear(spec: RuntimeSpec, lp: PackedLayer, site: str, w: QArray, x, rotate: 
             codes, s = rotate_quant(x2, pair, None if a.dynamic else lp.act_scale[site], bits=a.bits,
                                     clip_ratio=a.clip_ratio, lac=lac, full_grid=a.full_grid, interpret=spec.interpret)
             return int_matmul(codes, s, a.bits, w, spec.backend, spec.compute_dtype,
-                              spec.interpret).reshape(*lead, -1)
+                              spec.interpret, spec.kernels).reshape(*lead, -1)
         x2 = flat.site_input(lp.flat, site, x2, spec.kv_original_space)
     if a is None:  # FP activations: float matmul with the dequantized kernel
         y = (hadamard_transform(x2) if rotate else x2) @ w.dequantize(spec.compute_dtype)
     elif spec.flat and a.dynamic and flat.has_lac(lp.flat, site):
         codes, s = flat.lac_act_codes(lp.flat, site, x2, a.bits)
         codes = pack_int4(codes, axis=-1) if a.bits == 4 else codes
-        y = int_matmul(codes, s, a.bits, w, spec.backend, spec.compute_dtype, spec.interpret)
+        y = int_matmul(codes, s, a.bits, w, spec.backend, spec.compute_dtype, spec.interpret, spec.kernels)
     else:
         codes, s = quantize_act(x2, a, lp.act_scale.get(site), rotate, spec.backend, spec.interpret)
-        y = int_matmul(codes, s, a.bits, w, spec.backend, spec.compute_dtype, spec.interpret)
+        y = int_matmul(codes, s, a.bits, w, spec.backend, spec.compute_dtype, spec.interpret, spec.kernels)
     return y.reshape(*lead, -1)
 
 

@@ -38,6 +38,7 @@ from prefixquant_jax.quant.qarray import EPS, QArray, concatenate, quantize
 from prefixquant_jax.quant.recipe import ACT_SITES, QuantRecipe
 from prefixquant_jax.quant.spec import QuantSpec
 from prefixquant_jax.runtime.flat import layer_params
+from prefixquant_jax.runtime.kernel_choice import KERNELS
 
 BACKENDS = ("kernels", "xla")
 
@@ -77,6 +78,7 @@ class RuntimeSpec:
     flat: bool = False  # FlatQuant: online transforms and LAC at the sites (runtime/flat.py)
     kv_original_space: bool = False  # FlatQuant with an FP prefix: cached K/V mapped back by P^-1
     interpret: bool | None = None  # Pallas interpret mode for the kernels backend; None: on the CPU only
+    kernels: str = "auto"  # Pallas GPU backend of the int4 GEMMs: "auto" | "mosaic" | "triton" (runtime/kernel_choice.py)
 
     def act_spec(self, site: str) -> ActSpec | None:
         return dict(self.act)[site]
@@ -139,8 +141,11 @@ def default_backend() -> str:
     return "kernels" if jax.default_backend() in ("gpu", "cuda", "rocm") else "xla"
 
 
-def runtime_spec(qm, backend: str | None = None, dtype=None) -> RuntimeSpec:
-    """Check that the integer runtime can run `qm`'s preset and describe it; UserError (one line) if not."""
+def runtime_spec(qm, backend: str | None = None, dtype=None, kernels: str = "auto") -> RuntimeSpec:
+    """Check that the integer runtime can run `qm`'s preset and describe it; UserError (one line) if not.
+    kernels: the GEMMs' Pallas backend (RuntimeSpec.kernels)."""
+    if kernels not in KERNELS:
+        raise UserError(f"unknown --kernels {kernels!r} (one of {', '.join(KERNELS)})")
     preset = qm.preset
     name = getattr(preset, "name", "?")
     backend = backend or default_backend()
@@ -186,7 +191,7 @@ def runtime_spec(qm, backend: str | None = None, dtype=None) -> RuntimeSpec:
     return RuntimeSpec(config=qm.config, w_bits=w.bits, act=tuple(act), kv_bits=kv[0].bits, kv_dynamic=kv[0].dynamic,
                        kv_clip=kv[0].clip_ratio, r3=not flat and recipe.r3, r4=not flat and recipe.r4, prefix_len=P,
                        backend=backend, dtype=dt, preset=name, flat=flat,
-                       kv_original_space=flat and recipe.kv_original_space)
+                       kv_original_space=flat and recipe.kv_original_space, kernels=kernels)
 
 
 def weight_qarray(kernel, scale, spec: QuantSpec) -> QArray:
@@ -241,13 +246,14 @@ def _pack_layer(blk, spec: RuntimeSpec, i: int, stored: dict) -> PackedLayer:
                        flat=layer_params(blk, blk.recipe) if spec.flat else {}, **kv, **fam)
 
 
-def pack(qm, backend: str | None = None, dtype=None, prefix_kv=None) -> PackedModel:
+def pack(qm, backend: str | None = None, dtype=None, prefix_kv=None, kernels: str = "auto") -> PackedModel:
     """PackedModel of QuantizedModel `qm` (its model's qparams and prefix KV; `prefix_kv` overrides the latter).
 
-    backend: "kernels" | "xla" | None (default_backend()). dtype: compute dtype (default: the model's)."""
+    backend: "kernels" | "xla" | None (default_backend()). dtype: compute dtype (default: the model's).
+    kernels: "auto" | "mosaic" | "triton", the GEMMs' Pallas backend (runtime/kernel_choice.py)."""
     if prefix_kv is not None:
         qm = dataclasses.replace(qm, prefix_kv=prefix_kv)
-    spec = runtime_spec(qm, backend, dtype)
+    spec = runtime_spec(qm, backend, dtype, kernels)
     m, c = qm.model, qm.config
     layers = [_pack_layer(b, spec, i, qm.weights) for i, b in enumerate(m.layers)]
     pk, pv = [], []
