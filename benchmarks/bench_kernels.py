@@ -1,4 +1,4 @@
-"""Time the Pallas kernels against bf16 XLA baselines on a GPU, side by side, and print ratios.
+"""Time the Pallas kernels (Triton and Mosaic GPU) against bf16 XLA baselines on a GPU, side by side, and print ratios.
 
 Usage:
     python benchmarks/bench_kernels.py [--json out.json|-] [--iters 50] [--warmup 5] [--no-sweep]
@@ -13,7 +13,12 @@ Cases (GPU):
   * decode attention, 2048-token int4 cache + 4-token FP prefix vs bf16 plain attention (GQA 32/8, hd 128),
     caches cycled beyond the L2 on both sides
 "speedup" is baseline time / kernel time (> 1 means the kernel is faster); for rotate+quant the ratio
-is its time as a fraction of the GEMM's.
+is its time as a fraction of the GEMM's. The GEMM and GEMV rows also time the Mosaic GPU kernels
+(pallas_kernels.gemm_mgpu / gemv_mgpu) in the same run on the same inputs: "mosaic_ms", "mosaic_speedup"
+(bf16 / Mosaic) and "mosaic_vs_triton" (Triton / Mosaic); the Mosaic GEMMs read K-major weights ([N, K/2],
+copies made once, as a stored model would), and at M = 2048 and M = 1 (K = N = 4096) a row also times
+them with the per-call weight transpose the runtime does today ("mosaic_transposing_ms"). Off the GPU
+(--allow-cpu) the Mosaic kernels run in GPU interpret mode, for the first shapes only.
 """
 from __future__ import annotations
 
@@ -48,10 +53,15 @@ def _weight_copies(key, K: int, N: int):
             [jax.random.normal(k, (K, N), jnp.bfloat16) for k in keys[:n_bf16]])
 
 
-def bench_gemm(M, K, N, kind, opt, rows, block_n=None):
+def _mosaic(row, t_mosaic, t_bf16, t_triton):
+    row.update(mosaic_ms=t_mosaic, mosaic_speedup=t_bf16 / t_mosaic, mosaic_vs_triton=t_triton / t_mosaic)
+
+
+def bench_gemm(M, K, N, kind, opt, rows, block_n=None, mosaic=True, mosaic_transposing=False):
     """Weights cycle through copies beyond the L2 on both sides (it matters at small M, where the GEMM
-    is weight-bandwidth-bound)."""
-    from pallas_kernels import pack_int4, w4a4_matmul, w4a8_matmul
+    is weight-bandwidth-bound). mosaic: also time the Mosaic GPU GEMM (K-major weight copies);
+    mosaic_transposing: and the Mosaic GEMM on the [K/2, N] copies (transposed per call)."""
+    from pallas_kernels import pack_int4, w4a4_matmul, w4a4_matmul_mgpu, w4a8_matmul, w4a8_matmul_mgpu
 
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(M + K + N), 3)
     w_int4, w_bf16 = _weight_copies(k2, K, N)
@@ -59,23 +69,31 @@ def bench_gemm(M, K, N, kind, opt, rows, block_n=None):
     xs = jnp.full((M, 1), 0.02, jnp.float32)
     if kind == "w4a4":
         xq = pack_int4(_rand_codes(k1, (M, K), -8, 8), axis=-1)
-        fn = w4a4_matmul
+        fn, mgpu = w4a4_matmul, w4a4_matmul_mgpu
     else:
         xq = _rand_codes(k1, (M, K), -128, 128)
-        fn = w4a8_matmul
+        fn, mgpu = w4a8_matmul, w4a8_matmul_mgpu
     f = jax.jit(lambda x, w: fn(x, xs, w, ws, block_n=block_n, interpret=opt.interpret))
     xb = jax.random.normal(k3, (M, K), jnp.bfloat16)
     t_k = timeit_cycle(f, [(xq, w) for w in w_int4], iters=opt.iters, warmup=opt.warmup)
     t_b = timeit_cycle(jax.jit(jnp.dot), [(xb, w) for w in w_bf16], iters=opt.iters, warmup=opt.warmup)
     tops = 2 * M * K * N / (t_k * 1e-3) / 1e12
-    rows.append({"case": f"{kind}_gemm", "M": M, "K": K, "N": N, "block_n": block_n, "kernel_ms": t_k, "bf16_ms": t_b,
-                 "speedup": t_b / t_k, "kernel_tops": tops, "weight_copies": [len(w_int4), len(w_bf16)]})
+    row = {"case": f"{kind}_gemm", "M": M, "K": K, "N": N, "block_n": block_n, "kernel_ms": t_k, "bf16_ms": t_b,
+           "speedup": t_b / t_k, "kernel_tops": tops, "weight_copies": [len(w_int4), len(w_bf16)]}
+    if mosaic:
+        fm = jax.jit(lambda x, wt: mgpu(x, xs, wt, ws, w_transposed=True, interpret=opt.interpret))
+        _mosaic(row, timeit_cycle(fm, [(xq, w.T) for w in w_int4], iters=opt.iters, warmup=opt.warmup), t_b, t_k)
+    if mosaic_transposing:
+        ft = jax.jit(lambda x, w: mgpu(x, xs, w, ws, interpret=opt.interpret))
+        row["mosaic_transposing_ms"] = timeit_cycle(ft, [(xq, w) for w in w_int4], iters=opt.iters, warmup=opt.warmup)
+    rows.append(row)
     return t_k
 
 
-def bench_gemv(M, K, N, group, opt, rows, block_n=None):
-    """Weight-bandwidth-bound: both sides cycle through enough weight copies that none stays in the L2."""
-    from pallas_kernels import gemv_w4
+def bench_gemv(M, K, N, group, opt, rows, block_n=None, mosaic=True):
+    """Weight-bandwidth-bound: both sides cycle through enough weight copies that none stays in the L2.
+    mosaic: also time the Mosaic GPU GEMV (same weights, its own tiles)."""
+    from pallas_kernels import gemv_w4, gemv_w4_mgpu
 
     k1, k2 = jax.random.split(jax.random.PRNGKey(M * 7 + K + N))
     x = jax.random.normal(k1, (M, K), jnp.bfloat16)
@@ -84,9 +102,13 @@ def bench_gemv(M, K, N, group, opt, rows, block_n=None):
     f = jax.jit(lambda x, w: gemv_w4(x, w, s, block_n=block_n, interpret=opt.interpret))
     t_k = timeit_cycle(f, [(x, w) for w in w_int4], iters=opt.iters, warmup=opt.warmup)
     t_b = timeit_cycle(jax.jit(jnp.dot), [(x, w) for w in w_bf16], iters=opt.iters, warmup=opt.warmup)
-    rows.append({"case": "w4_gemv", "M": M, "K": K, "N": N, "group": group, "block_n": block_n, "kernel_ms": t_k,
-                 "bf16_ms": t_b, "speedup": t_b / t_k, "weight_copies": [len(w_int4), len(w_bf16)],
-                 "kernel_weight_gbps": K * N / 2 / (t_k * 1e-3) / 1e9, "bf16_weight_gbps": K * N * 2 / (t_b * 1e-3) / 1e9})
+    row = {"case": "w4_gemv", "M": M, "K": K, "N": N, "group": group, "block_n": block_n, "kernel_ms": t_k,
+           "bf16_ms": t_b, "speedup": t_b / t_k, "weight_copies": [len(w_int4), len(w_bf16)],
+           "kernel_weight_gbps": K * N / 2 / (t_k * 1e-3) / 1e9, "bf16_weight_gbps": K * N * 2 / (t_b * 1e-3) / 1e9}
+    if mosaic:
+        fm = jax.jit(lambda x, w: gemv_w4_mgpu(x, w, s, interpret=opt.interpret))
+        _mosaic(row, timeit_cycle(fm, [(x, w) for w in w_int4], iters=opt.iters, warmup=opt.warmup), t_b, t_k)
+    rows.append(row)
 
 
 def bench_rotate(M, K, N, opt, rows):
@@ -99,7 +121,7 @@ def bench_rotate(M, K, N, opt, rows):
     f = jax.jit(lambda x: rotate_quant(x, pair, interpret=opt.interpret))
     t_k = timeit(f, x, iters=opt.iters, warmup=opt.warmup)
     t_u = timeit(jax.jit(lambda x: rotate_quant_ref(x, pair)), x, iters=opt.iters, warmup=opt.warmup)
-    t_g = bench_gemm(M, K, N, "w4a4", opt, [])
+    t_g = bench_gemm(M, K, N, "w4a4", opt, [], mosaic=False)
     rows.append({"case": "rotate_quant", "M": M, "K": K, "N": N, "kernel_ms": t_k, "unfused_jnp_ms": t_u, "gemm_ms": t_g,
                      "fraction_of_gemm": t_k / t_g, "speedup": t_u / t_k})
 
@@ -148,7 +170,13 @@ def _fmt(r):
     if "gemm_ms" in r:
         return (f"{head}  w4a4 gemm {r['gemm_ms']:.4f} ms  rotate/gemm {r['fraction_of_gemm']:.3f}  "
                 f"unfused jnp {r['unfused_jnp_ms']:.4f} ms  speedup vs unfused {r['speedup']:.2f}x")
-    return f"{head}  bf16 {r['bf16_ms']:.4f} ms  speedup {r['speedup']:.2f}x"
+    line = f"{head}  bf16 {r['bf16_ms']:.4f} ms  speedup {r['speedup']:.2f}x"
+    if "mosaic_ms" in r:
+        line += (f"  | mosaic {r['mosaic_ms']:.4f} ms  speedup {r['mosaic_speedup']:.2f}x  "
+                 f"vs triton {r['mosaic_vs_triton']:.2f}x")
+    if "mosaic_transposing_ms" in r:
+        line += f"  (with per-call weight transpose {r['mosaic_transposing_ms']:.4f} ms)"
+    return line
 
 
 def main(argv=None):
@@ -184,22 +212,22 @@ def main(argv=None):
         fn(*a, opt, rows, **kw)
         print(_fmt(rows[-1]), flush=True)
 
-    for K, N in gemm_shapes:
-        run(bench_gemm, M0, K, N, "w4a4")
+    for i, (K, N) in enumerate(gemm_shapes):
+        run(bench_gemm, M0, K, N, "w4a4", mosaic_transposing=i == 0)
         run(bench_gemm, M0, K, N, "w4a8")
     if not opt.no_sweep:
         K, N = gemm_shapes[0]
         for M in sweep:
-            run(bench_gemm, M, K, N, "w4a4")
+            run(bench_gemm, M, K, N, "w4a4", mosaic=gpu)  # off the GPU: Mosaic (interpreted) on the first rows only
         for bn in (None, 64, 32):  # decode (M = 1): block_n 128 (default) gives only N / 128 programs
-            run(bench_gemm, 1, K, N, "w4a4", block_n=bn)
-    for K, N in gemv_shapes:
-        for M in gemv_ms:
-            run(bench_gemv, M, K, N, None)
-        run(bench_gemv, gemv_ms[-1], K, N, 128 if K % 128 == 0 and K > 128 else 64)
+            run(bench_gemm, 1, K, N, "w4a4", block_n=bn, mosaic=gpu and bn is None, mosaic_transposing=gpu and bn is None)
+    for i, (K, N) in enumerate(gemv_shapes):
+        for j, M in enumerate(gemv_ms):
+            run(bench_gemv, M, K, N, None, mosaic=gpu or i == j == 0)
+        run(bench_gemv, gemv_ms[-1], K, N, 128 if K % 128 == 0 and K > 128 else 64, mosaic=gpu)
     K, N = gemv_shapes[0]
     for bn in (16, 32):  # occupancy variants at M = 1: the default block_n 64 gives N / 64 programs
-        run(bench_gemv, gemv_ms[0], K, N, None, block_n=bn)
+        run(bench_gemv, gemv_ms[0], K, N, None, block_n=bn, mosaic=False)
     for M, K, N in rot_shapes:
         run(bench_rotate, M, K, N)
     for a in attn:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Everything the GPU has to say in one call: the compiled kernels against their references
-# (pytest -m gpu), then every GPU benchmark. A lent GPU session has 15 minutes of device time in all;
-# the step limits add up to 540 s. A failing step does not stop the next. Writes session.log and the
-# benchmarks' JSON to $OUT (the device tool's folder) or runs/gpu.
+# Everything the GPU has to say in one call: the compiled kernels (Triton and Mosaic GPU) against their
+# references (pytest -m gpu), then every GPU benchmark (bench_kernels times Triton, Mosaic GPU and bf16
+# jnp.dot side by side). A lent GPU session has 15 minutes of device time in all; the step limits add up
+# to 540 s. A failing step does not stop the next. Writes session.log and the benchmarks' JSON to $OUT
+# (the device tool's folder) or runs/gpu.
 #   device run:  bash benchmarks/gpu_session.sh          (timeout_s 560)
 # Needs only what the GPU image has (jax, flax, optax, orbax, numpy, pytest): nothing is installed.
 set -uo pipefail
@@ -23,9 +24,10 @@ step() {  # step NAME SECONDS CMD...
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } | tee "$log"
 step env 30 "$py" -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
-step gpu_tests 120 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_on_gpu.py
-step bench_kernels 190 "$py" benchmarks/bench_kernels.py --json "$dir/bench_kernels.json"
-step bench_layer 70 "$py" benchmarks/bench_layer.py --json "$dir/bench_layer.json"
-step bench_layer_w4a8_dynamic 50 "$py" benchmarks/bench_layer.py --a-bits 8 --dynamic --json "$dir/bench_layer_w4a8.json"
-step bench_train 80 "$py" benchmarks/bench_train.py --shape llama3-8b --seqlen 1024 --steps 5 --json "$dir/bench_train.json"
+step gpu_tests 140 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/pallas_kernels/test_on_gpu.py \
+    tests/pallas_kernels/test_mgpu_on_gpu.py
+step bench_kernels 220 "$py" benchmarks/bench_kernels.py --json "$dir/bench_kernels.json"
+step bench_layer 60 "$py" benchmarks/bench_layer.py --json "$dir/bench_layer.json"
+step bench_layer_w4a8_dynamic 40 "$py" benchmarks/bench_layer.py --a-bits 8 --dynamic --json "$dir/bench_layer_w4a8.json"
+step bench_train 50 "$py" benchmarks/bench_train.py --shape llama3-8b --seqlen 1024 --steps 5 --json "$dir/bench_train.json"
 echo "== done $(date -u +%H:%M:%S)" | tee -a "$log"

@@ -82,3 +82,14 @@ def test_llama3_8b_layer_gemms_lower_to_mosaic(a_bits, dynamic):
         mosaic = [c for c in calls if "@mosaic_gpu" in c]
         names = {re.search(r'name = "(\w+)"', c).group(1) for c in calls if "xla.gpu.triton" in c}
         assert len(mosaic) == 4 and names == triton, (case, len(mosaic), names)
+
+
+@pytest.mark.parametrize("cmd", [["eval", "--model", "m", "--data", "d"], ["generate", "--model", "m", "--prompt", "p"]])
+def test_cli_kernels_flag(cmd):
+    from prefixquant_jax.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(cmd).kernels == "auto"
+    assert p.parse_args([*cmd, "--backend", "real", "--kernels", "mosaic"]).kernels == "mosaic"
+    with pytest.raises(SystemExit):
+        p.parse_args([*cmd, "--kernels", "cuda"])
