@@ -58,6 +58,9 @@ def _add_backend_arg(p):
     p.add_argument("--fake-matmul", default="float", choices=("float", "int"),
                    help="fake backend: multiply dequantized floats (default), or compute each quantized linear as the "
                         "integer runtime does (exact integer accumulation, then scales): the real runtime's numbers")
+    p.add_argument("--kernels", default="auto", choices=("auto", "mosaic", "triton"),
+                   help="real backend: Pallas GPU backend of the int4 GEMMs; auto: Mosaic GPU on an H100/H200, "
+                        "Triton elsewhere (rotate+quantize and decode attention are Triton kernels either way)")
 
 
 def _compiled(loaded, args):
@@ -66,8 +69,15 @@ def _compiled(loaded, args):
         if getattr(args, "fake_matmul", "float") == "int":
             return _int_matmul_compiled(loaded)
         return loaded.compiled
-    from prefixquant_jax.runtime import compile_loaded
-    return compile_loaded(loaded, args.model, dtype=_dtype(args.dtype))
+    import dataclasses
+
+    from prefixquant_jax.runtime import RealCompiled, compile_loaded
+    compiled = compile_loaded(loaded, args.model, dtype=_dtype(args.dtype))
+    kernels = getattr(args, "kernels", "auto")
+    if kernels == "auto":
+        return compiled
+    pm = compiled.state  # the PackedModel; RuntimeSpec.kernels picks the GEMMs' kernels (runtime/kernel_choice.py)
+    return RealCompiled(dataclasses.replace(pm, spec=dataclasses.replace(pm.spec, kernels=kernels)))
 
 
 def _int_matmul_compiled(loaded):
