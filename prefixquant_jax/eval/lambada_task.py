@@ -23,7 +23,7 @@ import sys
 from prefixquant_jax.eval.data import load_text
 
 TASK = "lambada_wikitext2"
-MIN_WORDS, MAX_WORDS, MAX_ITEMS = 40, 160, 500
+MIN_WORDS, MAX_WORDS, MAX_ITEMS = 30, 80, 500
 TASK_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "lm_eval")
 JSONL = f"{TASK}.jsonl"
 STOP = frozenset("""the and for are was were but not had has have his her its with from that this they them their

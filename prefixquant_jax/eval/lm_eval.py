@@ -17,7 +17,8 @@ truncation to `max_length`), so an FP model gives the `hf` backend's numbers.
 
 Static shapes, so nothing is recompiled per request:
 - loglikelihood / loglikelihood_rolling: each input is right-padded to the smallest length bucket
-  >= its length, from BUCKETS (32, 64, ..., capped by `max_length`, which is the last bucket); a
+  >= its length, from BUCKETS (32, 64, 96, 128, 192, 256, ...: steps of 1.5x and 2x, at most ~1/3 of a
+  row is padding; capped by `max_length`, which is the last bucket); a
   bucket of length L runs batches of R = max(1, min(batch_size, max_batch_tokens // L)) rows, a short
   batch padded with dummy rows. At most one compilation per bucket. Causal attention makes the
   padding invisible to the real tokens. Requests with the same input tokens (continuations that differ
@@ -43,7 +44,7 @@ from tqdm.auto import tqdm
 
 from prefixquant_jax.errors import UserError
 
-BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 32768)
 
 
 def buckets_for(max_length: int) -> tuple[int, ...]:

@@ -92,12 +92,12 @@ def test_tiny_matches_hf_backend(tiny_dir, tm):
 
 
 def test_tiny_lambada_matches_hf_backend(tiny_dir, tm):
-    """The shipped last-word task (long passages, left-truncated to the tiny model's 256 positions)."""
+    """The shipped last-word task (passages longer than max_length 128 are left-truncated, as lm-eval does)."""
     hf = evaluate("hf", tm, tasks=("lambada_wikitext2",), limit=12, pretrained=tiny_dir, dtype="float32",
-                  device="cpu", batch_size=4)
-    lm = PrefixQuantLM(pretrained=tiny_dir, batch_size=4)
+                  device="cpu", batch_size=4, max_length=128)
+    lm = PrefixQuantLM(pretrained=tiny_dir, batch_size=4, max_length=128)
     compare(evaluate(lm, tm, tasks=("lambada_wikitext2",), limit=12), hf, metrics=("acc,none", "perplexity,none"))
-    assert (4, 256) in lm.shapes_run  # passages longer than the model: truncated into the last bucket
+    assert (4, 128) in lm.shapes_run  # passages longer than max_length: left-truncated into the last bucket
 
 
 @needs_smollm2
@@ -233,7 +233,21 @@ def test_shipped_task_is_rebuilt_identically():
 
     assert lambada_task.main(["--check"]) == 0
     items = [json.loads(line) for line in open(os.path.join(lambada_task.TASK_DIR, lambada_task.JSONL))]
-    assert len(items) == lambada_task.MAX_ITEMS
+    assert 400 <= len(items) <= lambada_task.MAX_ITEMS
     for it in items:
         context, _, target = it["text"].rpartition(" ")
-        assert target.isalpha() and target.lower() in context.lower() and len(it["text"].split(" ")) >= 40
+        assert target.isalpha() and target.lower() in context.lower()
+        assert lambada_task.MIN_WORDS <= len(it["text"].split(" ")) <= lambada_task.MAX_WORDS
+
+
+def test_readme_snippet_runs_on_the_tiny_model(tiny_dir, capsys):
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = re.search(r"<!-- lm-eval-snippet -->\n```python\n(.*?)```", readme, re.S).group(1)
+    assert 'pretrained="smollm2"' in code
+    ns = {}
+    exec(compile(code.replace('pretrained="smollm2"', f"pretrained={tiny_dir!r}", 1), "README.md", "exec"), ns)
+    assert ns["out"]["n-samples"]["lambada_wikitext2"]["effective"] == 20
+    assert 0.0 <= float(capsys.readouterr().out.strip().splitlines()[-1]) <= 1.0
