@@ -192,15 +192,22 @@ def test_unexpected_bias_named(fam, tmp_path):
         load_checkpoint(str(d))
 
 
+TRAIN = ("--train", "--train-samples", "4", "--train-seqlen", "24", "--epochs", "1", "--train-batch-size", "2")
+RUNS = [(f, "w4a4kv4-static", ()) for f in FAMILIES] + [
+    ("qwen2", "w4a4kv4-static", ("--gptq",) + TRAIN), ("qwen3", "w4a4kv4-static", ("--gptq",) + TRAIN),
+    ("qwen2", "flatquant-w4a4kv4", TRAIN), ("qwen3", "flatquant-w4a4kv4", TRAIN)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
-def test_quantize_save_eval_real_equals_fake(fam, family, text_file, tmp_path, capsys):
-    """quantize --preset w4a4kv4-static --save, then eval --backend real vs fake: perplexity within 0.5 %."""
+@pytest.mark.parametrize("family,preset,extra", RUNS, ids=[f"{f}-{p}{'-gptq' if '--gptq' in e else ''}{'-train' if e else ''}"
+                                                           for f, p, e in RUNS])
+def test_quantize_save_eval_real_equals_fake(fam, family, preset, extra, text_file, tmp_path, capsys):
+    """quantize --preset P [GPTQ, block-wise training] --save, then eval --backend real vs fake: perplexity within 0.5 %."""
     path = fam[family][0]
     saved = str(tmp_path / "q")
-    r = main_cli(capsys, "quantize", "--model", path, "--preset", "w4a4kv4-static", "--calib-data", text_file,
+    r = main_cli(capsys, "quantize", "--model", path, "--preset", preset, "--calib-data", text_file,
                  "--calib-samples", "2", "--calib-seqlen", "24", "--outlier-samples", "2", "--eval-data", text_file,
-                 "--seqlen", "24", "--max-windows", "1", "--save", saved, "--json", str(tmp_path / "q.json"))
+                 "--seqlen", "24", "--max-windows", "1", "--save", saved, "--json", str(tmp_path / "q.json"), *extra)
     assert r.returncode == 0, r.stderr[-3000:]
     ev = ["eval", "--model", saved, "--data", text_file, "--seqlen", "24", "--max-windows", "2"]
     ppl = {}
@@ -209,6 +216,6 @@ def test_quantize_save_eval_real_equals_fake(fam, family, text_file, tmp_path, c
         assert r.returncode == 0, r.stderr[-3000:]
         ppl[backend] = json.loads((tmp_path / f"{backend}.json").read_text())["ppl"]
     fp = json.loads((tmp_path / "q.json").read_text())["fp_ppl"]
-    print(f"{family}: fp {fp:.4f} fake {ppl['fake']:.4f} real {ppl['real']:.4f} real/fake {ppl['real'] / ppl['fake']:.6f}")
+    print(f"{family} {preset} {' '.join(extra)}: fp {fp:.4f} fake {ppl['fake']:.4f} real {ppl['real']:.4f} real/fake {ppl['real'] / ppl['fake']:.6f}")
     assert abs(ppl["real"] / ppl["fake"] - 1) <= 5e-3, ppl
     assert ppl["fake"] != pytest.approx(fp, rel=1e-3)  # quantization is active
