@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefixquant_jax.block_runner import BlockRunner
+from prefixquant_jax.compiled_block import CompiledBlock
 from prefixquant_jax.config import ModelConfig
 from prefixquant_jax.model import Block, QuantParam
 from prefixquant_jax.prefix.prefix_kv import PrefixKV
@@ -63,20 +63,20 @@ def main(argv=None):
     kv = lambda: [rng.standard_normal((1, P, config.num_kv_heads, config.head_dim)).astype(np.float32)]
     prefix = PrefixKV(k=kv(), v=kv(), token_ids=[1, 2, 3, 4], text="", k_rotated=True)
     cfg = TrainConfig(samples=a.batch, seqlen=a.seqlen, batch_size=a.batch, epochs=a.steps + 1)
-    runner = BlockRunner(config, prefix, a.seqlen)
-    trainer = BlockTrainer(runner, blk, prefixquant_groups(cfg), cfg)
+    compiled = CompiledBlock(config, prefix, a.seqlen)
+    trainer = BlockTrainer(compiled, blk, prefixquant_groups(cfg), cfg)
     gd, train, rest = trainer.split(blk)
     opt = trainer.tx.init(train)
     x = rng.standard_normal((a.batch, a.seqlen, config.hidden_size)).astype(np.float32)
     target = x + 0.01 * rng.standard_normal(x.shape).astype(np.float32)
     xb, ck, cv, tb = trainer.batch(0, x, target, np.arange(a.batch))
     t = time.perf_counter()
-    train, opt, loss = trainer._step(gd, train, opt, rest, xb, ck, cv, runner.cos, runner.sin, tb)
+    train, opt, loss = trainer._step(gd, train, opt, rest, xb, ck, cv, compiled.cos, compiled.sin, tb)
     jax.block_until_ready(loss)
     compile_s = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(a.steps):
-        train, opt, loss = trainer._step(gd, train, opt, rest, xb, ck, cv, runner.cos, runner.sin, tb)
+        train, opt, loss = trainer._step(gd, train, opt, rest, xb, ck, cv, compiled.cos, compiled.sin, tb)
     jax.block_until_ready(loss)
     sec = (time.perf_counter() - t) / a.steps
     res = {"shape": a.shape, "batch": a.batch, "seqlen": a.seqlen, "devices": [str(d) for d in jax.devices()],

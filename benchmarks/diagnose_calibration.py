@@ -144,7 +144,7 @@ def print_layers(results: dict) -> None:
 def valid_ppl(qm, tok, k: int, seqlen: int) -> float:
     from prefixquant_jax.eval.data import load_text, tokenize, windows
     from prefixquant_jax.eval.perplexity import perplexity
-    from prefixquant_jax.runner import Compiled
+    from prefixquant_jax.compiled import Compiled
 
     win = windows(tokenize(tok, load_text("wikitext2-valid")), seqlen, k)
     r = perplexity(Compiled(qm.model), win, qm.prefix_kv, progress=False)

@@ -1,16 +1,20 @@
 """prefixquant-jax: 4-bit post-training quantization of Llama models with prefixed outlier tokens.
 
-`import prefixquant_jax as pq`: load_checkpoint, quantize, get_preset, QuantSpec, QArray, QuantParam,
-perplexity, generate, pack, save, load (README "Use it from Python").
+`import prefixquant_jax as pq`: load_checkpoint, quantize (with its options QuantizeOptions, TrainConfig,
+TrainCheckpoint, FlatOptions), get_preset, QuantSpec, QArray, QuantParam, perplexity, generate, pack, save,
+load (README "Use it from Python").
 """
 from prefixquant_jax.api import generate, load, load_checkpoint, pack, perplexity, quantize, save
 from prefixquant_jax.config import ModelConfig
 from prefixquant_jax.errors import UserError
+from prefixquant_jax.flatquant.pipeline import FlatOptions
 from prefixquant_jax.kv_cache import KVCache
 from prefixquant_jax.model import Llama, QuantParam
+from prefixquant_jax.options import TRAIN_PRESETS, QuantizeOptions, TrainCheckpoint, TrainConfig, train_config
 from prefixquant_jax.quant.presets import PRESETS, Preset, get_preset
 from prefixquant_jax.quant.qarray import QArray, dequantize
 from prefixquant_jax.quant.spec import QuantSpec
 
-__all__ = ["KVCache", "Llama", "ModelConfig", "PRESETS", "Preset", "QArray", "QuantParam", "QuantSpec", "UserError",
-           "dequantize", "generate", "get_preset", "load", "load_checkpoint", "pack", "perplexity", "quantize", "save"]
+__all__ = ["FlatOptions", "KVCache", "Llama", "ModelConfig", "PRESETS", "Preset", "QArray", "QuantParam", "QuantSpec",
+           "QuantizeOptions", "TRAIN_PRESETS", "TrainCheckpoint", "TrainConfig", "UserError", "dequantize", "generate",
+           "get_preset", "load", "load_checkpoint", "pack", "perplexity", "quantize", "save", "train_config"]

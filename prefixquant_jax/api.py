@@ -1,6 +1,7 @@
 """The flat public API (`import prefixquant_jax as pq`): thin functions over the pipeline's modules.
 
     qm = pq.quantize(checkpoint, calib_tokens, "w4a4kv4-static")      # -> QuantizedModel
+    qm = pq.quantize(checkpoint, calib_tokens, "w4a4kv4-static", train=pq.TrainConfig(samples=N, seqlen=L))
     logits = jax.jit(qm.apply)(qm.split()[1], tokens)                  # pure, behind the FP prefix
     pq.perplexity(qm, windows)["ppl"]; pq.generate(qm, prompt_ids, 20); pm = pq.pack(qm)
     pq.save(qm, "DIR"); qm2 = pq.load("DIR")
@@ -8,10 +9,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 
 from prefixquant_jax.errors import UserError
+
+_DRAWN = {"calib_data", "calib_samples", "calib_seqlen"}  # QuantizeOptions fields for drawing samples from text
 
 
 def load_checkpoint(spec):
@@ -20,36 +24,61 @@ def load_checkpoint(spec):
     return _load(spec)
 
 
-def quantize(model_or_checkpoint, calib_tokens, preset, *, tokenizer=None, gptq: bool = False, **options):
-    """Quantize an FP checkpoint (or its name/path) with `preset` (a name or a Preset), calibrated on
-    `calib_tokens` (int [samples, seqlen]); returns a QuantizedModel. `options`: QuantizeOptions fields
-    (weight_clip, kv_rule, search, target, eta, seed, grid_samples, progress, ...). FlatQuant presets also
-    need `tokenizer` (their training draws its own samples)."""
-    from prefixquant_jax.quant.presets import Preset, get_preset
-    from prefixquant_jax.pipeline import QuantizeOptions
-    from prefixquant_jax.pipeline import quantize as _quantize
+def quantize(model_or_checkpoint, calib_tokens, preset, *, train=None, train_tokens=None, gptq: bool | None = None,
+             checkpoint=None, flatquant=None, options=None, tokenizer=None, **fields):
+    """The whole job: rotate -> prefix -> weights (-> GPTQ) -> calibrate (-> block-wise training) (-> FlatQuant
+    merge) of an FP checkpoint (or its name/path) with `preset` (a name or a Preset), calibrated on
+    `calib_tokens` (int [samples, seqlen]). Returns a QuantizedModel.
 
-    ck = load_checkpoint(model_or_checkpoint) if isinstance(model_or_checkpoint, str) else model_or_checkpoint
+    train: a TrainConfig: fine-tune block by block after calibration on `train_tokens` (int [train.samples,
+      train.seqlen]; default calib_tokens). FlatQuant presets always train (train None: the `fast` preset
+      sized to the tokens).
+    checkpoint: a TrainCheckpoint(dir=..., resume=..., overwrite=...): the training run saved as it goes,
+      resumable after a kill (a resume skips calibration when the run saved its calibrated scales).
+    gptq: GPTQ weights instead of RTN (tuned by the options gptq_damp, gptq_act_order).
+    flatquant: a FlatOptions (FlatQuant presets).
+    options: a QuantizeOptions; `fields` set its fields (eta, seed, outlier_samples, grid_samples, prefix_ids,
+      prefix_kv, weight_clip, kv_rule, search, target, gptq_damp, gptq_act_order, progress); without
+      `options` the progress bars are off.
+    tokenizer: optional, only to show the prefix tokens as text in the report.
+    Bad options or inputs raise UserError (a ValueError) with a one-line message."""
+    from prefixquant_jax.options import QuantizeOptions
+    from prefixquant_jax.pipeline import quantize as _quantize
+    from prefixquant_jax.quant.presets import Preset, get_preset
+
+    ck = load_checkpoint(model_or_checkpoint) if isinstance(model_or_checkpoint, (str, os.PathLike)) \
+        else model_or_checkpoint
+    if not (hasattr(ck, "params") and hasattr(ck, "config")):
+        raise UserError(f"quantize needs an FP checkpoint or its name/path, got {type(ck).__name__}")
     preset = preset if isinstance(preset, Preset) else get_preset(preset)
-    names = {f.name for f in dataclasses.fields(QuantizeOptions)}
-    unknown = sorted(set(options) - names)
+    names = {f.name for f in dataclasses.fields(QuantizeOptions)} - _DRAWN
+    unknown = sorted(set(fields) - names)
     if unknown:
-        raise UserError(f"unknown quantize option {unknown[0]!r} (one of {', '.join(sorted(names))})")
-    opts = QuantizeOptions(gptq=gptq, **{"progress": False, **options})
-    return _quantize(ck, tokenizer, preset, opts, calib_tokens=calib_tokens)
+        drawn = unknown[0] in _DRAWN
+        raise UserError(f"quantize option {unknown[0]!r} " + ("does not apply: the calibration tokens are given" if drawn
+                        else f"is unknown (one of {', '.join(sorted(names))})"))
+    if options is not None and not isinstance(options, QuantizeOptions):
+        raise UserError(f"options must be a QuantizeOptions, got {type(options).__name__}")
+    set_ = {**fields, **({} if gptq is None else {"gptq": bool(gptq)}),
+            **({} if flatquant is None else {"flatquant": flatquant})}
+    opts = dataclasses.replace(options, **set_) if options is not None else QuantizeOptions(**{"progress": False, **set_})
+    if train_tokens is None and (train is not None or preset.method == "flatquant"):
+        train_tokens = calib_tokens
+    return _quantize(ck, tokenizer, preset, opts, calib_tokens=calib_tokens, train=train, train_tokens=train_tokens,
+                     checkpoint=checkpoint)
 
 
 def perplexity(qm, windows, batch_size: int = 1, progress: bool = False) -> dict:
     """{"ppl", "windows", ...} of int token windows [N, L] behind the model's prefix (fake-quant model)."""
     from prefixquant_jax.eval.perplexity import perplexity as _ppl
-    from prefixquant_jax.runner import Compiled
+    from prefixquant_jax.compiled import Compiled
     return _ppl(Compiled(qm.model), np.asarray(windows, np.int32), qm.prefix_kv, batch_size, progress)
 
 
 def generate(qm, prompt_ids, max_new_tokens: int, eos_id: int | None = None) -> list[int]:
     """Greedy continuation token ids of `prompt_ids` behind the model's prefix (fake-quant model)."""
     from prefixquant_jax.eval.generate import greedy
-    from prefixquant_jax.runner import Compiled
+    from prefixquant_jax.compiled import Compiled
     return greedy(Compiled(qm.model), prompt_ids, max_new_tokens, eos_id, qm.prefix_kv)
 
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from prefixquant_jax.block_runner import BlockRunner
+from prefixquant_jax.compiled_block import CompiledBlock
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.model import QuantParam
 from prefixquant_jax.quant.clip_search import head_clip_attention, head_clip_reconstruction, output_aware_weight_clip
@@ -88,13 +88,13 @@ def init_qparams(block, recipe, ranges: dict) -> None:
             block.qparams[site + "_zero"] = QuantParam(zero)
 
 
-def init_block_weights(runner: BlockRunner, qb, layer: int, recipe, x_q: np.ndarray, cfg: CalibConfig) -> dict:
+def init_block_weights(compiled: CompiledBlock, qb, layer: int, recipe, x_q: np.ndarray, cfg: CalibConfig) -> dict:
     """Step 1 (module docstring) for one block, in place: qparams["w_<name>"] and, with GPTQ, the kernels.
     Returns {linear: {"mse": err, "output": err, "gptq": err}} output errors per token (those that apply)."""
     spec, grams, tokens = recipe.weight, None, x_q.shape[0] * x_q.shape[1]
     if cfg.weight_clip == "output" or cfg.gptq:
         qb.recipe = recipe.replace(sites=(), weight=None)  # FP weights and activations
-        grams = runner.grams(qb, layer, x_q, cfg.chunk)
+        grams = compiled.grams(qb, layer, x_q, cfg.chunk)
         qb.recipe = recipe
         for site, g in grams.items():
             if not np.all(np.isfinite(g)):
@@ -142,9 +142,9 @@ def _set_site(qb, site, spec, lo, hi, ratio):
         qb.qparams[site + "_zero"][...] = zero
 
 
-def _kv_by_head(runner, qb, layer, recipe, x_g, ranges, cfg) -> dict:
+def _kv_by_head(compiled, qb, layer, recipe, x_g, ranges, cfg) -> dict:
     """Step 2: per-head clip ratios of the static per-head KV sites; returns {site: ratios [KV, 1]}."""
-    caps = runner.qkv(qb, layer, x_g, cfg.chunk)
+    caps = compiled.qkv(qb, layer, x_g, cfg.chunk)
     out = {}
     for site in ("k_cache", "v_cache"):
         spec = recipe.spec(site)
@@ -153,19 +153,19 @@ def _kv_by_head(runner, qb, layer, recipe, x_g, ranges, cfg) -> dict:
         lo, hi = ranges[site]
         if site == "k_cache":
             r, _ = head_clip_attention(caps["q_attn"], caps["k_cache_x"], spec, cfg.kv_ratios,
-                                       runner.prefix_keys(layer), lo, hi)
+                                       compiled.prefix_keys(layer), lo, hi)
         else:
             r, _ = head_clip_reconstruction(caps["v_cache_x"], spec, cfg.kv_ratios, lo, hi)
         out[site] = np.asarray(r)
     return out
 
 
-def _search_sites(runner, qb, recipe, sites, ranges, ratios, xg, ck, cv, tg, cfg) -> None:
+def _search_sites(compiled, qb, recipe, sites, ranges, ratios, xg, ck, cv, tg, cfg) -> None:
     """Step 3: coarse-then-fine clip search of `sites` (ratios updated in place)."""
     def loss_with(r: dict) -> float:
         for s in sites:
             _set_site(qb, s, recipe.spec(s), *ranges[s], r[s])
-        return runner.loss(qb, xg, ck, cv, tg)
+        return compiled.loss(qb, xg, ck, cv, tg)
 
     for s in sites:
         if cfg.search == "alone":  # this site's quantizer only: weights FP, every other site off
@@ -196,32 +196,32 @@ def calibrate(fp_model, q_model, recipe, calib_x: np.ndarray, prefix_kv, cfg: Ca
     G = min(cfg.grid_samples, N)
     x_fp, x_q = calib_x, calib_x
     reports = []
-    runner = BlockRunner(q_model.config, prefix_kv, L)
+    compiled = CompiledBlock(q_model.config, prefix_kv, L)
     bar = tqdm(range(len(q_model.layers)), desc="calibrate", disable=not progress, leave=False)
     for layer in bar:
         fpb, qb = fp_model.layers[layer], q_model.layers[layer]
         rep = {"layer": layer}
         if cfg.weight_clip is not None and recipe.weight is not None:
-            rep["weights"] = init_block_weights(runner, qb, layer, recipe, x_q, cfg)
-        target_fp = runner.forward(fpb, layer, x_fp, cfg.chunk)
+            rep["weights"] = init_block_weights(compiled, qb, layer, recipe, x_q, cfg)
+        target_fp = compiled.forward(fpb, layer, x_fp, cfg.chunk)
         if sites:
-            raw = runner.ranges(qb, layer, x_q, cfg.chunk)
+            raw = compiled.ranges(qb, layer, x_q, cfg.chunk)
             ranges = {s: _site_range(*raw[s], recipe.spec(s)) for s in sites}
             init_qparams(qb, recipe, ranges)
-            ck, cv = runner.cache(layer, G, L)
+            ck, cv = compiled.cache(layer, G, L)
             xg = jnp.asarray(x_q[:G])
-            tg = jnp.asarray(target_fp[:G] if cfg.target == "fp" else runner.forward(fpb, layer, x_q[:G], cfg.chunk))
+            tg = jnp.asarray(target_fp[:G] if cfg.target == "fp" else compiled.forward(fpb, layer, x_q[:G], cfg.chunk))
             ratios = {s: 1.0 for s in sites}
             if cfg.kv_rule == "head":
-                ratios.update(_kv_by_head(runner, qb, layer, recipe, x_q[:G], ranges, cfg))
+                ratios.update(_kv_by_head(compiled, qb, layer, recipe, x_q[:G], ranges, cfg))
             for s in sites:
                 _set_site(qb, s, recipe.spec(s), *ranges[s], ratios[s])
-            rep["grid_loss_init"] = runner.loss(qb, xg, ck, cv, tg)
+            rep["grid_loss_init"] = compiled.loss(qb, xg, ck, cv, tg)
             searched = [s for s in sites if np.ndim(ratios[s]) == 0]  # not the per-head KV ratios of step 2
-            _search_sites(runner, qb, recipe, searched, ranges, ratios, xg, ck, cv, tg, cfg)
-            rep["grid_loss"] = runner.loss(qb, xg, ck, cv, tg)
+            _search_sites(compiled, qb, recipe, searched, ranges, ratios, xg, ck, cv, tg, cfg)
+            rep["grid_loss"] = compiled.loss(qb, xg, ck, cv, tg)
             rep["ratios"] = {s: (np.asarray(r).ravel().tolist() if np.ndim(r) else r) for s, r in ratios.items()}
-        x_q = runner.forward(qb, layer, x_q, cfg.chunk)
+        x_q = compiled.forward(qb, layer, x_q, cfg.chunk)
         x_fp = target_fp
         rep["out_mse"] = float(np.mean((x_q - x_fp) ** 2))
         reports.append(rep)

@@ -84,7 +84,7 @@ def _int_matmul_compiled(loaded):
     from prefixquant_jax.flatquant.recipe import FlatQuantRecipe
     from prefixquant_jax.model import set_recipe
     from prefixquant_jax.quant.recipe import QuantRecipe
-    from prefixquant_jax.runner import Compiled
+    from prefixquant_jax.compiled import Compiled
 
     model = loaded.compiled.model
     recipe = model.layers[0].recipe

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 from prefixquant_jax.errors import UserError
@@ -55,14 +54,34 @@ def _add_flat_args(p):
     g.add_argument("--flat-alpha", type=float, default=0.3, help="SmoothQuant-style init of the per-channel scales")
 
 
-def _flat_options(args, tok, cfg):
-    from prefixquant_jax.flatquant import FlatOptions
+# option fields named in library errors (UserError.fields) -> the flags that set them
+FLAGS = {
+    "QuantizeOptions.calib_samples": "--calib-samples", "QuantizeOptions.calib_seqlen": "--calib-seqlen",
+    "QuantizeOptions.outlier_samples": "--outlier-samples", "QuantizeOptions.grid_samples": "--grid-samples",
+    "QuantizeOptions.eta": "--eta", "QuantizeOptions.seed": "--seed", "QuantizeOptions.prefix_ids": "--prefix-ids",
+    "QuantizeOptions.prefix_kv": "--import-prefix", "QuantizeOptions.gptq": "--gptq",
+    "QuantizeOptions.gptq_damp": "--gptq-damp", "QuantizeOptions.gptq_act_order": "--gptq-order",
+    "QuantizeOptions.weight_clip": "--weight-clip", "QuantizeOptions.kv_rule": "--kv-clip",
+    "QuantizeOptions.search": "--clip-search", "QuantizeOptions.target": "--clip-target",
+    "TrainConfig.samples": "--train-samples", "TrainConfig.seqlen": "--train-seqlen", "TrainConfig.epochs": "--epochs",
+    "TrainConfig.batch_size": "--train-batch-size", "TrainConfig.lr_quant": "--lr-quant",
+    "TrainConfig.lr_weight": "--lr-weight", "TrainConfig.ckpt_every": "--ckpt-every", "TrainConfig.seed": "--seed",
+    "TrainCheckpoint.dir": "--train-dir", "TrainCheckpoint.resume": "--resume", "TrainCheckpoint.overwrite": "--overwrite",
+    "FlatOptions.lr": "--flat-lr", "FlatOptions.param": "--flat-param", "FlatOptions.alpha": "--flat-alpha",
+}
 
-    if not args.flat_lr > 0:
-        raise UserError(f"--flat-lr must be > 0, got {args.flat_lr}")
-    extra = {"flat_lr": args.flat_lr, "flat_param": args.flat_param, "flat_alpha": args.flat_alpha}
-    return FlatOptions(param=args.flat_param, lr=args.flat_lr, alpha=args.flat_alpha,
-                       train=lambda qm, groups: _finetune(args, qm, tok, cfg, groups, extra))
+
+def flag_error(e: UserError) -> UserError:
+    """The library's error with our flag names in place of the option fields it names."""
+    msg = str(e)
+    for f in sorted(e.fields, key=len, reverse=True):
+        msg = msg.replace(f, FLAGS.get(f, f))
+    return UserError(msg)
+
+
+def _flat_options(args):
+    from prefixquant_jax.flatquant import FlatOptions
+    return FlatOptions(param=args.flat_param, lr=args.flat_lr, alpha=args.flat_alpha)
 
 
 def _train_cfg(args, preset):
@@ -75,18 +94,10 @@ def _train_cfg(args, preset):
                         train_weights=False if args.no_train_weights else None)
 
 
-def _finetune(args, qm, tok, cfg, groups=None, fingerprint=None) -> dict:
-    from prefixquant_jax.train import finetune
-
-    if args.resume and args.train_dir and args.resume != args.train_dir:
-        raise UserError("give either --train-dir or --resume (the directory to continue), not both")
-    r = finetune(qm, tok, cfg, calib_data=args.calib_data, train_dir=args.resume or args.train_dir,
-                 resume=bool(args.resume), overwrite=args.overwrite, groups=groups,
-                 fingerprint={"model": args.model, **(fingerprint or {})})
+def _print_train(r: dict) -> None:
     blocks = r["blocks"]
     print(f"fine-tuned {len(blocks)} blocks in {r['seconds']:.0f} s: mean block loss "
           f"{sum(b['loss_before'] for b in blocks) / len(blocks):.3e} -> {sum(b['loss_after'] for b in blocks) / len(blocks):.3e}")
-    return r
 
 
 def add_subcommands(sub, add_model_args, add_eval_args) -> None:
@@ -176,7 +187,7 @@ def cmd_export_prefix(args) -> dict:
         raise UserError(f"{args.model}: preset {meta['preset'].get('name')!r} uses no prefix; nothing to export")
     out = save_prefix_kv(pkv, args.out, overwrite=args.overwrite)
     print(f"prefix KV {pkv.token_ids} written to {out}")
-    return {"model": args.model, "out": out, "prefix_tokens": pkv.token_ids, "k_rotated": pkv.k_rotated}
+    return {"model": args.model, "out": out, "prefix_ids": pkv.token_ids, "k_rotated": pkv.k_rotated}
 
 
 def _import_prefix(args, config, preset):
@@ -185,8 +196,6 @@ def _import_prefix(args, config, preset):
 
     if not preset.prefix:
         raise UserError(f"--import-prefix: preset {preset.name!r} uses no prefix")
-    if args.prefix_ids:
-        raise UserError("--import-prefix and --prefix-ids exclude each other")
     pkv = load_prefix_kv(args.import_prefix, config)
     if pkv.k_rotated != preset.rotate:
         raise UserError(f"{args.import_prefix}: prefix KV computed by a {'rotated' if pkv.k_rotated else 'unrotated'} model; "
@@ -194,17 +203,25 @@ def _import_prefix(args, config, preset):
     return pkv
 
 
-def _check_calib(args):
-    for name in ("calib_samples", "calib_seqlen", "outlier_samples"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.eta <= 1:
-        raise UserError(f"--eta must be > 1, got {args.eta}")
-    if getattr(args, "gptq_damp", 0.01) <= 0:
-        raise UserError(f"--gptq-damp must be > 0, got {args.gptq_damp}")
+def _quantize_options(args, **kw):
+    """QuantizeOptions of the calibration and rule flags (`analyze` has only the calibration ones)."""
+    from prefixquant_jax.options import QuantizeOptions
+
+    rules = {} if not hasattr(args, "weight_clip") else dict(
+        grid_samples=args.grid_samples, gptq=args.gptq, gptq_damp=args.gptq_damp, gptq_act_order=args.gptq_order == "act",
+        weight_clip=args.weight_clip, kv_rule=args.kv_clip, search=args.clip_search, target=args.clip_target)
+    return QuantizeOptions(calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                           outlier_samples=args.outlier_samples, eta=args.eta, seed=args.seed, **rules, **kw)
 
 
 def cmd_analyze(args) -> dict:
+    try:
+        return _analyze(args)
+    except UserError as e:
+        raise flag_error(e) from None
+
+
+def _analyze(args) -> dict:
     import numpy as np
 
     from prefixquant_jax.eval.data import calibration_samples, load_text, tokenize
@@ -215,7 +232,7 @@ def cmd_analyze(args) -> dict:
     from prefixquant_jax.quant.recipe import QuantRecipe
     from prefixquant_jax.rotate.fuse import RotationConfig, rotate_params
 
-    _check_calib(args)
+    _quantize_options(args)  # checks the flags
     ck, model = load_fp(args.model)
     tok = ck.tokenizer()
     ids = tokenize(tok, load_text(args.calib_data))
@@ -255,14 +272,23 @@ def cmd_analyze(args) -> dict:
 
 
 def cmd_quantize(args) -> dict:
-    from prefixquant_jax.eval.data import load_text, tokenize, windows
+    try:
+        return _quantize_cmd(args)
+    except UserError as e:
+        raise flag_error(e) from None
+
+
+def _quantize_cmd(args) -> dict:
+    """Flags -> options -> prefixquant_jax.quantize (the whole job, training included) -> save / evaluate / print."""
+    from prefixquant_jax.api import quantize
+    from prefixquant_jax.compiled import Compiled
+    from prefixquant_jax.eval.data import calibration_samples, load_text, tokenize, windows
     from prefixquant_jax.eval.perplexity import perplexity
     from prefixquant_jax.loading import load_fp
+    from prefixquant_jax.options import TrainCheckpoint
+    from prefixquant_jax.pipeline import needs_calibration
     from prefixquant_jax.quant.presets import get_preset
-    from prefixquant_jax.pipeline import QuantizeOptions, quantize
-    from prefixquant_jax.runner import Compiled
 
-    _check_calib(args)
     preset = get_preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits)
     if args.grid != "full":
         if preset.method != "prefixquant":
@@ -271,6 +297,8 @@ def cmd_quantize(args) -> dict:
     if args.save:  # fail now, not after quantizing
         from prefixquant_jax.checkpoint.saved import check_save_target
         check_save_target(args.save, args.overwrite)
+    if args.resume and args.train_dir and args.resume != args.train_dir:
+        raise UserError("give either --train-dir or --resume (the directory to continue), not both")
     flat = preset.method == "flatquant"  # FlatQuant always trains (--train implied)
     train_cfg = _train_cfg(args, preset) if (args.train or args.resume or flat) else None
     prefix_ids = None
@@ -279,41 +307,39 @@ def cmd_quantize(args) -> dict:
             prefix_ids = tuple(int(t) for t in args.prefix_ids.split(","))
         except ValueError:
             raise UserError(f"--prefix-ids must be comma-separated integers, got {args.prefix_ids!r}") from None
+    opts = _quantize_options(args, prefix_ids=prefix_ids, flatquant=_flat_options(args) if flat else None)
+    checkpoint = None
+    if train_cfg is not None and (args.resume or args.train_dir):  # a run named by the model and data flags
+        checkpoint = TrainCheckpoint(dir=args.resume or args.train_dir, resume=bool(args.resume), overwrite=args.overwrite,
+                                     identity={"model": args.model, "calib_data": args.calib_data})
+        checkpoint.check()  # before the slow stages
     t0 = time.time()
     ck, fp_model = load_fp(args.model)
-    imported = _import_prefix(args, ck.config, preset) if args.import_prefix else None
-    if imported is not None:
-        prefix_ids = tuple(imported.token_ids)
-    if prefix_ids and max(prefix_ids) >= ck.config.vocab_size:
-        raise UserError(f"--prefix-ids: id {max(prefix_ids)} is outside the vocabulary ({ck.config.vocab_size})")
+    if args.import_prefix:
+        opts = dataclasses.replace(opts, prefix_kv=_import_prefix(args, ck.config, preset))
     P = (len(prefix_ids) if prefix_ids else 9) if preset.prefix else 0  # at most BOS + 8 detected tokens
-    for flag, n in (("--seqlen", None if args.no_eval else args.seqlen), ("--calib-seqlen", args.calib_seqlen),
-                    ("--train-seqlen", train_cfg.seqlen if train_cfg else None)):
-        if n is not None and n + P > ck.config.max_position_embeddings:
-            raise UserError(f"{flag} {n} (+ prefix) exceeds the model's max positions {ck.config.max_position_embeddings}")
+    if opts.prefix_kv is not None:
+        P = opts.prefix_kv.length
+    if not args.no_eval and args.seqlen + P > ck.config.max_position_embeddings:
+        raise UserError(f"--seqlen {args.seqlen} (+ prefix) exceeds the model's max positions {ck.config.max_position_embeddings}")
     tok = ck.tokenizer()
-    opts = QuantizeOptions(calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                           outlier_samples=args.outlier_samples, grid_samples=args.grid_samples, eta=args.eta,
-                           seed=args.seed, prefix_ids=prefix_ids, prefix_kv=imported, gptq=args.gptq, gptq_damp=args.gptq_damp,
-                           gptq_act_order=args.gptq_order == "act", weight_clip=args.weight_clip, kv_rule=args.kv_clip, search=args.clip_search,
-                           target=args.clip_target)
-    if (args.train_dir and not args.resume and not args.overwrite and os.path.isdir(args.train_dir)
-            and os.listdir(args.train_dir)):  # fail before the slow stages, not after them
-        raise UserError(f"training directory {args.train_dir} exists; use --resume {args.train_dir} to continue it or --overwrite")
-    if args.resume and os.path.isdir(os.path.join(args.resume, "init")):
-        opts = dataclasses.replace(opts, calibrate=False)  # the calibrated scales are restored from DIR/init
-    if flat:
-        opts = dataclasses.replace(opts, flatquant=_flat_options(args, tok, train_cfg))
-    qm = quantize(ck, tok, preset, opts)
-    if train_cfg is not None and not flat:
-        rules = {k: getattr(args, k) for k in ("weight_clip", "kv_clip", "clip_search", "clip_target", "grid")}
-        fp = {**({"gptq_damp": args.gptq_damp, "gptq_order": args.gptq_order} if args.gptq else {}), "rules": rules}  # a resume needs the same rules
-        qm.report["train"] = _finetune(args, qm, tok, train_cfg, fingerprint=fp)
-    res = {"model": args.model, "preset": preset.name, "prefix_tokens": qm.report["prefix_tokens"],
+    calib = train_tokens = None
+    if needs_calibration(preset, opts) or train_cfg is not None:  # samples of --calib-data, as the library takes them
+        ids = tokenize(tok, load_text(args.calib_data))
+        if needs_calibration(preset, opts):
+            calib = calibration_samples(ids, args.calib_samples, args.calib_seqlen, args.seed)
+        if train_cfg is not None:
+            train_tokens = calibration_samples(ids, train_cfg.samples, train_cfg.seqlen, train_cfg.seed)
+    qm = quantize(ck, calib, preset, options=opts, train=train_cfg, train_tokens=train_tokens, checkpoint=checkpoint,
+                  tokenizer=tok)
+    if "train" in qm.report:
+        _print_train(qm.report["train"])
+    res = {"model": args.model, "preset": preset.name, "prefix_ids": qm.report["prefix_ids"],
+           "prefix_tokens": qm.report["prefix_ids"],  # the old name of prefix_ids, for readers of older results
            "prefix_text": qm.report["prefix_text"], "eta": args.eta, "bits": {"w": preset.w_bits, "a": preset.a_bits, "kv": preset.kv_bits},
            "quantize_seconds": time.time() - t0, "report": qm.report}
     if qm.prefix_kv is not None:
-        print(f"prefix: {qm.report['prefix_text']} (ids {qm.report['prefix_tokens']})")
+        print(f"prefix: {qm.report['prefix_text']} (ids {qm.report['prefix_ids']})")
     if args.export_prefix:
         if qm.prefix_kv is None:
             raise UserError(f"--export-prefix: preset {preset.name!r} uses no prefix")

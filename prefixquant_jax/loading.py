@@ -6,7 +6,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from prefixquant_jax.runner import Compiled
+from prefixquant_jax.compiled import Compiled
 
 
 @dataclasses.dataclass

@@ -1,7 +1,9 @@
-"""The PrefixQuant pipeline: rotate -> find outlier tokens -> FP prefix KV -> RTN (or GPTQ) weights -> calibrate.
+"""The quantization pipeline: rotate -> find outlier tokens -> FP prefix KV -> RTN (or GPTQ) weights -> calibrate
+-> block-wise training (FlatQuant: always, then merge).
 
-`quantize(checkpoint, preset, options)` returns a `QuantizedModel`: a Llama whose recipe fake-quantizes
-the named sites, its static qparams, the FP prefix KV and a report of every stage.
+`quantize(checkpoint, tokenizer, preset, options, calib_tokens, train=, train_tokens=, checkpoint=)` returns a
+`QuantizedModel`: a Llama whose recipe fake-quantizes the named sites, its static qparams, the FP prefix KV
+and a report of every stage. The public entry point is api.quantize (token arrays in, options checked).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from prefixquant_jax.errors import UserError
 from prefixquant_jax.eval.data import calibration_samples, load_text, tokenize
 from prefixquant_jax.kv_cache import KVCache
 from prefixquant_jax.model import Llama, QuantParam
+from prefixquant_jax.options import QuantizeOptions, TrainCheckpoint, TrainConfig, train_config
 from prefixquant_jax.prefix.outliers import capture_token_ranges, choose_prefix, outlier_ratios, token_absmax
 from prefixquant_jax.prefix.prefix_kv import PrefixKV, compute_prefix_kv
 from prefixquant_jax.quant.ops import weight_scale
@@ -28,30 +31,6 @@ from prefixquant_jax.quant.recipe import WEIGHT_NAMES, QuantRecipe
 from prefixquant_jax.rotate.fuse import RotationConfig, rotate_params
 
 WEIGHT_CLIP_GRID = CLIP_GRID
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class QuantizeOptions:
-    calib_data: str = "wikitext2-valid"
-    calib_samples: int = 32
-    calib_seqlen: int = 512
-    outlier_samples: int = 8  # samples used to find the outlier tokens
-    grid_samples: int = 2
-    eta: float = 64.0
-    seed: int = 0
-    prefix_ids: tuple[int, ...] | None = None  # override detection
-    progress: bool = True
-    calibrate: bool = True  # False: leave static scales unset (a resumed --train restores them)
-    prefix_kv: PrefixKV | None = None  # use this prefix KV (e.g. --import-prefix) instead of computing one
-    flatquant: object = None  # flatquant.FlatOptions for method "flatquant" presets (None: defaults)
-    gptq: bool = False  # GPTQ weights (quant/gptq.py) instead of RTN, on the same per-channel scales
-    gptq_damp: float = 0.01  # Hessian dampening, fraction of its mean diagonal
-    gptq_act_order: bool = True  # quantize input channels by decreasing Hessian diagonal (quant/gptq.py)
-    # PrefixQuant initialisation rules (calibrate.py; defaults chosen on calibration data, BENCHMARKS/RESULTS)
-    weight_clip: str = "output"  # "output": output-aware per-channel clip; "mse": data-free ||W - Q(W)||
-    kv_rule: str = "head"  # "head": per-head K (attention) / V clip; "site": one searched ratio per site
-    search: str = "greedy"  # activation clip search: "greedy" (cumulative) or "alone"
-    target: str = "local"  # search target: "local" (FP block on quantized inputs) or "fp" (FP block on FP inputs)
 
 
 @dataclasses.dataclass
@@ -134,15 +113,85 @@ def calibration_tokens(calib_tokens) -> np.ndarray:
     return a.astype(np.int32)
 
 
-def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOptions(),
-             calib_tokens=None) -> QuantizedModel:
-    """The pipeline: rotate -> prefix -> weights (-> GPTQ) -> calibrate (-> FlatQuant training and merge).
+def needs_calibration(preset: Preset, opts: QuantizeOptions) -> bool:
+    """Whether quantizing with `preset` and `opts` uses calibration tokens (FP presets with data-free RTN
+    weights do not)."""
+    return bool(preset.prefix or preset.is_static or preset.method == "flatquant" or opts.gptq
+                or (bool(preset.w_bits) and opts.weight_clip == "output"))
+
+
+def _train_fingerprint(preset: Preset, opts: QuantizeOptions) -> dict:
+    """PrefixQuant's part of a training run's fingerprint: the rules that decide the calibrated start (a resume
+    must use the same), under the names that train.json files already use."""
+    rules = {"weight_clip": opts.weight_clip, "kv_clip": opts.kv_rule, "clip_search": opts.search,
+             "clip_target": opts.target, "grid": "full" if preset.full_grid else "narrow"}
+    gptq = {"gptq_damp": opts.gptq_damp, "gptq_order": "act" if opts.gptq_act_order else "natural"} if opts.gptq else {}
+    return {**gptq, "rules": rules}
+
+
+def _check_positions(config, prefix_len: int, calib, train_tokens) -> None:
+    for what, a in (("calibration", calib), ("training", train_tokens)):
+        if a is not None and a.shape[1] + prefix_len > config.max_position_embeddings:
+            raise UserError(f"{what} tokens of length {a.shape[1]} (+ prefix {prefix_len}) exceed the model's max "
+                            f"positions {config.max_position_embeddings}")
+
+
+def _training(preset: Preset, opts: QuantizeOptions, tokenizer, train, train_tokens, checkpoint):
+    """(TrainConfig or None, training tokens or None, opts), checked before any slow stage."""
+    flat = preset.method == "flatquant"
+    if opts.flatquant is not None and not flat:
+        raise UserError(f"QuantizeOptions.flatquant applies to FlatQuant presets, not {preset.name!r}",
+                        "QuantizeOptions.flatquant")
+    if train is not None and not isinstance(train, TrainConfig):
+        raise UserError(f"train must be a TrainConfig or None, got {type(train).__name__}")
+    hook = flat and opts.flatquant is not None and callable(opts.flatquant.train)  # it trains on its own data
+    if flat and train is None and not hook:  # FlatQuant always trains: the `fast` preset, sized to the tokens
+        train = train_config("fast")
+        if train_tokens is not None and np.ndim(train_tokens) == 2:
+            n, L = np.shape(train_tokens)
+            train = dataclasses.replace(train, samples=n, seqlen=L, batch_size=min(train.batch_size, n))
+    if checkpoint is not None:
+        if not isinstance(checkpoint, TrainCheckpoint):
+            raise UserError(f"checkpoint must be a TrainCheckpoint or None, got {type(checkpoint).__name__}")
+        if train is None:
+            raise UserError("a TrainCheckpoint checkpoints a training run: give train=TrainConfig(...)")
+        checkpoint.check()
+        if checkpoint.restores_calibration:  # the calibrated scales are restored from DIR/init
+            opts = dataclasses.replace(opts, calibrate=False)
+    if train is None or hook:
+        return train, None, opts
+    if train_tokens is None:
+        if tokenizer is None:
+            raise UserError("training needs train_tokens: int [TrainConfig.samples, TrainConfig.seqlen]")
+        train_tokens = calibration_samples(tokenize(tokenizer, load_text(opts.calib_data)), train.samples,
+                                           train.seqlen, train.seed)
+    from prefixquant_jax.train.finetune import train_tokens as checked_tokens
+    return train, checked_tokens(train_tokens, train), opts
+
+
+def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOptions(), calib_tokens=None, *,
+             train: TrainConfig | None = None, train_tokens=None,
+             checkpoint: TrainCheckpoint | None = None) -> QuantizedModel:
+    """The pipeline: rotate -> prefix -> weights (-> GPTQ) -> calibrate (-> training) (-> FlatQuant merge).
 
     Calibration samples: `calib_tokens` (int [N, L]) when given, else opts.calib_samples x opts.calib_seqlen
-    drawn from opts.calib_data with `tokenizer`. The tokenizer is optional with calib_tokens (reports then
-    show token ids, not text) except for FlatQuant, whose training draws its own samples."""
-    if calib_tokens is None and tokenizer is None:
-        raise UserError("quantize needs calibration tokens or a tokenizer to draw them")
+    drawn from opts.calib_data with `tokenizer`. The tokenizer is optional with token arrays (reports then
+    show token ids, not text). `train`: a TrainConfig, block-wise fine-tuning after calibration on
+    `train_tokens` (int [train.samples, train.seqlen]; None: drawn from opts.calib_data with the tokenizer and
+    train.seed); FlatQuant presets always train (train None: the `fast` preset, sized to train_tokens).
+    `checkpoint`: a TrainCheckpoint for the training run (a resume restores the calibrated scales)."""
+    train, train_tokens, opts = _training(preset, opts, tokenizer, train, train_tokens, checkpoint)
+    if calib_tokens is None and tokenizer is None and needs_calibration(preset, opts):
+        raise UserError(f"preset {preset.name!r} needs calibration tokens (int [samples, seqlen])")
+    if opts.gptq and (preset.method == "flatquant" or not preset.w_bits):
+        raise UserError(f"QuantizeOptions.gptq needs a PrefixQuant preset with quantized weights, not {preset.name!r}",
+                        "QuantizeOptions.gptq")
+    if opts.prefix_ids and max(opts.prefix_ids) >= ck.config.vocab_size:
+        raise UserError(f"QuantizeOptions.prefix_ids: id {max(opts.prefix_ids)} is outside the vocabulary "
+                        f"({ck.config.vocab_size})", "QuantizeOptions.prefix_ids")
+    given = None if calib_tokens is None else calibration_tokens(calib_tokens)
+    known_p = len(opts.prefix_ids or ()) if opts.prefix_kv is None else opts.prefix_kv.length
+    _check_positions(ck.config, known_p if preset.prefix else 0, given, train_tokens)
     times, report = {}, {"preset": preset.name, "seed": opts.seed, "eta": opts.eta}
     t = time.time()
     rot = RotationConfig(r1=preset.rotate, r2=preset.rotate, r3=preset.rotate, r4=preset.rotate, seed=opts.seed)
@@ -156,14 +205,10 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
 
     recipe = preset.recipe()
     flat = preset.method == "flatquant"
-    if opts.gptq and (flat or not preset.w_bits):
-        raise UserError(f"--gptq needs a PrefixQuant preset with quantized weights, not {preset.name!r}")
-    needs_calib = (preset.prefix or preset.is_static or flat or opts.gptq
-                   or (bool(preset.w_bits) and opts.weight_clip == "output"))
     calib = None
-    if needs_calib and calib_tokens is not None:
-        calib = calibration_tokens(calib_tokens)
-    elif needs_calib:
+    if needs_calibration(preset, opts) and given is not None:
+        calib = given
+    elif needs_calibration(preset, opts):
         ids = tokenize(tokenizer, load_text(opts.calib_data))
         calib = calibration_samples(ids, opts.calib_samples, opts.calib_seqlen, opts.seed)
 
@@ -186,11 +231,13 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
             prefix_ids = choice["prefix_ids"]
             report["outliers"] = choice
         if not prefix_ids:
-            raise UserError("the prefix is empty: the model has no BOS id and no outlier token passed eta; lower --eta")
+            raise UserError("the prefix is empty: the model has no BOS id and no outlier token passed eta; "
+                            "lower QuantizeOptions.eta", "QuantizeOptions.eta")
         text = _decode(tokenizer, prefix_ids)
         prefix_kv = opts.prefix_kv or compute_prefix_kv(fp_model, prefix_ids, text=text, k_rotated=preset.rotate)
         times["prefix"] = time.time() - t
-    report["prefix_tokens"] = [] if prefix_kv is None else prefix_kv.token_ids
+        _check_positions(config, prefix_kv.length, calib, train_tokens)
+    report["prefix_ids"] = [] if prefix_kv is None else prefix_kv.token_ids
     report["prefix_text"] = [] if prefix_kv is None else [_decode(tokenizer, [i]) for i in prefix_kv.token_ids]
 
     t = time.time()
@@ -210,7 +257,7 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
         if flat:
             cfg = CalibConfig(grid_samples=opts.grid_samples)  # FlatQuant: its original rules
             report["calibration"] = calibrate_static(fp_model, q_model, recipe, calib_x, prefix_kv, cfg, opts.progress)
-        else:  # a resumed --train redoes data-dependent weights (deterministic) and restores the static scales
+        else:  # a resumed training run redoes data-dependent weights (deterministic) and restores the static scales
             cfg = CalibConfig(grid_samples=opts.grid_samples, weight_clip=opts.weight_clip if weight_pass else None,
                               gptq=opts.gptq, gptq_damp=opts.gptq_damp,
                               gptq_act_order=opts.gptq_act_order, kv_rule=opts.kv_rule, search=opts.search,
@@ -229,7 +276,13 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
     if flat:  # FlatQuant always trains, then folds the transforms into the weights
         from prefixquant_jax.flatquant.pipeline import train_and_merge
         t = time.time()
-        train_and_merge(qm, tokenizer, opts.calib_data, opts.flatquant, opts.progress)
+        train_and_merge(qm, train_tokens, train, opts.flatquant, checkpoint, opts.progress)
         times["train_merge"] = time.time() - t
+    elif train is not None:  # PrefixQuant fine-tuning: scales and (train.train_weights) weights, block by block
+        from prefixquant_jax.train.finetune import train_quantized
+        t = time.time()
+        report["train"] = train_quantized(qm, train_tokens, train, checkpoint=checkpoint,
+                                          fingerprint=_train_fingerprint(preset, opts), progress=opts.progress)
+        times["train"] = time.time() - t
     report["seconds"] = times
     return qm

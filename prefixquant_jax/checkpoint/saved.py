@@ -201,6 +201,8 @@ def load_quantized(path: str, dtype=None):
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{src}: malformed metadata ({describe(e)})") from None
     report = dict(meta.get("report") or {})
+    if "prefix_tokens" in report:  # the old name of prefix_ids (models saved before the rename)
+        report.setdefault("prefix_ids", report.pop("prefix_tokens"))
     report["loaded_from"] = path
     return QuantizedModel(config=config, model=model, fp_model=None, prefix_kv=load_saved_prefix(path, meta, config),
                           preset=preset, report=report, weights=weights)

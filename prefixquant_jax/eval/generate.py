@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefixquant_jax.errors import UserError
-from prefixquant_jax.runner import Compiled
+from prefixquant_jax.compiled import Compiled
 
 
 def greedy(compiled: Compiled, prompt_ids, max_new_tokens: int, eos_id: int | None = None, prefix_kv=None) -> list[int]:

@@ -8,7 +8,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from prefixquant_jax.errors import UserError
-from prefixquant_jax.runner import Compiled
+from prefixquant_jax.compiled import Compiled
 
 
 def perplexity(compiled: Compiled, windows: np.ndarray, prefix_kv=None, batch_size: int = 1,

@@ -4,12 +4,14 @@
 (no rotation: the learned transforms replace the Hadamards), runs the static grid search for the
 `-static-prefix` preset as usual, then `train_and_merge`: FlatQuant always trains.
 
-Training uses the generic block-wise trainer (train/blockwise.py) with `flatquant_groups`: the
-transforms and per-channel scales (TransformParam) at `lr`, the LWC/LAC logits (ClipParam) at
+The training tokens and TrainConfig come from `quantize(..., train=, train_tokens=)`, checkpointed like
+PrefixQuant's fine-tuning (TrainCheckpoint). Training uses the generic block-wise trainer
+(train/blockwise.py) with `flatquant_groups`: the transforms and per-channel scales (TransformParam) at
+`lr`, the LWC/LAC logits (ClipParam) at
 `clip_lr` (FlatQuant's code: 10 x lr), and for static presets the activation/KV scales (QuantParam) at
 the trainer's lr_quant; the weights stay frozen. The paper: 128 samples x 2048 tokens, 15 epochs,
-batch 4, AdamW at lr 5e-3 with a cosine schedule (`--train-preset paper`); the CPU default is the
-trainer's `fast` preset (32 x 512, 4 epochs).
+batch 4, AdamW at lr 5e-3 with a cosine schedule (TRAIN_PRESETS["flatquant-paper"]); the CPU default is
+the trainer's `fast` preset (32 x 512, 4 epochs).
 """
 from __future__ import annotations
 
@@ -24,15 +26,17 @@ from flax import nnx
 from prefixquant_jax.flatquant.merge import merge_model
 from prefixquant_jax.flatquant.recipe import SITE_TRANSFORM
 from prefixquant_jax.flatquant.transforms import COND_MAX, ClipParam, TransformParam, init_block, positive_scales
+from prefixquant_jax.errors import UserError
 from prefixquant_jax.model import QuantParam, set_recipe
+from prefixquant_jax.options import require_choice, require_number
 from prefixquant_jax.prefix.outliers import sown_batches
 from prefixquant_jax.quant.recipe import sown_value
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FlatOptions:
-    """`train`: None (the trainer's `fast` preset), a TrainConfig, or a callable (qm, groups) -> report
-    that runs the training itself (the CLI: checkpoints and resume)."""
+    """FlatQuant's own options (how long and on what it trains: quantize's TrainConfig and tokens).
+    `train`: None, or a callable (qm, groups) -> report that runs the training step instead (to watch it)."""
 
     param: str = "inverse"  # or "orthogonal"
     alpha: float = 0.3  # SmoothQuant-style init of the per-channel scales
@@ -43,6 +47,17 @@ class FlatOptions:
     cond_max: float = COND_MAX
     train: Any = None
     merge: bool = True
+
+    def __post_init__(self):
+        require_choice(self, "param", ("inverse", "orthogonal"))
+        require_number(self, "lr", 0.0, strict=True)
+        if self.clip_lr is not None:
+            require_number(self, "clip_lr", 0.0, strict=True)
+        require_number(self, "alpha", 0.0, strict=False, high=1.0)
+        require_number(self, "cond_max", 1.0, strict=True)
+        if self.train is not None and not callable(self.train):
+            raise UserError(f"FlatOptions.train must be None or a callable (qm, groups) -> report, got "
+                            f"{type(self.train).__name__} (a TrainConfig goes to quantize(train=...))", "FlatOptions.train")
 
 
 def flatquant_groups(lr: float = 5e-3, clip_lr: float | None = None, quant_lr: float | None = None) -> tuple:
@@ -103,20 +118,28 @@ def _nonempty(groups, block):
     return tuple(g for g in groups if g.name != "clip" or jax.tree.leaves(nnx.state(block, g.filter)))
 
 
-def train_and_merge(qm, tokenizer, calib_data: str, opts: FlatOptions | None = None, progress: bool = True) -> None:
-    """Train the transforms of `qm.model` block by block against `qm.fp_model`, then merge (in place);
-    reports go to qm.report["train"] and qm.report["flatquant"]."""
-    from prefixquant_jax.train import finetune, train_config
+def method_fingerprint(opts: FlatOptions | None) -> dict:
+    """FlatQuant's part of a training run's fingerprint (train/finetune.py): the options that change the run."""
+    opts = opts or FlatOptions()
+    return {"flat_lr": opts.lr, "flat_param": opts.param, "flat_alpha": opts.alpha}
+
+
+def train_and_merge(qm, tokens, train, opts: FlatOptions | None = None, checkpoint=None,
+                    progress: bool = True) -> None:
+    """Train the transforms of `qm.model` block by block against `qm.fp_model` on `tokens` with the
+    TrainConfig `train` (checkpointed by the TrainCheckpoint `checkpoint`), then merge (in place); reports go
+    to qm.report["train"] and qm.report["flatquant"]. With a callable opts.train, that runs the training."""
+    from prefixquant_jax.train.finetune import train_quantized
 
     opts = opts or FlatOptions()
-    train = opts.train if opts.train is not None else train_config("fast")
     static = any(not spec.dynamic for _, spec in qm.model.layers[0].recipe.sites)
-    quant_lr = getattr(train, "lr_quant", 5e-5) if static else None
+    quant_lr = (5e-5 if train is None else train.lr_quant) if static else None
     groups = _nonempty(flatquant_groups(opts.lr, opts.clip_lr, quant_lr), qm.model.layers[0])
-    if callable(train):
-        qm.report["train"] = train(qm, groups)
+    if callable(opts.train):
+        qm.report["train"] = opts.train(qm, groups)
     else:
-        qm.report["train"] = finetune(qm, tokenizer, train, calib_data=calib_data, groups=groups, progress=progress)
+        qm.report["train"] = train_quantized(qm, tokens, train, groups=groups, checkpoint=checkpoint,
+                                             fingerprint=method_fingerprint(opts), progress=progress)
     rep = qm.report.setdefault("flatquant", {})
     if opts.merge:
         rep["max_condition"] = merge_model(qm.model, opts.cond_max)

@@ -177,7 +177,8 @@ def check_transforms(model, param: str, cond_max: float = COND_MAX) -> dict:
             if not c <= cond_max:
                 what = "singular" if not np.isfinite(c) else f"ill-conditioned (condition number {c:.3g} > {cond_max:g})"
                 raise UserError(f"FlatQuant transform of layer {i} at site {SITE_OF[name]} is {what}; its inverse is not "
-                                f"reliable in fp32 (retrain with a lower --flat-lr or --flat-param orthogonal)")
+                                f"reliable in fp32 (retrain with a lower FlatOptions.lr or FlatOptions.param 'orthogonal')",
+                                "FlatOptions.lr", "FlatOptions.param")
             out[i][SITE_OF[name]] = c
         if "qkv_s" in t:
             for name in KRON:

@@ -41,7 +41,8 @@ def inverse_hessian_factor(gram: np.ndarray, damp: float, act_order: bool = Fals
     try:
         return np.linalg.cholesky(np.linalg.inv(H)).T, dead, order
     except np.linalg.LinAlgError:
-        raise UserError("GPTQ: the input Hessian is not positive definite even after damping; raise --gptq-damp") from None
+        raise UserError("GPTQ: the input Hessian is not positive definite even after damping; raise "
+                        "QuantizeOptions.gptq_damp", "QuantizeOptions.gptq_damp") from None
 
 
 def _round_rows(w: np.ndarray, scale: np.ndarray, spec: QuantSpec) -> np.ndarray:

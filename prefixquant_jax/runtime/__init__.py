@@ -1,6 +1,6 @@
 """Real int4 inference: pack a fake-quantized model into integer tensors and run it with integer GEMMs.
 
-pack.py (PackedModel, pack), model.py (prefill, decode_step, forward), runner.py (RealCompiled, the
+pack.py (PackedModel, pack), model.py (prefill, decode_step, forward), compiled.py (RealCompiled, the
 Compiled-compatible adapter used by `prefixquant eval/generate --backend real`).
 """
 from prefixquant_jax.runtime.model import (
@@ -16,7 +16,7 @@ from prefixquant_jax.runtime.pack import (
     default_backend,
     pack,
 )
-from prefixquant_jax.runtime.runner import RealCompiled, compile_loaded
+from prefixquant_jax.runtime.compiled import RealCompiled, compile_loaded
 
 __all__ = ["PackedModel", "QuantKVCache", "RealCompiled", "RuntimeSpec", "compile_loaded", "decode_step",
            "default_backend", "empty_cache", "forward", "pack", "prefill"]

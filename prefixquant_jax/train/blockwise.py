@@ -25,63 +25,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from prefixquant_jax.block_runner import BlockRunner
+from prefixquant_jax.compiled_block import CompiledBlock
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.model import QuantParam
+from prefixquant_jax.options import TRAIN_PRESETS, TrainConfig, train_config  # noqa: F401 (re-exported)
 
 MIN_SCALE = 1e-6
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """How to fine-tune. `ckpt_every`: in-block checkpoint period in steps (0: only after each block)."""
-
-    samples: int = 32
-    seqlen: int = 512
-    epochs: int = 2
-    batch_size: int = 4
-    lr_quant: float = 5e-5
-    lr_weight: float = 5e-6
-    weight_decay: float = 0.0
-    final_lr_ratio: float = 0.1
-    train_weights: bool = True
-    ckpt_every: int = 0
-    seed: int = 0
-
-    def __post_init__(self):
-        for k in ("samples", "seqlen", "epochs", "batch_size"):
-            if getattr(self, k) < 1:
-                raise UserError(f"training {k} must be >= 1, got {getattr(self, k)}")
-        if self.batch_size > self.samples:
-            raise UserError(f"training batch size {self.batch_size} exceeds the {self.samples} training samples")
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.samples // self.batch_size
-
-    @property
-    def steps(self) -> int:
-        return self.steps_per_epoch * self.epochs
-
-
-TRAIN_PRESETS = {
-    # the paper: 512 samples x 1024 tokens, batch 4, 20 epochs (W4A4KV4; 10 for W4A8KV4)
-    "paper": TrainConfig(samples=512, seqlen=1024, batch_size=4, epochs=20),
-    # a CPU-sized default: 32 x 512, batch 4, 4 epochs (32 steps per block); see README for its cost
-    "fast": TrainConfig(samples=32, seqlen=512, batch_size=4, epochs=4),
-    # FlatQuant's paper recipe (its transforms' lr 5e-3 is flatquant.FlatOptions.lr / --flat-lr): 128 x 2048, batch 4, 15 epochs
-    "flatquant-paper": TrainConfig(samples=128, seqlen=2048, batch_size=4, epochs=15, train_weights=False),
-}
-
-
-def train_config(preset: str, a_bits: int | None = None, **overrides) -> TrainConfig:
-    if preset not in TRAIN_PRESETS:
-        raise UserError(f"unknown --train-preset {preset!r} (known: {', '.join(TRAIN_PRESETS)})")
-    cfg = TRAIN_PRESETS[preset]
-    if preset == "paper" and a_bits is not None and a_bits >= 8:
-        cfg = dataclasses.replace(cfg, epochs=10)
-    kw = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(cfg, **kw) if kw else cfg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,17 +68,18 @@ def _optimizer(groups, cfg: TrainConfig):
 class BlockTrainer:
     """Jitted train step / loss for any block with the structure of `template_block`."""
 
-    def __init__(self, runner: BlockRunner, template_block, groups, cfg: TrainConfig):
-        self.runner, self.groups, self.cfg = runner, groups, cfg
+    def __init__(self, compiled: CompiledBlock, template_block, groups, cfg: TrainConfig):
+        self.compiled, self.groups, self.cfg = compiled, groups, cfg
         self.filters = tuple(g.filter for g in groups)
         self.tx = _optimizer(groups, cfg)
         devices = jax.devices()
         if cfg.batch_size % len(devices):
-            raise UserError(f"training batch size {cfg.batch_size} is not divisible by the {len(devices)} devices")
+            raise UserError(f"TrainConfig.batch_size {cfg.batch_size} is not divisible by the {len(devices)} devices",
+                            "TrainConfig.batch_size")
         mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         self.batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
         self.replicated = NamedSharding(mesh, PartitionSpec())
-        P = runner.P
+        P = compiled.P
         projects = tuple(g.project for g in groups)
 
         def loss_fn(gd, train, rest, x, ck, cv, cos, sin, target):
@@ -151,8 +101,8 @@ class BlockTrainer:
         train, rest = tuple(parts[:-1]), parts[-1]
         return gd, jax.device_put(train, self.replicated), jax.device_put(rest, self.replicated)
 
-    def batch(self, runner_layer: int, x: np.ndarray, target: np.ndarray, idx: np.ndarray):
-        ck, cv = self.runner.cache(runner_layer, len(idx), x.shape[1])
+    def batch(self, layer: int, x: np.ndarray, target: np.ndarray, idx: np.ndarray):
+        ck, cv = self.compiled.cache(layer, len(idx), x.shape[1])
         put = lambda a: jax.device_put(a, self.batch_sharding)
         return put(x[idx]), put(ck), put(cv), put(target[idx])
 
@@ -161,7 +111,7 @@ class BlockTrainer:
         tot = 0.0
         for s in range(0, len(x) - B + 1, B):
             xb, ck, cv, tb = self.batch(layer, x, target, np.arange(s, s + B))
-            tot += float(self._loss(gd, train, rest, xb, ck, cv, self.runner.cos, self.runner.sin, tb))
+            tot += float(self._loss(gd, train, rest, xb, ck, cv, self.compiled.cos, self.compiled.sin, tb))
         return tot / (len(x) // B)
 
     def order(self, layer: int, epoch: int) -> np.ndarray:
@@ -179,8 +129,8 @@ def train_blockwise(fp_model, q_model, x0: np.ndarray, prefix_kv, cfg: TrainConf
     if N != cfg.samples:
         raise ValueError(f"x0 has {N} samples, config says {cfg.samples}")
     groups = groups or prefixquant_groups(cfg)
-    runner = BlockRunner(q_model.config, prefix_kv, L)
-    trainer = BlockTrainer(runner, q_model.layers[0], groups, cfg)
+    compiled = CompiledBlock(q_model.config, prefix_kv, L)
+    trainer = BlockTrainer(compiled, q_model.layers[0], groups, cfg)
     x_fp, x_q = x0, x0
     logs = list(train_dir.meta["blocks"]) if train_dir else []
     done = len(logs)
@@ -189,13 +139,13 @@ def train_blockwise(fp_model, q_model, x0: np.ndarray, prefix_kv, cfg: TrainConf
         gd, train, rest = trainer.split(qb)
         nnx.update(qb, *train_dir.load_block(layer, train))
         if done < len(q_model.layers):  # the inputs matter only if some block is left to train
-            x_q = runner.forward(qb, layer, x_q, chunk)
-            x_fp = runner.forward(fp_model.layers[layer], layer, x_fp, chunk)
+            x_q = compiled.forward(qb, layer, x_q, chunk)
+            x_fp = compiled.forward(fp_model.layers[layer], layer, x_fp, chunk)
     n_layers = len(q_model.layers)
     for layer in range(done, n_layers):
         t0 = time.time()
         qb = q_model.layers[layer]
-        target = runner.forward(fp_model.layers[layer], layer, x_fp, chunk)
+        target = compiled.forward(fp_model.layers[layer], layer, x_fp, chunk)
         gd, train, rest = trainer.split(qb)
         opt_state = jax.device_put(trainer.tx.init(train), trainer.replicated)
         loss_before = trainer.mean_loss(gd, train, rest, layer, x_q, target)
@@ -210,7 +160,7 @@ def train_blockwise(fp_model, q_model, x0: np.ndarray, prefix_kv, cfg: TrainConf
             epoch, i = divmod(s, cfg.steps_per_epoch)
             idx = np.sort(trainer.order(layer, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size])
             xb, ck, cv, tb = trainer.batch(layer, x_q, target, idx)
-            train, opt_state, loss = trainer._step(gd, train, opt_state, rest, xb, ck, cv, runner.cos, runner.sin, tb)
+            train, opt_state, loss = trainer._step(gd, train, opt_state, rest, xb, ck, cv, compiled.cos, compiled.sin, tb)
             loss = float(loss)
             if not np.isfinite(loss):
                 raise UserError(f"training diverged: loss {loss} at block {layer} step {s}; lower the learning rates")
@@ -225,6 +175,6 @@ def train_blockwise(fp_model, q_model, x0: np.ndarray, prefix_kv, cfg: TrainConf
         if train_dir is not None:
             train_dir.save_block(layer, train, log)
         logs.append(log)
-        x_q = runner.forward(qb, layer, x_q, chunk)
+        x_q = compiled.forward(qb, layer, x_q, chunk)
         x_fp = target
     return logs

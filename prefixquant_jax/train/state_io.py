@@ -45,26 +45,32 @@ class TrainDir:
     """One training run's directory. `fingerprint` must match on resume (same model, preset, data, config).
 
     `normalize` maps a fingerprint key to a function applied to the stored value before comparing
-    (e.g. to read a directory written before a field was added)."""
+    (e.g. to read a directory written before a field was added); `aliases` maps an old key of a stored
+    fingerprint to its new name."""
 
-    def __init__(self, path: str, fingerprint: dict, resume: bool, overwrite: bool = False, normalize: dict | None = None):
+    def __init__(self, path: str, fingerprint: dict, resume: bool, overwrite: bool = False, normalize: dict | None = None,
+                 aliases: dict | None = None):
         self.path = os.path.abspath(path)
         self.meta_file = os.path.join(self.path, "train.json")
         if resume:
             if not os.path.isfile(self.meta_file):
-                raise UserError(f"--resume {path}: no train.json there (not a training directory)")
+                raise UserError(f"cannot resume {path}: no train.json there (not a training directory)")
             self.meta = self._read_meta()
             stored = dict(self.meta.get("fingerprint") or {})
+            for old, new in (aliases or {}).items():
+                if old in stored and new not in stored:
+                    stored[new] = stored.pop(old)
             for k, f in (normalize or {}).items():
                 if k in stored:
                     stored[k] = f(stored[k])
             if stored != fingerprint:
                 diff = sorted(k for k in set(fingerprint) | set(stored) if fingerprint.get(k) != stored.get(k))
-                raise UserError(f"--resume {path}: the run there differs in {', '.join(diff)}")
+                raise UserError(f"cannot resume {path}: the run there differs in {', '.join(diff)}")
         else:
             if os.path.exists(self.path) and os.listdir(self.path):
                 if not overwrite:
-                    raise UserError(f"training directory {path} exists; use --resume {path} to continue it or --overwrite")
+                    raise UserError(f"training directory {path} exists; set TrainCheckpoint.resume to continue it or "
+                                    "TrainCheckpoint.overwrite to replace it", "TrainCheckpoint.resume", "TrainCheckpoint.overwrite")
                 shutil.rmtree(self.path)
             os.makedirs(self.path, exist_ok=True)
             self.meta = {"format": "prefixquant-train/1", "fingerprint": fingerprint, "blocks": []}

@@ -72,7 +72,7 @@ def test_round_trip_identical_logits_and_ppl(quantized, saved, text_file):
     assert back.prefix_kv.token_ids == [1] and back.prefix_kv.k_rotated
     for a, b in zip(qm.model.layers, back.model.layers):
         assert sorted(a.qparams.keys()) == sorted(b.qparams.keys())
-    from prefixquant_jax.runner import Compiled
+    from prefixquant_jax.compiled import Compiled
 
     compiled = Compiled(qm.model)
     la, pa = jit_logits_and_ppl(compiled, qm, tok, text_file)
@@ -142,7 +142,7 @@ def test_int8_weights_and_extra_variables(quantized, tmp_path):
     assert kinds[("layers", 1, "mlp", "down", "kernel")] == "int8" and meta["tokenizer"] is None
     assert isinstance(back.model.layers[1].extra["t"], nnx.BatchStat)
     np.testing.assert_array_equal(np.asarray(back.model.layers[1].extra["t"][...]), np.arange(6.0).reshape(2, 3))
-    from prefixquant_jax.runner import Compiled
+    from prefixquant_jax.compiled import Compiled
 
     compiled = Compiled(q8.model)
     np.testing.assert_array_equal(jit_logits_and_ppl(compiled, q8)[0], jit_logits_and_ppl(compiled, back)[0])

@@ -9,7 +9,7 @@ from prefixquant_jax.eval.data import load_text, tokenize, windows
 from prefixquant_jax.eval.generate import greedy
 from prefixquant_jax.eval.perplexity import perplexity
 from prefixquant_jax.model import Llama
-from prefixquant_jax.runner import Compiled
+from prefixquant_jax.compiled import Compiled
 from tests.conftest import needs_smollm2
 
 pytestmark = [needs_smollm2, pytest.mark.smollm2]

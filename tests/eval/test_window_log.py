@@ -7,7 +7,7 @@ import pytest
 
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.eval.perplexity import perplexity
-from prefixquant_jax.runner import Compiled
+from prefixquant_jax.compiled import Compiled
 from tests.test_cli import run_cli
 
 

@@ -9,7 +9,7 @@ from prefixquant_jax.prefix.outliers import capture_token_ranges, choose_prefix,
 from prefixquant_jax.prefix.prefix_kv import compute_prefix_kv
 from prefixquant_jax.quant.recipe import QuantRecipe
 from prefixquant_jax.rotate.fuse import RotationConfig, rotate_params
-from prefixquant_jax.runner import Compiled
+from prefixquant_jax.compiled import Compiled
 from prefixquant_jax.eval.perplexity import perplexity
 from tests.conftest import rng_tokens
 

@@ -23,7 +23,7 @@ from prefixquant_jax.eval.generate import greedy
 from prefixquant_jax.model import set_recipe
 from prefixquant_jax.quant.presets import get_preset
 from prefixquant_jax.pipeline import QuantizeOptions, init_weight_scales, quantize
-from prefixquant_jax.runner import Compiled
+from prefixquant_jax.compiled import Compiled
 from prefixquant_jax.runtime import RealCompiled, decode_step, pack, prefill
 from tests.conftest import rng_tokens
 from tests.test_cli import assert_one_line_error

@@ -19,7 +19,7 @@ from prefixquant_jax.prefix.prefix_kv import compute_prefix_kv
 from prefixquant_jax.quant.presets import get_preset
 from prefixquant_jax.quant.spec import QuantSpec
 from prefixquant_jax.pipeline import QuantizedModel
-from prefixquant_jax.runner import Compiled
+from prefixquant_jax.compiled import Compiled
 from prefixquant_jax.runtime import decode_step, pack, prefill
 from tests.conftest import rng_tokens
 from tests.flatquant.test_merge import QSITES, W4, flat_model

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from prefixquant_jax.train import TrainConfig, finetune, prefixquant_groups
 from prefixquant_jax.train.blockwise import BlockTrainer
-from prefixquant_jax.block_runner import BlockRunner
+from prefixquant_jax.compiled_block import CompiledBlock
 from tests.test_cli import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,7 +42,7 @@ def test_two_lr_groups_step_sizes(tiny_dir, text_file):
     """Adam's first step moves every parameter with a non-negligible gradient by ~lr of its group."""
     qm, _ = _quantized(tiny_dir, text_file)
     cfg = TrainConfig(samples=4, seqlen=32, batch_size=2, epochs=1, lr_quant=1e-3, lr_weight=1e-5)
-    runner = BlockRunner(qm.config, qm.prefix_kv, 32)
+    runner = CompiledBlock(qm.config, qm.prefix_kv, 32)
     trainer = BlockTrainer(runner, qm.model.layers[0], prefixquant_groups(cfg), cfg)
     gd, train, rest = trainer.split(qm.model.layers[0])
     before = jax.tree.map(np.array, train)

@@ -1,0 +1,120 @@
+"""CompiledBlock: the jitted functions of a decoder block run on host-held activations, behind the FP prefix KV.
+
+Every block-by-block stage (calibration, GPTQ, training) feeds blocks [N, L, D] activations kept on the
+host between blocks; this class jits the block forward, the statistics captures and the loss once per
+block structure and builds each layer's prefix cache.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prefixquant_jax.kv_cache import KVCache
+from prefixquant_jax.model import rope_tables
+from prefixquant_jax.quant.recipe import pair_ranges, sown_value
+
+
+def _sown(block, *args) -> dict:
+    """Run block(*args) and return what its recipe sowed (nnx.Intermediate), as a pure dict."""
+    _, inter = nnx.capture(lambda b, *a: b(*a), nnx.Intermediate)(block, *args)
+    return nnx.to_pure_dict(inter)
+
+
+class CompiledBlock:
+    """Jitted block forward / range capture / loss behind the prefix KV of each layer.
+
+    The block's graphdef is a static argument, so each distinct block structure (FP block, quantized
+    block with its qparams) compiles once and every layer reuses it.
+    """
+
+    def __init__(self, config, prefix_kv, L):
+        self.config = config
+        self.P = 0 if prefix_kv is None else prefix_kv.length
+        self.prefix_kv = prefix_kv
+        self.cos, self.sin = rope_tables(config, self.P + jnp.arange(L))
+        P = self.P
+
+        def fwd(gd, state, x, ck, cv, cos, sin):
+            return nnx.merge(gd, state)(x, ck, cv, P, cos, sin)[0]
+
+        def capture(gd, state, x, ck, cv, cos, sin):
+            b = nnx.merge(gd, state)
+            b.recipe = b.recipe.replace(capture=True, sites=())
+            return _sown(b, x, ck, cv, P, cos, sin)
+
+        def gram(gd, state, x, ck, cv, cos, sin):
+            b = nnx.merge(gd, state)
+            b.recipe = b.recipe.replace(capture_gram=True)
+            return _sown(b, x, ck, cv, P, cos, sin)
+
+        def loss(gd, state, x, ck, cv, cos, sin, target):
+            y = nnx.merge(gd, state)(x, ck, cv, P, cos, sin)[0]
+            return jnp.mean((y.astype(jnp.float32) - target) ** 2)
+
+        def qkv(gd, state, x, ck, cv, cos, sin):
+            b = nnx.merge(gd, state)
+            b.recipe = b.recipe.replace(capture_qkv=True, sites=())
+            return _sown(b, x, ck, cv, P, cos, sin)
+
+        self._qkv = jax.jit(qkv, static_argnums=0)
+        self._fwd = jax.jit(fwd, static_argnums=0)
+        self._capture = jax.jit(capture, static_argnums=0)
+        self._gram = jax.jit(gram, static_argnums=0)
+        self._loss = jax.jit(loss, static_argnums=0)
+
+    def cache(self, layer: int, n: int, L: int):
+        c = self.config
+        if self.prefix_kv is None:
+            z = jnp.zeros((n, L, c.num_kv_heads, c.head_dim), jnp.float32)
+            return z, z
+        one_layer = KVCache(k=[self.prefix_kv.k[layer]], v=[self.prefix_kv.v[layer]])
+        pk = KVCache.with_prefix(one_layer, n, self.P + L)
+        return pk.k[0], pk.v[0]
+
+    def _chunks(self, layer, x, chunk):
+        for s in range(0, len(x), chunk):
+            xb = jnp.asarray(x[s:s + chunk])
+            yield (xb,) + self.cache(layer, len(xb), xb.shape[1])
+
+    def forward(self, block, layer, x: np.ndarray, chunk: int) -> np.ndarray:
+        gd, state = nnx.split(block)
+        return np.concatenate([np.asarray(self._fwd(gd, state, xb, ck, cv, self.cos, self.sin))
+                               for xb, ck, cv in self._chunks(layer, x, chunk)])
+
+    def _collect(self, fn, block, layer, x: np.ndarray, chunk: int) -> dict:
+        """What the jitted capture `fn` sows on every chunk of x, each value concatenated over the samples."""
+        gd, state = nnx.split(block)
+        acc: dict = {}
+        for xb, ck, cv in self._chunks(layer, x, chunk):
+            for k, v in fn(gd, state, xb, ck, cv, self.cos, self.sin).items():
+                acc.setdefault(k, []).append(np.asarray(sown_value(v)))
+        return {k: np.concatenate(v) for k, v in acc.items()}
+
+    def ranges(self, block, layer, x: np.ndarray, chunk: int) -> dict:
+        """Per-token (min, max) of every quantization site's input, weights as in `block`, acts FP."""
+        return pair_ranges(self._collect(self._capture, block, layer, x, chunk))
+
+    def grams(self, block, layer, x: np.ndarray, chunk: int) -> dict:
+        """{site: sum over all tokens of x^T x [C, C] (float64)} at each activation site, as `block` runs."""
+        gd, state = nnx.split(block)
+        acc: dict = {}
+        for xb, ck, cv in self._chunks(layer, x, chunk):
+            for k, v in self._gram(gd, state, xb, ck, cv, self.cos, self.sin).items():
+                site = k.removesuffix("_gram")
+                acc[site] = acc.get(site, 0.0) + np.asarray(sown_value(v), np.float64)
+        return acc
+
+    def qkv(self, block, layer, x: np.ndarray, chunk: int) -> dict:
+        """{"q_attn", "k_cache_x", "v_cache_x": [N, L, heads, hd]}: the attention's q and the KV sites' inputs
+        as `block` runs with FP activations (its weights as they are)."""
+        return self._collect(self._qkv, block, layer, x, chunk)
+
+    def prefix_keys(self, layer: int):
+        """The layer's FP prefix keys [P, KV, hd] (None without a prefix)."""
+        return None if self.prefix_kv is None else jnp.asarray(self.prefix_kv.k[layer])[0, :self.P]
+
+    def loss(self, block, x, ck, cv, target) -> float:
+        gd, state = nnx.split(block)
+        return float(self._loss(gd, state, x, ck, cv, self.cos, self.sin, target))
