@@ -12,7 +12,7 @@ from tests.conftest import make_tiny_family
 from tests.flatquant.test_merge import flat_model
 
 
-@pytest.mark.parametrize("param,kv_orig", [("inverse", False), ("orthogonal", True)])
+@pytest.mark.parametrize("param,kv_orig", [("inverse", False), pytest.param("orthogonal", True, marks=pytest.mark.slow)])
 def test_bias_quant_off_equals_fp_and_merged(tmp_path, param, kv_orig):
     make_tiny_family(tmp_path, "qwen2", tokenizer=False)
     ck = load_checkpoint(str(tmp_path))
