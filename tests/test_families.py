@@ -3,7 +3,7 @@
 Weights are peaky (tests/conftest.make_tiny_family: 5x the default init, random norms and biases, logits up
 to ~3.5), so a dropped bias or q/k norm moves the logits by > 1e-2 (checked: the negative controls below).
 Tolerances, float32: our logits vs transformers' max abs diff <= 1e-4 (seen ~2e-6); the rotated FP model
-vs the FP model <= 1e-4 * (1 + max |logit|) (seen ~1e-6); quantized eval, real int4 runtime vs fake quant,
+vs the FP model <= 1e-4 * (1 + max |logit|) (seen 2e-6 to 4e-6); quantized eval, real int4 runtime vs fake quant,
 perplexity within 0.5 %.
 """
 import json
