@@ -80,6 +80,18 @@ def _compiled(loaded, args):
     return RealCompiled(dataclasses.replace(pm, spec=dataclasses.replace(pm.spec, kernels=kernels)))
 
 
+def _add_mesh_arg(p):
+    p.add_argument("--mesh", metavar="data=D,model=M", default=None,
+                   help="device mesh (default: all local devices on data): batches split over data, weights over "
+                        "model (Megatron: attention heads / MLP columns, o and down by rows); prefixquant_jax/sharding.py")
+
+
+def _sharded(compiled, args):
+    """`compiled` on the --mesh (itself on a one-device mesh: the single-device computation)."""
+    from prefixquant_jax.sharding import MeshSpec, shard
+    return shard(compiled, MeshSpec.parse(getattr(args, "mesh", None)))
+
+
 def _int_matmul_compiled(loaded):
     from prefixquant_jax.flatquant.recipe import FlatQuantRecipe
     from prefixquant_jax.model import set_recipe
@@ -105,10 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p)
     p.add_argument("--import-prefix", metavar="FILE", help="prefix KV safetensors (export-prefix) to put in front of every window")
     _add_backend_arg(p)
+    _add_mesh_arg(p)
 
     p = sub.add_parser("generate", help="greedy decoding with the KV cache")
     _add_model_args(p)
     _add_backend_arg(p)
+    _add_mesh_arg(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
@@ -129,7 +143,7 @@ def cmd_eval(args) -> dict:
         raise_user(f"--seqlen must be >= 2, got {args.seqlen}")
     t0 = time.time()
     loaded = load_for_inference(args.model, _dtype(args.dtype), import_prefix=getattr(args, "import_prefix", None))
-    compiled = _compiled(loaded, args)
+    compiled = _sharded(_compiled(loaded, args), args)
     prefix_len = 0 if loaded.prefix_kv is None else loaded.prefix_kv.length
     if args.seqlen + prefix_len > loaded.config.max_position_embeddings:
         raise_user(f"--seqlen {args.seqlen} (+ prefix {prefix_len}) exceeds the model's max positions {loaded.config.max_position_embeddings}")
@@ -137,12 +151,19 @@ def cmd_eval(args) -> dict:
     ids = tokenize(loaded.tokenizer, text)
     win = windows(ids, args.seqlen, args.max_windows)
     int_mm = getattr(args, "fake_matmul", "float") == "int" and getattr(args, "backend", "fake") == "fake"
-    res = perplexity(compiled, win, loaded.prefix_kv, batch_size=args.batch_size, log_path=args.eval_log,
-                     log_tag="fake-matmul=int" if int_mm else "")
+    tag = ",".join(t for t in ("fake-matmul=int" if int_mm else "", _mesh_tag(compiled)) if t)
+    res = perplexity(compiled, win, loaded.prefix_kv, batch_size=args.batch_size, log_path=args.eval_log, log_tag=tag)
     res.update(model=args.model, data=args.data, dtype=args.dtype, preset=loaded.preset, seconds=time.time() - t0,
-               backend=getattr(args, "backend", "fake"), fake_matmul="int" if int_mm else "float")
+               backend=getattr(args, "backend", "fake"), fake_matmul="int" if int_mm else "float",
+               mesh=dict(compiled.mesh.shape) if hasattr(compiled, "mesh") else {"data": 1, "model": 1})
     print(f"{args.model} [{loaded.preset}{', real int4' if res['backend'] == 'real' else ''}] on {args.data}: ppl {res['ppl']:.4f} ({res['windows']} windows x {args.seqlen} tokens, {res['seconds']:.1f}s)")
     return res
+
+
+def _mesh_tag(compiled) -> str:
+    """Eval-log tag of a mesh whose `model` axis splits sums (data alone leaves every number as it is)."""
+    mesh = getattr(compiled, "mesh", None)
+    return f"mesh-model={mesh.shape['model']}" if mesh is not None and mesh.shape["model"] > 1 else ""
 
 
 def cmd_generate(args) -> dict:
@@ -152,7 +173,7 @@ def cmd_generate(args) -> dict:
     if args.max_new_tokens < 1:
         raise_user(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     loaded = load_for_inference(args.model, _dtype(args.dtype))
-    compiled = _compiled(loaded, args)
+    compiled = _sharded(_compiled(loaded, args), args)
     ids = encode_prompt(loaded.tokenizer, args.prompt, chat=not args.no_chat)
     t0 = time.time()
     out = greedy(compiled, ids, args.max_new_tokens, eos_id=loaded.config.eos_token_id, prefix_kv=loaded.prefix_kv)

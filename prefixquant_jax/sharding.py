@@ -1,0 +1,199 @@
+"""A (data, model) device mesh for evaluation and the real runtime: jax.sharding, no hand-written collectives.
+
+`MeshSpec.parse("data=2,model=2")` (the CLI's `--mesh`; default: every local device on `data`) names the
+mesh; `shard(compiled, spec)` returns a compiled model (fake-quant `compiled.Compiled` or the runtime's
+`RealCompiled`) whose weights are placed with `jax.device_put` on `NamedSharding`s of a `jax.sharding.Mesh`
+and whose entry points are `jax.jit`s with in/out shardings; XLA's SPMD partitioner inserts the collectives.
+
+Weights (the usual Megatron split over `model`):
+  column split (output features: attention heads, MLP columns)  q, k, v, gate, up kernels [in, out] and the
+      q/k/v biases; packed runtime: qkv and gate_up codes [in(/2), out] and their per-column scales [1, out]
+  row split (input features)  o, down kernels [in, out]; packed runtime: o and down codes [in(/2), out]
+  replicated  embeddings, head, norms, quantizer scales (qparams), FlatQuant transforms, the prefix KV
+  The packed runtime concatenates q|k|v and gate|up along `out` (one GEMM each), so its column shards are
+  contiguous column ranges of the concatenation, not one device's own heads of each: XLA then moves data
+  between devices where the layer splits them (correct, not the minimal communication).
+Batches: tokens [B, L] and KV caches [B, T, KV, .] over `data` (rows; replicated when B % data != 0, e.g.
+the 1-row remainder of a perplexity run), caches' KV heads over `model`.
+
+A one-device mesh returns the compiled model unchanged: exactly the single-device computation.
+Numbers: rows of a batch are independent, so `data` alone does not change them; a row split over `model`
+sums each output of o and down as partial sums over devices, a different float summation order (a few
+ulps; tests/test_sharding.py measures it).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from prefixquant_jax.errors import UserError
+
+AXES = ("data", "model")
+COLUMN = ("q", "k", "v", "gate", "up")  # fake-quant Linear names, split by output features
+ROW = ("o", "down")
+PACKED_COLUMN = ("qkv", "gate_up")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    """`data` x `model` devices; data=None: all local devices not used by `model` (the default mesh)."""
+
+    data: int | None = None
+    model: int = 1
+
+    def __post_init__(self):
+        for name in AXES:
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise UserError(f"mesh axis {name} must be a positive integer, got {v!r}", "MeshSpec." + name)
+
+    @classmethod
+    def parse(cls, text: str | None) -> "MeshSpec":
+        """'data=D,model=M' (either may be left out); None or '': the default mesh."""
+        if not text:
+            return cls()
+        sizes = {}
+        for part in text.split(","):
+            name, eq, value = part.strip().partition("=")
+            name = name.strip()
+            if not eq or name not in AXES:
+                raise UserError(f"--mesh {text!r}: expected data=D,model=M (axes {', '.join(AXES)})")
+            if name in sizes:
+                raise UserError(f"--mesh {text!r}: axis {name} given twice")
+            try:
+                sizes[name] = int(value)
+            except ValueError:
+                raise UserError(f"--mesh {text!r}: {name}={value.strip()!r} is not an integer") from None
+            if sizes[name] < 1:
+                raise UserError(f"--mesh {text!r}: {name} must be >= 1")
+        return cls(**sizes)
+
+    def resolve(self, n_devices: int) -> tuple[int, int]:
+        """(data, model) for `n_devices` local devices."""
+        data = self.data if self.data is not None else n_devices // self.model
+        if data < 1 or data * self.model > n_devices:
+            raise UserError(f"mesh data={self.data if self.data is not None else '(all)'},model={self.model} needs "
+                            f"{max(data, 1) * self.model} devices, {n_devices} local device(s) available")
+        return data, self.model
+
+    def make(self, devices=None) -> Mesh:
+        """The jax.sharding.Mesh over the first data*model of `devices` (default: jax.local_devices())."""
+        devices = list(jax.local_devices() if devices is None else devices)
+        data, model = self.resolve(len(devices))
+        return Mesh(np.array(devices[:data * model], dtype=object).reshape(data, model), AXES)
+
+    def __str__(self) -> str:
+        return f"data={'all' if self.data is None else self.data},model={self.model}"
+
+
+def _names(path) -> tuple:
+    out = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(getattr(k, attr))
+                break
+    return tuple(n for n in out if n != "value")  # nnx Variables end in .value
+
+
+def weight_spec(names: tuple, ndim: int) -> PartitionSpec:
+    """PartitionSpec of one weight leaf from its path names (fake-quant nnx state or PackedModel)."""
+    if "layers" not in names or len(names) < 3:
+        return PartitionSpec()
+    owner, leaf = names[-2], names[-1]
+    fake = names[-3] in ("attn", "mlp")
+    if fake and owner in COLUMN and leaf == "kernel" and ndim == 2:
+        return PartitionSpec(None, "model")
+    if fake and owner in COLUMN and leaf == "bias" and ndim == 1:
+        return PartitionSpec("model")
+    if fake and owner in ROW and leaf == "kernel" and ndim == 2:
+        return PartitionSpec("model", None)
+    packed = isinstance(names[-3], int)
+    if packed and owner in PACKED_COLUMN and leaf in ("qvalue", "scale") and ndim == 2:
+        return PartitionSpec(None, "model")
+    if packed and owner in ROW and leaf == "qvalue" and ndim == 2:
+        return PartitionSpec("model", None)
+    if leaf == "qkv_bias" and ndim == 1:
+        return PartitionSpec("model")
+    return PartitionSpec()
+
+
+def _check(names, shape, spec: PartitionSpec, mesh: Mesh):
+    for dim, axis in zip(shape, spec):
+        if axis is not None and dim % mesh.shape[axis]:
+            where = ".".join(str(n) for n in names)
+            raise UserError(f"{where} {tuple(shape)} cannot be split over mesh axis {axis}={mesh.shape[axis]}: "
+                            f"{dim} is not a multiple (pick --mesh model= dividing the heads and MLP width)")
+
+
+def state_shardings(mesh: Mesh, state):
+    """NamedSharding per leaf of a model state (weight_spec); UserError if a split dimension does not divide."""
+    def one(path, leaf):
+        names, shape = _names(path), np.shape(leaf)
+        spec = weight_spec(names, len(shape))
+        _check(names, shape, spec, mesh)
+        return NamedSharding(mesh, spec)
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def batch_spec(mesh: Mesh, shape) -> PartitionSpec:
+    """Rows over `data` (when they divide), a cache's KV heads (axis 2 of a 4-d leaf) over `model` (ditto)."""
+    if len(shape) == 0:
+        return PartitionSpec()
+    rows = "data" if mesh.shape["data"] > 1 and shape[0] % mesh.shape["data"] == 0 else None
+    if len(shape) == 4 and mesh.shape["model"] > 1 and shape[2] % mesh.shape["model"] == 0:
+        return PartitionSpec(rows, None, "model", None)
+    return PartitionSpec(rows)
+
+
+def batch_shardings(mesh: Mesh, tree):
+    return jax.tree.map(lambda a: NamedSharding(mesh, batch_spec(mesh, np.shape(a))), tree)
+
+
+class ShardedCompiled:
+    """A compiled model (duck-types compiled.Compiled: model, state, cache, logits, nll, step) on a mesh."""
+
+    def __init__(self, compiled, mesh: Mesh):
+        self.base, self.mesh, self.model = compiled, mesh, compiled.model
+        self.state_sharding = state_shardings(mesh, compiled.state)
+        self.state = jax.device_put(compiled.state, self.state_sharding)
+        self._jits = {}
+
+    def cache(self, batch: int, max_len: int, prefix_kv=None):
+        c = self.base.cache(batch, max_len, prefix_kv)
+        return jax.device_put(c, batch_shardings(self.mesh, c))
+
+    def _jit(self, name: str, tokens, cache):
+        key = (name, np.shape(tokens), jax.tree.structure(cache), tuple(np.shape(a) for a in jax.tree.leaves(cache)))
+        if key not in self._jits:
+            rep = NamedSharding(self.mesh, PartitionSpec())
+            tok_sh = NamedSharding(self.mesh, batch_spec(self.mesh, np.shape(tokens)))
+            cache_sh = batch_shardings(self.mesh, cache)
+            rows = NamedSharding(self.mesh, batch_spec(self.mesh, (np.shape(tokens)[0],)))
+            out = {"nll": rep, "logits": (rows, cache_sh), "step": (rows, cache_sh)}[name]
+            self._jits[key] = jax.jit(getattr(self.base, name), in_shardings=(self.state_sharding, tok_sh, cache_sh, rep),
+                                      out_shardings=out, donate_argnums=(2,) if name == "step" else ())
+        return self._jits[key]
+
+    def _call(self, name, state, tokens, cache, offset):
+        return self._jit(name, tokens, cache)(state, tokens, cache, offset)
+
+    def logits(self, state, tokens, cache, offset):
+        return self._call("logits", state, tokens, cache, offset)
+
+    def nll(self, state, tokens, cache, offset):
+        return self._call("nll", state, tokens, cache, offset)
+
+    def step(self, state, token, cache, offset):
+        return self._call("step", state, token, cache, offset)
+
+
+def shard(compiled, spec: MeshSpec | None = None, devices=None):
+    """`compiled` on the mesh `spec` (default MeshSpec()); a one-device mesh returns `compiled` itself."""
+    mesh = (spec or MeshSpec()).make(devices)
+    if mesh.size == 1:
+        return compiled
+    return ShardedCompiled(compiled, mesh)
