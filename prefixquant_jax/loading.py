@@ -32,7 +32,9 @@ def load_fp(model_spec: str, dtype=jnp.float32):
     from checkpoints_convert import load_checkpoint
     from prefixquant_jax.model import Llama
 
-    ck = load_checkpoint(model_spec)
+    # a bf16 model takes a bf16 checkpoint's tensors as they are (half the host memory; the same values as
+    # through float32, which holds bf16 exactly); any other dtype reads float32 params
+    ck = load_checkpoint(model_spec, keep_dtype=jnp.dtype(dtype) == jnp.bfloat16)
     return ck, Llama.from_params(ck.config, ck.params, dtype)
 
 
