@@ -71,6 +71,9 @@ def worker(model_dir: str, text: str, out: str) -> None:
             if isinstance(c, ShardedCompiled) and m.endswith("model=2"):  # the weights are really split
                 specs = {a.sharding.spec for a in jax.tree.leaves(c.state)}
                 assert {PartitionSpec(None, "model"), PartitionSpec("model", None)} <= specs, specs
+                for a in jax.tree.leaves(c.state):  # a split weight: each device holds half of it
+                    want = [n // 2 if ax == "model" else n for n, ax in zip(a.shape, tuple(a.sharding.spec) + (None,) * a.ndim)]
+                    assert [list(sh.data.shape) for sh in a.addressable_shards] == [want] * 4, (a.shape, a.sharding)
             nll, logits, toks = evaluate(c, pkv, win, decode=name != "fake")  # fewer compilations
             res[f"{name}/{m}"] = {"nll": nll, "greedy": toks}
             arrays[f"{name}/{m}"] = logits
