@@ -36,6 +36,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import _mgpu
 from pallas_kernels._common import next_pow2, pad_axis, round_up
 from pallas_kernels.gemm_mgpu import MEMORY_REGISTERS
+from pallas_kernels.gemv_w4 import check_gemv_args
 
 MAX_ROWS = 256  # wgmma's N side (the activation rows here) is at most 256
 TARGET_CTAS = 264  # two waves of an H100's 132 SMs
@@ -136,18 +137,12 @@ def gemv_w4_mgpu(x, w_packed, w_scale, out_dtype=None, *, block_n=None, block_k=
     Arguments as gemv_w4.gemv_w4's (M <= 256, bf16 / f16 compute); split / stages / block_n / block_k:
     gemv_tiles'. interpret: None (on the CPU only), a bool, or an InterpretGPUParams.
     """
-    M, K = x.shape
-    Kh, N = w_packed.shape
-    if K != 2 * Kh:
-        raise ValueError(f"K mismatch: x {x.shape} vs packed w {w_packed.shape}")
-    s = jnp.asarray(w_scale, jnp.float32)
-    if s.ndim != 2 or s.shape[1] != N or K % s.shape[0]:
-        raise ValueError(f"w_scale must be [1, N] or [K/g, N]; got {s.shape} for K={K}, N={N}")
+    M, K, N, s = check_gemv_args(x, w_packed, w_scale)
     groups = s.shape[0]
     out_dtype = x.dtype if out_dtype is None else out_dtype
     cdt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
     mp, bn, bkh, split, stages, swizzle = gemv_tiles(M, N, K, groups, block_n, block_k, split, stages)
-    Khp = round_up(Kh, bkh * split)
+    Khp = round_up(K // 2, bkh * split)
     nk = Khp // bkh // split
     xt = pad_axis(pad_axis(x.astype(cdt), 0, mp), 1, 2 * Khp).T  # [2 Khp, Mp]: x^T, rows by K
     wp = pad_axis(pad_axis(w_packed.astype(jnp.int8), 0, Khp), 1, bn)

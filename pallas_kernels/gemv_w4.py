@@ -51,6 +51,18 @@ def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, bk: int, nk: int, grouped: bool)
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
+def check_gemv_args(x, w_packed, w_scale):
+    """(M, K, N, float32 scales) of a W4 GEMV call, or ValueError: x [M, K], packed w [K/2, N], scales [1 | K/g, N]."""
+    M, K = x.shape
+    Kh, N = w_packed.shape
+    if K != 2 * Kh:
+        raise ValueError(f"K mismatch: x {x.shape} vs packed w {w_packed.shape}")
+    s = jnp.asarray(w_scale, jnp.float32)
+    if s.ndim != 2 or s.shape[1] != N or K % s.shape[0]:
+        raise ValueError(f"w_scale must be [1, N] or [K/g, N]; got {s.shape} for K={K}, N={N}")
+    return M, K, N, s
+
+
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_n", "block_k", "block_m", "interpret", "num_warps",
                                              "num_stages"))
 def gemv_w4(x, w_packed, w_scale, out_dtype=None, *, block_n: int | None = None, block_k: int | None = None,
@@ -61,13 +73,7 @@ def gemv_w4(x, w_packed, w_scale, out_dtype=None, *, block_n: int | None = None,
     w_scale [1, N] is per output channel; [G, N] with G > 1 means groups of K // G rows along K
     (block_k is then fixed to the group size, which must be even).
     """
-    M, K = x.shape
-    Kh, N = w_packed.shape
-    if K != 2 * Kh:
-        raise ValueError(f"K mismatch: x {x.shape} vs packed w {w_packed.shape}")
-    s = jnp.asarray(w_scale, jnp.float32)
-    if s.ndim != 2 or s.shape[1] != N or K % s.shape[0]:
-        raise ValueError(f"w_scale must be [1, N] or [K/g, N]; got {s.shape} for K={K}, N={N}")
+    M, K, N, s = check_gemv_args(x, w_packed, w_scale)
     grouped = s.shape[0] > 1
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if x.dtype not in (jnp.bfloat16, jnp.float32, jnp.float16):
