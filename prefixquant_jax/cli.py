@@ -86,10 +86,15 @@ def _add_mesh_arg(p):
                         "model (Megatron: attention heads / MLP columns, o and down by rows); prefixquant_jax/sharding.py")
 
 
+def _mesh_spec(args):
+    from prefixquant_jax.sharding import MeshSpec
+    return MeshSpec.parse(getattr(args, "mesh", None))
+
+
 def _sharded(compiled, args):
     """`compiled` on the --mesh (itself on a one-device mesh: the single-device computation)."""
-    from prefixquant_jax.sharding import MeshSpec, shard
-    return shard(compiled, MeshSpec.parse(getattr(args, "mesh", None)))
+    from prefixquant_jax.sharding import shard
+    return shard(compiled, _mesh_spec(args))
 
 
 def _int_matmul_compiled(loaded):
@@ -142,7 +147,8 @@ def cmd_eval(args) -> dict:
     if args.seqlen < 2:
         raise_user(f"--seqlen must be >= 2, got {args.seqlen}")
     t0 = time.time()
-    loaded = load_for_inference(args.model, _dtype(args.dtype), import_prefix=getattr(args, "import_prefix", None))
+    loaded = load_for_inference(args.model, _dtype(args.dtype), import_prefix=getattr(args, "import_prefix", None),
+                                mesh=_mesh_spec(args))
     compiled = _sharded(_compiled(loaded, args), args)
     prefix_len = 0 if loaded.prefix_kv is None else loaded.prefix_kv.length
     if args.seqlen + prefix_len > loaded.config.max_position_embeddings:
@@ -172,7 +178,7 @@ def cmd_generate(args) -> dict:
 
     if args.max_new_tokens < 1:
         raise_user(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    loaded = load_for_inference(args.model, _dtype(args.dtype))
+    loaded = load_for_inference(args.model, _dtype(args.dtype), mesh=_mesh_spec(args))
     compiled = _sharded(_compiled(loaded, args), args)
     ids = encode_prompt(loaded.tokenizer, args.prompt, chat=not args.no_chat)
     t0 = time.time()

@@ -27,22 +27,29 @@ class Loaded:
         return self._tokenizer
 
 
-def load_fp(model_spec: str, dtype=jnp.float32):
-    """(Checkpoint, Llama) for an FP checkpoint spec."""
+def load_fp(model_spec: str, dtype=jnp.float32, mesh=None):
+    """(Checkpoint, Llama) for an FP checkpoint spec; with `mesh` (a sharding.MeshSpec) the Llama's weights are
+    put on that mesh straight from the host (sharding.place_params); ck.params stay host numpy."""
     from checkpoints_convert import load_checkpoint
     from prefixquant_jax.model import Llama
 
     # a bf16 model takes a bf16 checkpoint's tensors as they are (half the host memory; the same values as
     # through float32, which holds bf16 exactly); any other dtype reads float32 params
     ck = load_checkpoint(model_spec, keep_dtype=jnp.dtype(dtype) == jnp.bfloat16)
-    return ck, Llama.from_params(ck.config, ck.params, dtype)
+    params = ck.params
+    if mesh is not None:
+        from prefixquant_jax.sharding import place_params
+        params = place_params(params, mesh)
+    return ck, Llama.from_params(ck.config, params, dtype)
 
 
-def load_for_inference(model_spec: str, dtype=jnp.float32, import_prefix: str | None = None) -> Loaded:
+def load_for_inference(model_spec: str, dtype=jnp.float32, import_prefix: str | None = None, mesh=None) -> Loaded:
+    """mesh: a sharding.MeshSpec to build an FP checkpoint's model on (saved quantized models: not yet, they are
+    loaded on one device and moved by sharding.shard)."""
     from prefixquant_jax.checkpoint.saved import looks_saved
     if looks_saved(model_spec):
         return load_saved(model_spec, dtype, import_prefix)
-    ck, model = load_fp(model_spec, dtype)
+    ck, model = load_fp(model_spec, dtype, mesh)
     prefix_kv = None
     if import_prefix:
         from checkpoints_convert.prefix_io import load_prefix_kv

@@ -139,6 +139,29 @@ def state_shardings(mesh: Mesh, state):
     return jax.tree_util.tree_map_with_path(one, state)
 
 
+def params_shardings(mesh: Mesh, params: dict):
+    """NamedSharding per leaf of a params dict (model.py layout: layers.i.attn.q, .q_bias, ...), same rules."""
+    def one(path, leaf):
+        names = _names(path)
+        if len(names) == 4 and names[2] in ("attn", "mlp"):  # -> the nnx path of that Linear's kernel / bias
+            owner = str(names[3])
+            names = names[:3] + ((owner[:-5], "bias") if owner.endswith("_bias") else (owner, "kernel"))
+        spec = weight_spec(names, np.ndim(leaf))
+        _check(names, np.shape(leaf), spec, mesh)
+        return NamedSharding(mesh, spec)
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def place_params(params: dict, spec: MeshSpec | None = None, devices=None) -> dict:
+    """Host params put straight onto the mesh, each device receiving only its shards (jax.device_put of the
+    numpy arrays), so that the model built from them never sits whole on one device; a one-device mesh: the
+    params unchanged (the single-device path)."""
+    mesh = (spec or MeshSpec()).make(devices)
+    if mesh.size == 1:
+        return params
+    return jax.device_put(params, params_shardings(mesh, params))
+
+
 def batch_spec(mesh: Mesh, shape) -> PartitionSpec:
     """Rows over `data` (when they divide), a cache's KV heads (axis 2 of a 4-d leaf) over `model` (ditto)."""
     if len(shape) == 0:

@@ -48,6 +48,7 @@ def worker(model_dir: str, text: str, out: str) -> None:
 
     from checkpoints_convert import load_checkpoint
     from prefixquant_jax.compiled import Compiled
+    from prefixquant_jax.loading import load_fp
     from prefixquant_jax.model import Llama
     from prefixquant_jax.pipeline import QuantizeOptions, quantize
     from prefixquant_jax.quant.presets import get_preset
@@ -66,8 +67,14 @@ def worker(model_dir: str, text: str, out: str) -> None:
     for name, (compiled, pkv) in cases.items():
         meshes = ["data=1,model=1", "data=2,model=2"] + (["data=2,model=1"] if name == "fp" else [])
         for m in meshes:
-            c = shard(compiled, MeshSpec.parse(m))
-            assert (m == "data=1,model=1") == (c is compiled)
+            base = compiled
+            if name == "fp" and m != "data=1,model=1":  # the CLI's path: weights put on the mesh from the host
+                base = Compiled(load_fp(model_dir, mesh=MeshSpec.parse(m))[1])
+                placed = [a.sharding for a in jax.tree.leaves(base.state)]
+            c = shard(base, MeshSpec.parse(m))
+            assert (m == "data=1,model=1") == (c is base)
+            if base is not compiled:  # already where shard() wants it: never whole on one device
+                assert placed == [a.sharding for a in jax.tree.leaves(c.state)]
             if isinstance(c, ShardedCompiled) and m.endswith("model=2"):  # the weights are really split
                 specs = {a.sharding.spec for a in jax.tree.leaves(c.state)}
                 assert {PartitionSpec(None, "model"), PartitionSpec("model", None)} <= specs, specs
