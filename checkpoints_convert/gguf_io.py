@@ -76,22 +76,17 @@ def llama3_scaling(freq_factors, theta: float, head_dim: int, low: float = 1.0, 
     return scaling
 
 
-def read_gguf(path: str) -> tuple[ModelConfig, dict]:
+def _open(path: str):
     import gguf
 
     try:
-        reader = gguf.GGUFReader(path)
+        return gguf.GGUFReader(path)  # memory-maps the file: no tensor is read here
     except Exception as e:
         raise UserError(f"{path}: cannot read GGUF file ({describe(e)})") from None
-    arch = _field(reader, "general.architecture")
-    if arch not in ARCHS:
-        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHS)})")
-    tensors = {t.name: t for t in reader.tensors}
-    if "token_embd.weight" not in tensors:
-        raise UserError(f"{path}: no token_embd.weight tensor")
 
-    def meta(key, default=None):
-        return _field(reader, f"{arch}.{key}", default)
+
+def _dequantizer(path: str, tensors: dict):
+    import gguf
 
     def deq(name):
         t = tensors[name]
@@ -101,6 +96,21 @@ def read_gguf(path: str) -> tuple[ModelConfig, dict]:
             raise UserError(f"{path}: cannot dequantize {name} ({t.tensor_type.name}): {e}") from None
         # numpy shape is the reverse of ggml's: [rows=out, cols=in] for 2-D weights
         return np.asarray(a, dtype=np.float32).reshape([int(s) for s in reversed(t.shape)])
+    return deq
+
+
+def _gguf_config(path: str, reader) -> tuple[ModelConfig, str, dict]:
+    """(config, architecture, tensors by name) from the metadata (and the small rope_freqs tensor)."""
+    arch = _field(reader, "general.architecture")
+    if arch not in ARCHS:
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHS)})")
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise UserError(f"{path}: no token_embd.weight tensor")
+    deq = _dequantizer(path, tensors)
+
+    def meta(key, default=None):
+        return _field(reader, f"{arch}.{key}", default)
 
     vocab = int(tensors["token_embd.weight"].shape[-1])
     hidden = int(meta("embedding_length"))
@@ -135,7 +145,17 @@ def read_gguf(path: str) -> tuple[ModelConfig, dict]:
         attention_bias=model_type == "qwen2",
         qk_norm=model_type == "qwen3",
     )
+    return config, arch, tensors
 
+
+def read_gguf_config(path: str) -> ModelConfig:
+    """The ModelConfig of a GGUF file, from its metadata only (`prefixquant plan`)."""
+    return _gguf_config(path, _open(path))[0]
+
+
+def read_gguf(path: str) -> tuple[ModelConfig, dict]:
+    config, arch, tensors = _gguf_config(path, _open(path))
+    deq = _dequantizer(path, tensors)
     params: dict = {"embed": deq("token_embd.weight"), "final_norm": deq("output_norm.weight"),
                     "layers": {i: {"attn": {}, "mlp": {}} for i in range(config.num_layers)}}
     if not config.tie_word_embeddings:

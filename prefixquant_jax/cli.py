@@ -1,4 +1,4 @@
-"""`prefixquant` command line: eval, generate, analyze, quantize, export-hf, lm-eval.
+"""`prefixquant` command line: eval, generate, analyze, quantize, export-hf, lm-eval, plan.
 
 Every user-facing failure is a `UserError`, printed as one line `error: ...` with exit status 2.
 """
@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli_quant.add_subcommands(sub, _add_model_args, _add_eval_args)
     from prefixquant_jax import cli_lm_eval
     cli_lm_eval.add_subcommand(sub, _add_model_args, _add_backend_arg)
+    from prefixquant_jax import cli_plan
+    cli_plan.add_subcommand(sub)
     return ap
 
 
@@ -204,6 +206,8 @@ def main(argv=None) -> int:
     handlers.update(cli_quant.HANDLERS)
     from prefixquant_jax import cli_lm_eval
     handlers.update(cli_lm_eval.HANDLERS)
+    from prefixquant_jax import cli_plan
+    handlers.update(cli_plan.HANDLERS)
     try:
         result = handlers[args.cmd](args)
         if getattr(args, "json_out", None):

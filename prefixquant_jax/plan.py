@@ -1,0 +1,259 @@
+"""`prefixquant plan`: per-device bytes of each pipeline stage for a model and a mesh, without reading a weight.
+
+The model is only its config: a built-in name (`BUILTIN`: llama-3-8b, llama-3-70b, qwen2.5-32b, ...), an HF
+directory's config.json, a GGUF file's metadata, or a bundled name. Every array is a `jax.ShapeDtypeStruct`:
+the fake-quant model is built by `nnx.eval_shape` from abstract params, the packed int4 model by
+`jax.eval_shape(runtime.pack)`, the KV caches by `jax.eval_shape` of their constructors; each leaf gets the
+`NamedSharding` that `sharding.py` gives it on a `jax.sharding.AbstractMesh` of the requested shape, and a
+device's bytes are the sum of its shards (`NamedSharding.shard_shape`). So the weight rows are exactly the
+bytes `addressable_shards` hold on a real mesh (tests/test_plan.py checks it on a tiny model, 2 x 2 mesh).
+
+Stages (per device; `weights` and `kv_cache` exact, `activations` an estimate of the largest live set, formulas below):
+  load         the FP model's params in --dtype, split over `model` (eval --mesh puts them there from the host).
+  calibration  one block, FP and quantized copies (float32), plus the calibration samples' activations on
+               that block: samples/data rows x seqlen.
+  training     one block: trainable weights + their gradients + Adam's two moments (4 x the block, float32)
+               + the FP block, plus one batch (batch/data rows x seqlen) forward and backward.
+  eval         the whole fake-quant model, its float KV cache of batch/data rows x (prefix + seqlen), the
+               logits [rows, seqlen, vocab] float32 and one block's activations.
+  runtime      the packed int4 model (codes, scales, FP embeddings/head in --dtype, the FP prefix KV), its
+               integer KV cache and one block's activations.
+Activations of a block on r rows x L tokens (float32, `model`-split widths divided by M):
+  r L (6 D + (H + 2 KV) hd / M + 3 F / M) + r (H / M) min(L, 512) (P + L)        (x, norms, residuals, q/k/v,
+  gate/up/act, one query chunk's attention scores); training: twice that (saved for the backward) plus the
+  batch's inputs and targets, 2 r L D.
+Host memory is not planned: the load path today reads the whole checkpoint into host float32 (the `host`
+line says how much).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractMesh, NamedSharding
+
+from prefixquant_jax.config import ModelConfig
+from prefixquant_jax.errors import UserError
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+_LLAMA = dict(model_type="llama", vocab_size=128256, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
+              max_position_embeddings=131072, rms_norm_eps=1e-5, num_key_value_heads=8, bos_token_id=128000,
+              eos_token_id=128001)
+_QWEN = dict(model_type="qwen2", vocab_size=152064, rope_theta=1e6, max_position_embeddings=32768, rms_norm_eps=1e-6,
+             num_key_value_heads=8, use_sliding_window=False)
+# HF config.json fields of the models users quantize (from their published configs)
+BUILTIN = {
+    "llama-3-8b": dict(_LLAMA, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32),
+    "llama-3-70b": dict(_LLAMA, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64),
+    "qwen2.5-32b": dict(_QWEN, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                        num_attention_heads=40),
+    "qwen2.5-72b": dict(_QWEN, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                        num_attention_heads=64),
+}
+STAGES = ("load", "calibration", "training", "eval", "runtime")
+
+
+def resolve_config(spec: str) -> tuple[ModelConfig, str]:
+    """(config, where it came from) of a built-in name, a bundled name, an HF directory or a GGUF file."""
+    from checkpoints_convert import BUNDLED, resolve_model_path
+    from checkpoints_convert.gguf_io import read_gguf_config
+    from checkpoints_convert.hf import read_config
+
+    if spec in BUILTIN:
+        return ModelConfig.from_hf_dict(BUILTIN[spec], source=spec), f"built-in {spec}"
+    if spec not in BUNDLED and not os.path.exists(spec):
+        raise UserError(f"unknown model {spec!r}: not a built-in config ({', '.join(BUILTIN)}), a bundled name "
+                        f"({', '.join(BUNDLED)}) or an existing path")
+    path = resolve_model_path(spec)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return read_config(path), os.path.join(path, "config.json")
+        ggufs = [f for f in os.listdir(path) if f.endswith(".gguf")]
+        if len(ggufs) != 1:
+            raise UserError(f"{path}: no config.json and not exactly one .gguf file")
+        path = os.path.join(path, ggufs[0])
+    if not path.endswith(".gguf"):
+        raise UserError(f"{path}: expected a .gguf file or a Hugging Face model directory")
+    return read_gguf_config(path), path
+
+
+def abstract_params(config: ModelConfig, dtype=jnp.float32) -> dict:
+    """The params dict (model.py layout) as ShapeDtypeStructs."""
+    from checkpoints_convert.hf import expected_shapes
+
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.dtype(dtype)), expected_shapes(config),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _fill_qparams(model, recipe, config: ModelConfig) -> None:
+    """The quantizer parameters calibration gives (shapes only): per-column weight scales [1, out], static
+    activation scales [1, 1], static per-head KV scales and zero points [KV]."""
+    from prefixquant_jax.model import QuantParam
+    from prefixquant_jax.quant.recipe import ACT_SITES, WEIGHT_NAMES
+
+    f32 = jnp.float32
+    for blk in model.layers:
+        if recipe.weight is not None:
+            for name in WEIGHT_NAMES:
+                blk.qparams["w_" + name] = QuantParam(jnp.ones((1, blk.linear_module(name).kernel.shape[1]), f32))
+        for site in ACT_SITES:
+            s = recipe.spec(site)
+            if s is not None and not s.dynamic:
+                blk.qparams[site] = QuantParam(jnp.ones((1, 1), f32))
+        for site in ("k_cache", "v_cache"):
+            s = recipe.spec(site)
+            if s is not None and not s.dynamic:
+                blk.qparams[site] = QuantParam(jnp.ones((config.num_kv_heads,), f32))
+                if not s.symmetric:
+                    blk.qparams[site + "_zero"] = QuantParam(jnp.zeros((config.num_kv_heads,), f32))
+
+
+def abstract_state(config: ModelConfig, preset=None, dtype=jnp.float32):
+    """nnx state (ShapeDtypeStructs) of the model `compiled.Compiled` holds: FP (preset None or fp) or the
+    fake-quant model of `preset` with its calibrated qparams."""
+    from flax import nnx
+
+    from prefixquant_jax.model import Llama
+
+    recipe = None if preset is None or not preset.w_bits and not preset.a_bits else preset.recipe()
+
+    def build(params):
+        m = Llama(config, params, dtype, recipe)
+        if recipe is not None:
+            _fill_qparams(m, recipe, config)
+        return m
+
+    return nnx.split(nnx.eval_shape(build, abstract_params(config, dtype)))[1]
+
+
+def abstract_packed(config: ModelConfig, preset, dtype=jnp.bfloat16):
+    """The runtime's PackedModel (ShapeDtypeStructs) of `preset`, without the prefix KV (`prefix_bytes`)."""
+    from prefixquant_jax.model import Llama
+    from prefixquant_jax.pipeline import QuantizedModel
+    from prefixquant_jax.runtime.pack import pack
+
+    def build(params):
+        m = Llama(config, params, jnp.float32, preset.recipe())
+        _fill_qparams(m, preset.recipe(), config)
+        qm = QuantizedModel(config=config, model=m, fp_model=None, prefix_kv=None, preset=preset, report={})
+        return pack(qm, backend="xla", dtype=dtype)
+
+    return jax.eval_shape(build, abstract_params(config, jnp.float32))
+
+
+def device_bytes(mesh, tree, shardings) -> int:
+    """Bytes one device holds of `tree` under `shardings` (every leaf's shard; replicated leaves whole)."""
+    total = 0
+    for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))):
+        total += math.prod(s.shard_shape(tuple(a.shape))) * jnp.dtype(a.dtype).itemsize
+    return total
+
+
+def block_bytes(mesh, state, shardings, layer: int = 0) -> int:
+    """Bytes one device holds of block `layer` of a model state."""
+    sub = lambda t: t["layers"][layer]
+    return device_bytes(mesh, sub(state), sub(shardings))
+
+
+def activation_bytes(config: ModelConfig, rows: int, L: int, P: int, M: int) -> int:
+    c = config
+    per_token = 6 * c.hidden_size + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim // M + 3 * c.intermediate_size // M
+    return 4 * (rows * L * per_token + rows * (c.num_heads // M) * min(L, 512) * (P + L))
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanOptions:
+    preset: str = "w4a4kv4-static"
+    dtype: str = "float32"  # load and eval
+    runtime_dtype: str = "bfloat16"
+    calib_samples: int = 32
+    calib_seqlen: int = 512
+    train_batch_size: int = 4
+    train_seqlen: int = 1024
+    batch_size: int = 1  # eval / runtime rows
+    seqlen: int = 2048
+    prefix_len: int | None = None  # default: 5 tokens for a prefix preset, else 0
+
+
+def _rows(n: int, data: int) -> int:
+    return -(-n // data)
+
+
+def plan(spec: str, mesh_text: str | None, opts: PlanOptions = PlanOptions()) -> dict:
+    """{"model", "config", "mesh", "stages": {stage: {"weights", "optimizer", "activations", "total"}}, "host"}."""
+    from prefixquant_jax.kv_cache import KVCache
+    from prefixquant_jax.quant.presets import get_preset
+    from prefixquant_jax.runtime.model import empty_cache
+    from prefixquant_jax.sharding import MeshSpec, batch_shardings, state_shardings
+
+    config, source = resolve_config(spec)
+    ms = MeshSpec.parse(mesh_text)
+    D, M = (ms.data or 1), ms.model
+    mesh = AbstractMesh((D, M), ("data", "model"))
+    for what, n in (("attention heads", config.num_heads), ("KV heads", config.num_kv_heads),
+                    ("MLP width", config.intermediate_size)):
+        if n % M:
+            raise UserError(f"--mesh model={M} does not divide the {what} ({n}) of {spec}")
+    preset = get_preset(opts.preset)
+    P = opts.prefix_len if opts.prefix_len is not None else (5 if preset.prefix else 0)
+    dt, rdt = jnp.dtype(opts.dtype), jnp.dtype(opts.runtime_dtype)
+
+    fp = abstract_state(config, None, dt)
+    fp_sh = state_shardings(mesh, fp)
+    fake = abstract_state(config, preset, dt)
+    fake_sh = state_shardings(mesh, fake)
+    fp32_fake = abstract_state(config, preset, jnp.float32)
+    blk_q = block_bytes(mesh, fp32_fake, state_shardings(mesh, fp32_fake))
+    fp32 = abstract_state(config, None, jnp.float32)
+    blk_fp = block_bytes(mesh, fp32, state_shardings(mesh, fp32))
+    stages = {}
+
+    def stage(name, weights, optimizer=0, activations=0, kv_cache=0):
+        stages[name] = dict(weights=int(weights), optimizer=int(optimizer), kv_cache=int(kv_cache),
+                            activations=int(activations), total=int(weights + optimizer + kv_cache + activations))
+
+    stage("load", device_bytes(mesh, fp, fp_sh))
+    r, L = _rows(opts.calib_samples, D), opts.calib_seqlen
+    stage("calibration", blk_fp + blk_q, 0, activation_bytes(config, r, L, P, M) + 3 * 4 * r * L * config.hidden_size)
+    r, L = _rows(opts.train_batch_size, D), opts.train_seqlen
+    stage("training", blk_fp + 2 * blk_q, 2 * blk_q,
+          2 * activation_bytes(config, r, L, P, M) + 2 * 4 * r * L * config.hidden_size)
+    r, L = _rows(opts.batch_size, D), opts.seqlen
+    cache = jax.eval_shape(lambda: KVCache.empty(config, opts.batch_size, P + L, dt))
+    kv = device_bytes(mesh, cache, batch_shardings(mesh, cache))
+    logits = 4 * r * L * config.vocab_size
+    stage("eval", device_bytes(mesh, fake, fake_sh), 0, logits + activation_bytes(config, r, L, P, M), kv)
+    if preset.w_bits and preset.method == "prefixquant" and preset.kv_bits:
+        pm = abstract_packed(config, preset, rdt)
+        qcache = jax.eval_shape(lambda p: empty_cache(p, opts.batch_size, L), pm)
+        prefix = 2 * config.num_layers * P * config.num_kv_heads * config.head_dim * 4  # f32, replicated
+        runtime = device_bytes(mesh, pm, state_shardings(mesh, pm)) + prefix
+        stage("runtime", runtime, 0, logits + activation_bytes(config, r, L, P, M),
+              device_bytes(mesh, qcache, batch_shardings(mesh, qcache)))
+    host = sum(math.prod(a.shape) * 4 for a in jax.tree.leaves(abstract_params(config)))
+    return {"model": spec, "source": source, "preset": preset.name, "prefix_len": P,
+            "config": {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                                                       "num_heads", "num_kv_heads", "head_dim")},
+            "mesh": {"data": D, "model": M}, "options": dataclasses.asdict(opts), "stages": stages,
+            "host_load_float32_bytes": int(host), "params": int(sum(math.prod(a.shape)
+                                                                    for a in jax.tree.leaves(abstract_params(config))))}
+
+
+def format_plan(p: dict, device_gib: float | None = None) -> str:
+    g = lambda b: f"{b / 2**30:9.2f}"
+    c, m = p["config"], p["mesh"]
+    lines = [f"{p['model']} ({p['source']}): {p['params'] / 1e9:.2f} B params, {c['num_layers']} layers, "
+             f"mesh data={m['data']} x model={m['model']}, preset {p['preset']} (prefix {p['prefix_len']})",
+             f"{'stage':12s} {'weights':>9s} {'optim':>9s} {'kv cache':>9s} {'activ':>9s} {'total':>9s}  GiB per device"
+             + ("" if device_gib is None else f"  (device {device_gib:g} GiB)")]
+    for name, s in p["stages"].items():
+        fits = "" if device_gib is None else ("  fits" if s["total"] <= device_gib * 2**30 else "  DOES NOT FIT")
+        lines.append(f"{name:12s} {g(s['weights'])} {g(s['optimizer'])} {g(s['kv_cache'])} {g(s['activations'])} {g(s['total'])}{fits}")
+    lines.append(f"host: the load reads the whole checkpoint into float32 today: {p['host_load_float32_bytes'] / 2**30:.1f} GiB")
+    return "\n".join(lines)
