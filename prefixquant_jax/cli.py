@@ -192,6 +192,12 @@ def cmd_generate(args) -> dict:
             "seconds": time.time() - t0}
 
 
+def _primary() -> bool:
+    """Process 0 of a jax.distributed run (or the only process) writes the files."""
+    import jax
+    return jax.process_index() == 0
+
+
 def raise_user(msg: str):
     from prefixquant_jax.errors import UserError
     raise UserError(msg)
@@ -201,6 +207,13 @@ def main(argv=None) -> int:
     from prefixquant_jax.errors import UserError
 
     args = build_parser().parse_args(argv)
+    try:  # several processes: before any JAX computation
+        if args.cmd == "quantize":
+            from prefixquant_jax.distributed import initialize
+            initialize(args.coordinator, args.num_processes, args.process_id)
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
     handlers = {"eval": cmd_eval, "generate": cmd_generate}
     from prefixquant_jax import cli_quant
     handlers.update(cli_quant.HANDLERS)
@@ -210,7 +223,7 @@ def main(argv=None) -> int:
     handlers.update(cli_plan.HANDLERS)
     try:
         result = handlers[args.cmd](args)
-        if getattr(args, "json_out", None):
+        if getattr(args, "json_out", None) and _primary():
             write_json(args.json_out, result)
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")

@@ -46,6 +46,14 @@ def _add_train_args(p):
     g.add_argument("--resume", metavar="DIR", help="continue the fine-tuning run checkpointed in DIR (implies --train)")
 
 
+def _add_distributed_args(p):
+    g = p.add_argument_group("several processes (jax.distributed; prefixquant_jax/distributed.py)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (or auto: JAX's cluster detection); "
+                   "default: JAX_COORDINATOR_ADDRESS, if set")
+    g.add_argument("--num-processes", type=int, help="default: JAX_NUM_PROCESSES")
+    g.add_argument("--process-id", type=int, help="default: JAX_PROCESS_ID; process 0 alone writes files")
+
+
 def _add_flat_args(p):
     g = p.add_argument_group("FlatQuant (presets flatquant-*: always trained with the --train flags, then merged)")
     g.add_argument("--flat-lr", type=float, default=5e-3, help="learning rate of the transforms (clip logits: 10x)")
@@ -124,6 +132,7 @@ def add_subcommands(sub, add_model_args, add_eval_args) -> None:
     _add_rule_args(p)
     _add_train_args(p)
     _add_flat_args(p)
+    _add_distributed_args(p)
     add_eval_args(p, data_flag="--eval-data")
     p.add_argument("--no-fp", action="store_true", help="skip the FP reference evaluation (no fp_ppl / ratio)")
     p.add_argument("--no-eval", action="store_true", help="quantize only")
@@ -289,12 +298,15 @@ def _quantize_cmd(args) -> dict:
     from prefixquant_jax.pipeline import needs_calibration
     from prefixquant_jax.quant.presets import get_preset
 
+    from prefixquant_jax.distributed import is_primary, is_several
+
+    primary = is_primary()  # several processes (--coordinator): process 0 alone writes files
     preset = get_preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits)
     if args.grid != "full":
         if preset.method != "prefixquant":
             raise UserError(f"--grid applies to the PrefixQuant presets, not {preset.name!r}")
         preset = dataclasses.replace(preset, full_grid=False)
-    if args.save:  # fail now, not after quantizing
+    if args.save and primary:  # fail now, not after quantizing
         from prefixquant_jax.checkpoint.saved import check_save_target
         check_save_target(args.save, args.overwrite)
     if args.resume and args.train_dir and args.resume != args.train_dir:
@@ -309,6 +321,9 @@ def _quantize_cmd(args) -> dict:
             raise UserError(f"--prefix-ids must be comma-separated integers, got {args.prefix_ids!r}") from None
     opts = _quantize_options(args, prefix_ids=prefix_ids, flatquant=_flat_options(args) if flat else None)
     checkpoint = None
+    if (args.resume or args.train_dir) and is_several():
+        raise UserError("--train-dir / --resume with several processes are not supported yet (the training "
+                        "checkpoints are not written for several processes); train without them, or in one process")
     if train_cfg is not None and (args.resume or args.train_dir):  # a run named by the model and data flags
         checkpoint = TrainCheckpoint(dir=args.resume or args.train_dir, resume=bool(args.resume), overwrite=args.overwrite,
                                      identity={"model": args.model, "calib_data": args.calib_data})
@@ -340,17 +355,17 @@ def _quantize_cmd(args) -> dict:
            "quantize_seconds": time.time() - t0, "report": qm.report}
     if qm.prefix_kv is not None:
         print(f"prefix: {qm.report['prefix_text']} (ids {qm.report['prefix_ids']})")
-    if args.export_prefix:
-        if qm.prefix_kv is None:
-            raise UserError(f"--export-prefix: preset {preset.name!r} uses no prefix")
+    if args.export_prefix and qm.prefix_kv is None:
+        raise UserError(f"--export-prefix: preset {preset.name!r} uses no prefix")
+    if args.export_prefix and primary:
         from checkpoints_convert.prefix_io import save_prefix_kv
         res["prefix_file"] = save_prefix_kv(qm.prefix_kv, args.export_prefix, overwrite=args.overwrite)
         print(f"prefix KV written to {res['prefix_file']}")
-    if args.save:
+    if args.save and primary:
         from prefixquant_jax.checkpoint.saved import save_quantized
         res["saved"] = save_quantized(qm, args.save, overwrite=args.overwrite, tokenizer=tok)
         print(f"quantized model saved to {res['saved']}")
-    if not args.no_eval:
+    if not args.no_eval and primary:  # the others would compute the same numbers
         win = windows(tokenize(tok, load_text(args.eval_data)), args.seqlen, args.max_windows)
         t = time.time()
         r = perplexity(Compiled(qm.model), win, qm.prefix_kv, batch_size=args.batch_size, desc=preset.name,

@@ -132,9 +132,15 @@ def _fill(tmp, qm, tokenizer, tree, variables, qparams, leaves) -> None:
 
 
 def _write_state(directory: str, tree: dict) -> None:
+    import jax
     import orbax.checkpoint as ocp
     try:
-        ocp.PyTreeCheckpointer().save(directory, tree)
+        if jax.process_count() > 1:  # several processes (quantize --coordinator): the caller alone writes host values
+            me = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+            tree = jax.tree.map(np.asarray, tree)
+            ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=me), multiprocessing_options=me).save(directory, tree)
+        else:
+            ocp.PyTreeCheckpointer().save(directory, tree)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{directory}: Orbax could not write the state ({describe(e)})") from None
 
