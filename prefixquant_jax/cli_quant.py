@@ -293,7 +293,8 @@ def _quantize_cmd(args) -> dict:
     from prefixquant_jax.compiled import Compiled
     from prefixquant_jax.eval.data import calibration_samples, load_text, tokenize, windows
     from prefixquant_jax.eval.perplexity import perplexity
-    from prefixquant_jax.loading import load_fp
+    from checkpoints_convert import load_checkpoint
+    from prefixquant_jax.model import Llama
     from prefixquant_jax.options import TrainCheckpoint
     from prefixquant_jax.pipeline import needs_calibration
     from prefixquant_jax.quant.presets import get_preset
@@ -329,7 +330,7 @@ def _quantize_cmd(args) -> dict:
                                      identity={"model": args.model, "calib_data": args.calib_data})
         checkpoint.check()  # before the slow stages
     t0 = time.time()
-    ck, fp_model = load_fp(args.model)
+    ck = load_checkpoint(args.model)  # the FP reference model is built only for its evaluation, after quantizing
     if args.import_prefix:
         opts = dataclasses.replace(opts, prefix_kv=_import_prefix(args, ck.config, preset))
     P = (len(prefix_ids) if prefix_ids else 9) if preset.prefix else 0  # at most BOS + 8 detected tokens
@@ -374,7 +375,9 @@ def _quantize_cmd(args) -> dict:
         rows = [(preset.name, r["ppl"], res["quantize_seconds"] + res["eval_seconds"])]
         if not args.no_fp and preset.name != "fp":
             t = time.time()
+            fp_model = Llama.from_params(ck.config, ck.params)  # not held during the pipeline: one model less
             f = perplexity(Compiled(fp_model), win, None, batch_size=args.batch_size, desc="fp")
+            del fp_model
             res["fp_ppl"] = f["ppl"]
             rows.insert(0, ("fp", f["ppl"], time.time() - t))
         fp_ppl = res.get("fp_ppl", res["ppl"] if preset.name == "fp" else None)
