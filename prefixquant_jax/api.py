@@ -71,15 +71,13 @@ def quantize(model_or_checkpoint, calib_tokens, preset, *, train=None, train_tok
 def perplexity(qm, windows, batch_size: int = 1, progress: bool = False) -> dict:
     """{"ppl", "windows", ...} of int token windows [N, L] behind the model's prefix (fake-quant model)."""
     from prefixquant_jax.eval.perplexity import perplexity as _ppl
-    from prefixquant_jax.compiled import Compiled
-    return _ppl(Compiled(qm.model), np.asarray(windows, np.int32), qm.prefix_kv, batch_size, progress)
+    return _ppl(qm.compiled(), np.asarray(windows, np.int32), batch_size=batch_size, progress=progress)
 
 
 def generate(qm, prompt_ids, max_new_tokens: int, eos_id: int | None = None) -> list[int]:
     """Greedy continuation token ids of `prompt_ids` behind the model's prefix (fake-quant model)."""
     from prefixquant_jax.eval.generate import greedy
-    from prefixquant_jax.compiled import Compiled
-    return greedy(Compiled(qm.model), prompt_ids, max_new_tokens, eos_id, qm.prefix_kv)
+    return greedy(qm.compiled(), prompt_ids, max_new_tokens, eos_id)
 
 
 def pack(qm, backend: str | None = None, dtype=None):

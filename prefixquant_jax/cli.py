@@ -77,7 +77,7 @@ def _compiled(loaded, args):
     if kernels == "auto":
         return compiled
     pm = compiled.state  # the PackedModel; RuntimeSpec.kernels picks the GEMMs' kernels (runtime/kernel_choice.py)
-    return RealCompiled(dataclasses.replace(pm, spec=dataclasses.replace(pm.spec, kernels=kernels)))
+    return RealCompiled(dataclasses.replace(pm, spec=dataclasses.replace(pm.spec, kernels=kernels)), compiled.prefix_kv)
 
 
 def _add_mesh_arg(p):
@@ -99,7 +99,7 @@ def _sharded(compiled, args):
 
 def _int_matmul_compiled(loaded):
     from prefixquant_jax.flatquant.recipe import FlatQuantRecipe
-    from prefixquant_jax.model import set_recipe
+    from prefixquant_jax.model import with_recipe
     from prefixquant_jax.quant.recipe import QuantRecipe
     from prefixquant_jax.compiled import Compiled
 
@@ -109,8 +109,7 @@ def _int_matmul_compiled(loaded):
     if not ok or recipe.weight is None:
         raise_user(f"--fake-matmul int needs a model with quantized weights (FlatQuant: merged); preset {loaded.preset!r} "
                    "has none")
-    set_recipe(model, recipe.replace(int_matmul=True))
-    return Compiled(model)
+    return Compiled(with_recipe(model, recipe.replace(int_matmul=True)), loaded.prefix_kv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +151,7 @@ def cmd_eval(args) -> dict:
     loaded = load_for_inference(args.model, _dtype(args.dtype), import_prefix=getattr(args, "import_prefix", None),
                                 mesh=_mesh_spec(args))
     compiled = _sharded(_compiled(loaded, args), args)
-    prefix_len = 0 if loaded.prefix_kv is None else loaded.prefix_kv.length
+    prefix_len = compiled.prefix_len
     if args.seqlen + prefix_len > loaded.config.max_position_embeddings:
         raise_user(f"--seqlen {args.seqlen} (+ prefix {prefix_len}) exceeds the model's max positions {loaded.config.max_position_embeddings}")
     text = load_text(args.data)
@@ -160,7 +159,7 @@ def cmd_eval(args) -> dict:
     win = windows(ids, args.seqlen, args.max_windows)
     int_mm = getattr(args, "fake_matmul", "float") == "int" and getattr(args, "backend", "fake") == "fake"
     tag = ",".join(t for t in ("fake-matmul=int" if int_mm else "", _mesh_tag(compiled)) if t)
-    res = perplexity(compiled, win, loaded.prefix_kv, batch_size=args.batch_size, log_path=args.eval_log, log_tag=tag)
+    res = perplexity(compiled, win, batch_size=args.batch_size, log_path=args.eval_log, log_tag=tag)
     res.update(model=args.model, data=args.data, dtype=args.dtype, preset=loaded.preset, seconds=time.time() - t0,
                backend=getattr(args, "backend", "fake"), fake_matmul="int" if int_mm else "float",
                mesh=dict(compiled.mesh.shape) if hasattr(compiled, "mesh") else {"data": 1, "model": 1})
@@ -184,7 +183,7 @@ def cmd_generate(args) -> dict:
     compiled = _sharded(_compiled(loaded, args), args)
     ids = encode_prompt(loaded.tokenizer, args.prompt, chat=not args.no_chat)
     t0 = time.time()
-    out = greedy(compiled, ids, args.max_new_tokens, eos_id=loaded.config.eos_token_id, prefix_kv=loaded.prefix_kv)
+    out = greedy(compiled, ids, args.max_new_tokens, eos_id=loaded.config.eos_token_id)
     text = loaded.tokenizer.decode(out, skip_special_tokens=True)
     print(text)
     return {"model": args.model, "preset": loaded.preset, "backend": getattr(args, "backend", "fake"), "prompt": args.prompt, "output": text,

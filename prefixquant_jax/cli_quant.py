@@ -369,7 +369,7 @@ def _quantize_cmd(args) -> dict:
     if not args.no_eval and primary:  # the others would compute the same numbers
         win = windows(tokenize(tok, load_text(args.eval_data)), args.seqlen, args.max_windows)
         t = time.time()
-        r = perplexity(Compiled(qm.model), win, qm.prefix_kv, batch_size=args.batch_size, desc=preset.name,
+        r = perplexity(qm.compiled(), win, batch_size=args.batch_size, desc=preset.name,  # behind its prefix
                        log_path=args.eval_log)
         res.update(ppl=r["ppl"], windows=r["windows"], seqlen=r["seqlen"], tokens=r["tokens"], eval_seconds=time.time() - t)
         rows = [(preset.name, r["ppl"], res["quantize_seconds"] + res["eval_seconds"])]

@@ -5,18 +5,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from prefixquant_jax.kv_cache import KVCache
+from prefixquant_jax.kv_cache import KVCache, behind_prefix, prefix_len
 
 
 class Compiled:
-    """Holds (graphdef, state) of a model and jitted pure functions over them.
+    """Holds (graphdef, state) of a model, the FP prefix KV it runs behind, and jitted pure functions over them.
 
     Every function takes the state explicitly so jit caches by shape only; the model's static
-    parts (config, recipe) live in the graphdef.
+    parts (config, recipe) live in the graphdef. `offset` is the absolute position of tokens[:, 0]
+    (P behind a P-token prefix; kv_cache.py).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, prefix_kv=None):
         self.model = model
+        self.prefix_kv = prefix_kv
         self.graphdef, self.state = nnx.split(model)
         gd = self.graphdef
 
@@ -38,7 +40,11 @@ class Compiled:
         self.nll = jax.jit(_nll)
         self.step = jax.jit(_step, donate_argnums=(2,))
 
+    @property
+    def prefix_len(self) -> int:
+        return prefix_len(self.prefix_kv)
+
     def cache(self, batch: int, max_len: int, prefix_kv=None) -> KVCache:
-        if prefix_kv is None:
-            return KVCache.empty(self.model.config, batch, max_len, self.model.dtype)
-        return KVCache.with_prefix(prefix_kv, batch, max_len, self.model.dtype)
+        """A cache of positions 0..max_len-1 whose first rows hold `prefix_kv` (default: this model's own)."""
+        pkv = self.prefix_kv if prefix_kv is None else prefix_kv
+        return behind_prefix(pkv, self.model.config, batch, max_len - prefix_len(pkv), self.model.dtype)[0]

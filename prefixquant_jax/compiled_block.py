@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prefixquant_jax.kv_cache import KVCache
+from prefixquant_jax.kv_cache import behind_prefix, prefix_len
 from prefixquant_jax.model import rope_tables
 from prefixquant_jax.quant.recipe import pair_ranges, sown_value
 
@@ -31,7 +31,7 @@ class CompiledBlock:
 
     def __init__(self, config, prefix_kv, L):
         self.config = config
-        self.P = 0 if prefix_kv is None else prefix_kv.length
+        self.P = prefix_len(prefix_kv)
         self.prefix_kv = prefix_kv
         self.cos, self.sin = rope_tables(config, self.P + jnp.arange(L))
         P = self.P
@@ -65,13 +65,9 @@ class CompiledBlock:
         self._loss = jax.jit(loss, static_argnums=0)
 
     def cache(self, layer: int, n: int, L: int):
-        c = self.config
-        if self.prefix_kv is None:
-            z = jnp.zeros((n, L, c.num_kv_heads, c.head_dim), jnp.float32)
-            return z, z
-        one_layer = KVCache(k=[self.prefix_kv.k[layer]], v=[self.prefix_kv.v[layer]])
-        pk = KVCache.with_prefix(one_layer, n, self.P + L)
-        return pk.k[0], pk.v[0]
+        """Layer `layer`'s (k, v) cache for n samples of L tokens behind the prefix (kv_cache.behind_prefix)."""
+        kv, _ = behind_prefix(self.prefix_kv, self.config, n, L, jnp.float32, layers=[layer])
+        return kv.k[0], kv.v[0]
 
     def _chunks(self, layer, x, chunk):
         for s in range(0, len(x), chunk):

@@ -12,7 +12,7 @@ from prefixquant_jax.compiled import Compiled
 @dataclasses.dataclass
 class Loaded:
     config: Any
-    compiled: Compiled
+    compiled: Compiled  # behind `prefix_kv` (Compiled(model, prefix_kv))
     tokenizer_fn: Any  # loaded on first use: building a tokenizer from GGUF takes seconds
     prefix_kv: Any = None
     preset: str = "fp"
@@ -57,7 +57,7 @@ def load_for_inference(model_spec: str, dtype=jnp.float32, import_prefix: str | 
         if prefix_kv.k_rotated:
             from prefixquant_jax.errors import UserError
             raise UserError(f"{import_prefix}: this prefix KV was computed by a rotated model; it does not fit the unrotated model {model_spec!r}")
-    return Loaded(config=ck.config, compiled=Compiled(model), tokenizer_fn=ck.tokenizer, prefix_kv=prefix_kv)
+    return Loaded(config=ck.config, compiled=Compiled(model, prefix_kv), tokenizer_fn=ck.tokenizer, prefix_kv=prefix_kv)
 
 
 def load_saved(path: str, dtype=jnp.float32, import_prefix: str | None = None) -> Loaded:
@@ -74,5 +74,5 @@ def load_saved(path: str, dtype=jnp.float32, import_prefix: str | None = None) -
         if prefix_kv.k_rotated != qm.preset.rotate:
             raise UserError(f"{import_prefix}: prefix KV k_rotated={prefix_kv.k_rotated} does not fit {path} "
                             f"(preset {qm.preset.name!r}, rotated={qm.preset.rotate})")
-    return Loaded(config=qm.config, compiled=Compiled(qm.model), tokenizer_fn=lambda: saved_tokenizer(path),
+    return Loaded(config=qm.config, compiled=Compiled(qm.model, prefix_kv), tokenizer_fn=lambda: saved_tokenizer(path),
                   prefix_kv=prefix_kv, preset=qm.preset.name, meta=qm.report, quantized=qm)

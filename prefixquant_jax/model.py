@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from prefixquant_jax.config import ModelConfig
+from prefixquant_jax.errors import UserError
 from prefixquant_jax.kv_cache import KVCache
 from prefixquant_jax.quant.int_matmul import exact_in_f32, int_linear
 from prefixquant_jax.quant.qarray import QArray
@@ -208,6 +209,9 @@ class Llama(nnx.Module):
         self.layers = nnx.List([Block(config, params["layers"][i], dtype, recipe) for i in range(config.num_layers)])
         self.final_norm = RMSNorm(params["final_norm"], config.rms_norm_eps, dtype)
         self.lm_head = None if config.tie_word_embeddings else _param(params["lm_head"], dtype)
+        # P of the FP prefix a quantized model was calibrated behind (set by the pipeline and the loader):
+        # a call without a cache would silently drop it, so it raises (QuantizedModel.apply runs behind it)
+        self.prefix_len = 0
 
     @classmethod
     def from_params(cls, config: ModelConfig, params: dict, dtype=jnp.float32, recipe: Any = None) -> "Llama":
@@ -241,8 +245,14 @@ class Llama(nnx.Module):
         return jnp.dot(h, w, preferred_element_type=jnp.float32)
 
     def __call__(self, tokens, cache: KVCache | None = None, offset=0):
-        """Logits [B, L, V] in fp32 and the updated cache (a fresh one of length L when None)."""
+        """Logits [B, L, V] in fp32 and the updated cache (a fresh one of length L when None).
+
+        The low-level forward: tokens at absolute positions offset..offset+L-1 of `cache`. A model calibrated
+        behind a prefix (prefix_len > 0) needs that cache (kv_cache.behind_prefix): without one it raises."""
         if cache is None:
+            if self.prefix_len:
+                raise UserError(f"this model was calibrated behind a {self.prefix_len}-token FP prefix: run it "
+                                "through QuantizedModel.apply (or give a cache from kv_cache.behind_prefix)")
             cache = KVCache.empty(self.config, tokens.shape[0], tokens.shape[1], self.dtype)
         h, cache = self.hidden(tokens, cache, offset)
         return self.head(h), cache
@@ -259,7 +269,19 @@ def _block_dict(b: Block) -> dict:
             "mlp": {n: getattr(b.mlp, n).kernel[...] for n in ("gate", "up", "down")}}
 
 
+def with_recipe(model, recipe: Any):
+    """A new model (a Llama, or one Block) whose blocks use `recipe`; it shares every variable (weights,
+    qparams, transforms) with `model`, which is left as it was. The recipe is static, so it is part of
+    the new model's graphdef: one compilation per recipe."""
+    graphdef, state = nnx.split(model)
+    new = nnx.merge(graphdef, state)  # the same Variable objects, new module objects
+    for b in (new.layers if isinstance(new, Llama) else [new]):
+        b.recipe = recipe
+    return new
+
+
 def set_recipe(model: Llama, recipe: Any) -> None:
-    """Point every block at `recipe` (a static object with `apply_site(name, x, qparams)`)."""
+    """Point every block of `model` at `recipe`, in place (kept for callers outside the library; the library
+    uses `with_recipe`)."""
     for b in model.layers:
         b.recipe = recipe

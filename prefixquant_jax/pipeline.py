@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from prefixquant_jax.calibrate import CLIP_GRID, CalibConfig, calibrate, calibrate_static
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.eval.data import calibration_samples, load_text, tokenize
-from prefixquant_jax.kv_cache import KVCache
+from prefixquant_jax.kv_cache import Cache, behind_prefix, prefix_len
 from prefixquant_jax.model import Llama, QuantParam
 from prefixquant_jax.options import QuantizeOptions, TrainCheckpoint, TrainConfig, train_config
 from prefixquant_jax.prefix.outliers import capture_token_ranges, choose_prefix, outlier_ratios, token_absmax
@@ -60,21 +60,40 @@ class QuantizedModel:
         return quantize_array(blk.linear_module(name).kernel[...], spec.replace(dynamic=False),
                               scale=blk.qparams[key][...])
 
-    def apply(self, state, tokens):
-        """Logits [B, L, V] of int tokens [B, L] behind the model's FP prefix KV (positions P..P+L-1).
+    @property
+    def prefix_len(self) -> int:
+        """P: the FP prefix occupies positions 0..P-1; every token this model sees sits at P or later."""
+        return prefix_len(self.prefix_kv)
 
-        Pure in `state` (one state from `split()`, or a tuple of the states of `split(filters...)`), so it can
-        be jitted and differentiated; the graph and the prefix are fixed by this QuantizedModel."""
+    def init_cache(self, batch: int, max_len: int) -> Cache:
+        """A decoding cache for positions 0..max_len-1 whose first P rows hold the FP prefix (pos = P)."""
+        kv, pos = behind_prefix(self.prefix_kv, self.config, batch, max_len - self.prefix_len, self.model.dtype)
+        return Cache(kv=kv, pos=jnp.asarray(pos, jnp.int32))
+
+    def compiled(self):
+        """The jitted entry points (compiled.Compiled) of the fake-quant model behind its FP prefix."""
+        from prefixquant_jax.compiled import Compiled
+        return Compiled(self.model, self.prefix_kv)
+
+    def apply(self, state, tokens, cache: Cache | None = None):
+        """Logits [B, L, V] of int tokens [B, L] behind the model's FP prefix KV.
+
+        Without `cache`: the tokens at positions P..P+L-1 right after the prefix; returns the logits.
+        With `cache` (from init_cache, or returned by an earlier apply): the tokens at cache.pos..cache.pos+L-1;
+        returns (logits, the cache with their rows written and pos advanced by L), for prefill then decode.
+        Pure in `state` (one state from `split()`, or a tuple of the states of `split(filters...)`) and in
+        `cache`, so it can be jitted and differentiated; the graph and the prefix are fixed by this
+        QuantizedModel."""
         graphdef = nnx.graphdef(self.model)
         states = state if isinstance(state, tuple) else (state,)
         model = nnx.merge(graphdef, *states)
         tokens = jnp.asarray(tokens, jnp.int32)
         B, L = tokens.shape
-        P = 0 if self.prefix_kv is None else self.prefix_kv.length
-        cache = (KVCache.empty(self.config, B, L, model.dtype) if self.prefix_kv is None
-                 else KVCache.with_prefix(self.prefix_kv, B, P + L, model.dtype))
-        logits, _ = model(tokens, cache, P)
-        return logits
+        if cache is None:
+            kv, offset = behind_prefix(self.prefix_kv, self.config, B, L, model.dtype)
+            return model(tokens, kv, offset)[0]
+        logits, kv = model(tokens, cache.kv, cache.pos)
+        return logits, Cache(kv=kv, pos=cache.pos + L)
 
 
 def init_weight_scales(model: Llama, spec, progress=True) -> None:
@@ -190,7 +209,7 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
         raise UserError(f"QuantizeOptions.prefix_ids: id {max(opts.prefix_ids)} is outside the vocabulary "
                         f"({ck.config.vocab_size})", "QuantizeOptions.prefix_ids")
     given = None if calib_tokens is None else calibration_tokens(calib_tokens)
-    known_p = len(opts.prefix_ids or ()) if opts.prefix_kv is None else opts.prefix_kv.length
+    known_p = len(opts.prefix_ids or ()) if opts.prefix_kv is None else prefix_len(opts.prefix_kv)
     _check_positions(ck.config, known_p if preset.prefix else 0, given, train_tokens)
     times, report = {}, {"preset": preset.name, "seed": opts.seed, "eta": opts.eta}
     t = time.time()
@@ -242,6 +261,7 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
 
     t = time.time()
     q_model = Llama.from_params(config, params, recipe=recipe)
+    q_model.prefix_len = prefix_len(prefix_kv)  # its scales are calibrated behind the prefix: a call needs it
     if flat:  # learned transforms instead of rotations; weights quantized with LWC in the forward
         from prefixquant_jax.flatquant.pipeline import init_flatquant
         recipe, report["flatquant"] = init_flatquant(fp_model, q_model, recipe, calib, prefix_kv, opts.seed,

@@ -181,6 +181,7 @@ class ShardedCompiled:
 
     def __init__(self, compiled, mesh: Mesh):
         self.base, self.mesh, self.model = compiled, mesh, compiled.model
+        self.prefix_kv, self.prefix_len = compiled.prefix_kv, compiled.prefix_len  # the prefix it runs behind
         self.state_sharding = state_shardings(mesh, compiled.state)
         self.state = jax.device_put(compiled.state, self.state_sharding)
         self._jits = {}

@@ -191,6 +191,7 @@ def load_quantized(path: str, dtype=None):
     import jax.numpy as jnp
 
     from prefixquant_jax.config import ModelConfig
+    from prefixquant_jax.kv_cache import prefix_len
     from prefixquant_jax.quant.presets import Preset
     from prefixquant_jax.pipeline import QuantizedModel
 
@@ -210,8 +211,10 @@ def load_quantized(path: str, dtype=None):
     if "prefix_tokens" in report:  # the old name of prefix_ids (models saved before the rename)
         report.setdefault("prefix_ids", report.pop("prefix_tokens"))
     report["loaded_from"] = path
-    return QuantizedModel(config=config, model=model, fp_model=None, prefix_kv=load_saved_prefix(path, meta, config),
-                          preset=preset, report=report, weights=weights)
+    prefix_kv = load_saved_prefix(path, meta, config)
+    model.prefix_len = prefix_len(prefix_kv)  # calibrated behind it: a call without the prefix raises
+    return QuantizedModel(config=config, model=model, fp_model=None, prefix_kv=prefix_kv, preset=preset,
+                          report=report, weights=weights)
 
 
 def _restore_values(path: str, meta: dict) -> tuple[dict, dict]:

@@ -6,12 +6,15 @@ import numpy as np
 
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.compiled import Compiled
+from prefixquant_jax.kv_cache import prefix_len
 
 
 def greedy(compiled: Compiled, prompt_ids, max_new_tokens: int, eos_id: int | None = None, prefix_kv=None) -> list[int]:
-    """Greedy-decode up to `max_new_tokens` after `prompt_ids` (a prefix KV, if given, sits in front)."""
+    """Greedy-decode up to `max_new_tokens` after `prompt_ids` behind `prefix_kv` (default: the one `compiled`
+    runs behind)."""
     config = compiled.model.config
-    P = 0 if prefix_kv is None else prefix_kv.length
+    prefix_kv = getattr(compiled, "prefix_kv", None) if prefix_kv is None else prefix_kv
+    P = prefix_len(prefix_kv)
     prompt = np.asarray(prompt_ids, np.int32)[None]
     total = P + prompt.shape[1] + max_new_tokens
     if total > config.max_position_embeddings:

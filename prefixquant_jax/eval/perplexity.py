@@ -9,13 +9,14 @@ from tqdm.auto import tqdm
 
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.compiled import Compiled
+from prefixquant_jax.kv_cache import prefix_len
 
 
 def perplexity(compiled: Compiled, windows: np.ndarray, prefix_kv=None, batch_size: int = 1,
                progress: bool = True, desc: str = "ppl", log_path: str | None = None, log_tag: str = "") -> dict:
     """ppl = exp(sum NLL / (n_windows * (L - 1))): each window of L tokens predicts its tokens 1..L-1.
 
-    With `prefix_kv` (P rows), every window sits at positions P..P+L-1 behind the prefix; prefix
+    `prefix_kv`: default the one `compiled` runs behind (Compiled(model, prefix_kv)). With a prefix (P rows), every window sits at positions P..P+L-1 behind the prefix; prefix
     tokens are never scored. One compilation per batch shape. With `log_path`, every batch's NLL
     sum is appended there (eval/window_log.py) and batches already in it are not recomputed;
     `log_tag` names a way of computing that the state does not show (e.g. "fake-matmul=int"), so
@@ -23,7 +24,8 @@ def perplexity(compiled: Compiled, windows: np.ndarray, prefix_kv=None, batch_si
     """
     config = compiled.model.config
     n, L = windows.shape
-    P = 0 if prefix_kv is None else prefix_kv.length
+    prefix_kv = getattr(compiled, "prefix_kv", None) if prefix_kv is None else prefix_kv
+    P = prefix_len(prefix_kv)
     if P + L > config.max_position_embeddings:
         raise UserError(f"seqlen {L} (+ prefix {P}) exceeds the model's max positions {config.max_position_embeddings}")
     log = fingerprint = None

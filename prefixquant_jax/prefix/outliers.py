@@ -16,30 +16,25 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from prefixquant_jax.kv_cache import KVCache
-from prefixquant_jax.model import set_recipe
+from prefixquant_jax.kv_cache import behind_prefix
+from prefixquant_jax.model import with_recipe
 
 
 def sown_batches(model, recipe, tokens: np.ndarray, prefix_kv=None, batch_size: int = 4, progress=True, desc="stats"):
     """Run `model` with `recipe` (one that sows nnx.Intermediate) over tokens [N, L] in batches behind the
-    prefix KV; yield each batch's sown values as a pure dict {"layers": {i: {name: value}}}. The model's
-    own recipe is left as it was."""
-    orig = model.layers[0].recipe
-    set_recipe(model, recipe)
-    graphdef, state = nnx.split(model)
-    set_recipe(model, orig)
+    prefix KV; yield each batch's sown values as a pure dict {"layers": {i: {name: value}}}. `model` is
+    left as it was (the run uses with_recipe)."""
+    graphdef, state = nnx.split(with_recipe(model, recipe))
 
     @jax.jit
     def run(state, toks, cache, offset):
         _, inter = nnx.capture(lambda m: m.hidden(toks, cache, offset), nnx.Intermediate)(nnx.merge(graphdef, state))
         return nnx.to_pure_dict(inter)
 
-    P = 0 if prefix_kv is None else prefix_kv.length
     for s in tqdm(range(0, len(tokens), batch_size), desc=desc, disable=not progress, leave=False):
         toks = jnp.asarray(tokens[s:s + batch_size])
-        cache = (KVCache.empty(model.config, len(toks), P + toks.shape[1]) if prefix_kv is None
-                 else KVCache.with_prefix(prefix_kv, len(toks), P + toks.shape[1]))
-        yield run(state, toks, cache, P)
+        cache, offset = behind_prefix(prefix_kv, model.config, len(toks), toks.shape[1])
+        yield run(state, toks, cache, offset)
 
 
 def capture_token_ranges(model, tokens: np.ndarray, prefix_kv=None, batch_size: int = 4, progress=True, desc="stats"):

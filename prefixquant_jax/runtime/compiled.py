@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from prefixquant_jax.errors import UserError
+from prefixquant_jax.kv_cache import prefix_len
 from prefixquant_jax.runtime.model import (
     empty_cache,
     head,
@@ -38,9 +39,11 @@ def _next_token(pm: PackedModel, h):
 class RealCompiled:
     """Jitted real-quant entry points over a PackedModel (duck-types compiled.Compiled)."""
 
-    def __init__(self, packed: PackedModel):
+    def __init__(self, packed: PackedModel, prefix_kv=None):
         self.model = packed  # .config and .dtype, as Compiled.model has
         self.state = packed
+        self.prefix_kv = prefix_kv  # the PrefixKV packed in (eval fingerprints); its rows live in the PackedModel
+        self.prefix_len = packed.spec.prefix_len
         P = packed.spec.prefix_len
 
         def _logits(state, tokens, cache, offset):
@@ -62,8 +65,9 @@ class RealCompiled:
     def cache(self, batch: int, max_len: int, prefix_kv=None):
         """A cache for positions 0..max_len-1; the prefix part (P rows) is the packed model's own FP prefix."""
         P = self.state.spec.prefix_len
-        if (0 if prefix_kv is None else prefix_kv.length) != P:
-            raise UserError(f"the packed model was built with a {P}-token prefix, got {0 if prefix_kv is None else prefix_kv.length}")
+        pkv = self.prefix_kv if prefix_kv is None else prefix_kv
+        if prefix_len(pkv) != P:
+            raise UserError(f"the packed model was built with a {P}-token prefix, got {prefix_len(pkv)}")
         return empty_cache(self.state, batch, max_len - P)
 
 
@@ -75,4 +79,4 @@ def compile_loaded(loaded, model_spec: str, backend: str | None = None, dtype=No
     if qm is None:
         raise UserError(f"--backend real needs a quantized model saved by `prefixquant quantize --save DIR`; "
                         f"{model_spec!r} is a full-precision checkpoint")
-    return RealCompiled(pack(qm, backend=backend, dtype=dtype, prefix_kv=loaded.prefix_kv))
+    return RealCompiled(pack(qm, backend=backend, dtype=dtype, prefix_kv=loaded.prefix_kv), loaded.prefix_kv)
