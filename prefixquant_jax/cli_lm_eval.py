@@ -1,7 +1,7 @@
 """Subcommand `prefixquant lm-eval`: zero-shot (or few-shot) accuracy with lm-eval-harness.
 
-    prefixquant lm-eval --model SPEC --tasks T1,T2 [--include-path DIR] [--backend fake|real] [--limit N]
-                        [--num-fewshot K] [--batch-size B] [--json OUT]
+    prefixquant lm-eval --model SPEC --tasks T1,T2 [--include-path DIR] [--backend fake|real]
+                        [--kernels auto|mosaic|triton] [--limit N] [--num-fewshot K] [--batch-size B] [--json OUT]
 
 Runs `lm_eval.simple_evaluate` on the `prefixquant-jax` model (prefixquant_jax/eval/lm_eval.py) with a
 `TaskManager` that knows lm-eval's tasks, the tasks we ship (`lambada_wikitext2`) and --include-path;
@@ -106,7 +106,8 @@ def cmd_lm_eval(args) -> dict:
     from prefixquant_jax.eval.lm_eval import PrefixQuantLM
 
     lm = PrefixQuantLM(pretrained=args.model, backend=args.backend, fake_matmul=args.fake_matmul, dtype=args.dtype,
-                       batch_size=args.batch_size, max_length=args.max_length, import_prefix=args.import_prefix)
+                       kernels=getattr(args, "kernels", "auto"), batch_size=args.batch_size, max_length=args.max_length,
+                       import_prefix=args.import_prefix)
     limit = None if args.limit is None else (args.limit if args.limit < 1 else int(args.limit))
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit, num_fewshot=args.num_fewshot,
                                   bootstrap_iters=args.bootstrap_iters, log_samples=False, random_seed=args.seed,
@@ -116,7 +117,8 @@ def cmd_lm_eval(args) -> dict:
     if out.get("groups"):
         print(make_table(out, "groups"))
     res = {"model": args.model, "preset": lm.loaded.preset, "backend": args.backend, "fake_matmul": args.fake_matmul,
-           "dtype": args.dtype, "tasks": tasks, "limit": limit, "num_fewshot": args.num_fewshot,
+           "kernels": getattr(args, "kernels", "auto"), "dtype": args.dtype, "tasks": tasks, "limit": limit,
+           "num_fewshot": args.num_fewshot,
            "batch_size": args.batch_size, "max_length": lm.max_length, "prefix_len": lm.P,
            "results": out["results"], "groups": out.get("groups", {}), "n-samples": out.get("n-samples", {}),
            "versions": out.get("versions", {}), "lm_eval_version": getattr(lm_eval, "__version__", None),

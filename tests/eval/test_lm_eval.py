@@ -127,6 +127,27 @@ def test_shared_rows_and_buckets_change_nothing(tiny_dir):
     assert lm.shapes_run == {(2, 32), (2, 128)}
 
 
+def test_scored_positions_match_full_logits(tiny_dir):
+    """The head on the continuation positions only (K = 8, 32 and L) == log-softmax of the whole logits."""
+    import jax
+    import numpy as np
+
+    lm = PrefixQuantLM(pretrained=tiny_dir, batch_size=4)
+    c = lm.compiled
+    reqs = [(None, [1] + list(range(5, 25)), list(range(30, 50))), (None, [1, 5], [6]), (None, [1, 7, 8], [9, 10, 11]),
+            (None, [1], list(range(60, 140)))]  # continuations of 20, 1, 3 and 80 tokens
+    got = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
+    for (_, ctx, cont), (ll, greedy) in zip(reqs, got):
+        whole = ctx + cont
+        logits, _ = c.logits(c.state, np.asarray([whole[:-1]], np.int32), c.cache(1, len(whole) - 1), 0)
+        logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
+        pos = np.arange(len(ctx) - 1, len(whole) - 1)
+        assert ll == pytest.approx(float(logp[pos, cont].sum()), abs=1e-4)
+        assert greedy == bool((np.asarray(logits[0]).argmax(-1)[pos] == cont).all())
+    with pytest.raises(Exception, match="kernels must be auto, mosaic or triton"):
+        PrefixQuantLM(pretrained=tiny_dir, kernels="cuda")
+
+
 def test_rolling_matches_hf_backend(tiny_dir):
     from lm_eval.models.huggingface import HFLM
 
@@ -204,7 +225,7 @@ def test_cli_table_and_json(tiny_dir, mc_dir, tmp_path, capsys):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "|mc_basic" in r.stdout and "|lambada_wikitext2" in r.stdout and "acc_norm" in r.stdout
     res = json.loads(out.read_text())
-    assert res["backend"] == "fake" and res["prefix_len"] == 0
+    assert res["backend"] == "fake" and res["prefix_len"] == 0 and res["kernels"] == "auto"
     assert res["results"]["mc_basic"]["acc,none"] in [k / 6 for k in range(7)]
     assert res["results"]["lambada_wikitext2"]["perplexity,none"] > 1
     assert res["n-samples"]["mc_basic"]["effective"] == 6
