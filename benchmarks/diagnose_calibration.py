@@ -20,6 +20,7 @@ A variant is '+'-joined rule changes applied in order to the old defaults:
   wout   output-aware weight clip;   kvhead  per-head K (attention) / V clip
   alone  each activation site searched alone;   local  search target = FP block on the quantized inputs
   gptq   GPTQ codes on the weight scales;   actorder  GPTQ in decreasing Hessian-diagonal order
+  aclipNN  per-token dynamic activations clipped at 0.NN x amax (dynamic presets); kvclipNN  the same for dynamic KV
   ref    = grid+wout+kvhead+alone+local (the reference's rules)
 """
 from __future__ import annotations
@@ -48,6 +49,16 @@ OLD = ({"full_grid": False}, {"weight_clip": "mse", "kv_rule": "site", "search":
                               "gptq_act_order": False})
 
 
+def step(p: str):
+    """The (preset, options) changes of one variant step; "aclipNN": dynamic activation clip ratio 0.NN."""
+    for prefix, field in (("aclip", "act_clip"), ("kvclip", "kv_clip")):
+        if p.startswith(prefix) and p[len(prefix):].isdigit():
+            return {field: int(p[len(prefix):]) / 100}, {}
+    if p not in STEPS:
+        raise SystemExit(f"error: unknown variant step {p!r} (known: {', '.join(STEPS)}, aclipNN, kvclipNN, ref)")
+    return STEPS[p]
+
+
 def variant(name: str):
     preset_kw, opt_kw = dict(OLD[0]), dict(OLD[1])
     parts = name.split("+")
@@ -56,10 +67,9 @@ def variant(name: str):
     if parts[0] != "old":
         parts = ["old"] + parts
     for p in parts[1:]:
-        if p not in STEPS:
-            raise SystemExit(f"error: unknown variant step {p!r} (known: {', '.join(STEPS)}, ref)")
-        preset_kw.update(STEPS[p][0])
-        opt_kw.update(STEPS[p][1])
+        pkw, okw = step(p)
+        preset_kw.update(pkw)
+        opt_kw.update(okw)
     return preset_kw, opt_kw
 
 

@@ -124,6 +124,9 @@ def add_subcommands(sub, add_model_args, add_eval_args) -> None:
     p.add_argument("--w-bits", type=int)
     p.add_argument("--a-bits", type=int)
     p.add_argument("--kv-bits", type=int)
+    p.add_argument("--dynamic-act-clip", type=float, metavar="R",
+                   help="clip ratio of per-token dynamic activation quantizers (scale from R x amax; preset default)")
+    p.add_argument("--dynamic-kv-clip", type=float, metavar="R", help="the same for dynamic KV quantizers")
     p.add_argument("--prefix-ids", help="comma-separated token ids to use as the prefix instead of detecting them")
     p.add_argument("--gptq", action="store_true", help="GPTQ weights on the RTN scales (calibration inputs' Hessians) instead of RTN")
     p.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ Hessian dampening, fraction of the mean diagonal")
@@ -302,7 +305,8 @@ def _quantize_cmd(args) -> dict:
     from prefixquant_jax.distributed import is_primary, is_several
 
     primary = is_primary()  # several processes (--coordinator): process 0 alone writes files
-    preset = get_preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits)
+    preset = get_preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
+                        act_clip=args.dynamic_act_clip, kv_clip=args.dynamic_kv_clip)
     if args.grid != "full":
         if preset.method != "prefixquant":
             raise UserError(f"--grid applies to the PrefixQuant presets, not {preset.name!r}")

@@ -1,0 +1,62 @@
+"""Dynamic clip ratios of the presets (Preset.act_clip, Preset.kv_clip): the recipe's per-token activation and
+KV quantizers scale from ratio x the row's range, against a numpy reference of that rule, and the real int4
+runtime computes the same logits as the fake-quant model."""
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prefixquant_jax.quant.presets import get_preset
+from prefixquant_jax.quant.qarray import EPS
+from tests.conftest import rng_tokens
+from tests.runtime.test_runtime import close, fake_logits, tiny, variant  # noqa: F401 (tiny: a fixture)
+
+
+def np_dynamic_sym(x, bits, ratio, offset=2.0 ** -10):
+    """Per-token symmetric full-grid rule in float64: s = ratio * amax / (2^(b-1) - 1/2 + 2^-10), codes clipped to
+    [-2^(b-1), 2^(b-1) - 1]."""
+    x = np.asarray(x, np.float64)
+    s = np.maximum(ratio * np.abs(x).max(-1, keepdims=True) / (2 ** (bits - 1) - 0.5 + offset), EPS)
+    return np.clip(np.round(x / s), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * s
+
+
+def np_dynamic_asym(x, bits, ratio):
+    """Per-token asymmetric rule (last axis) in float64: range [min(lo, 0), max(hi, 0)] x ratio."""
+    x = np.asarray(x, np.float64)
+    lo = np.minimum(x.min(-1, keepdims=True), 0.0) * ratio
+    hi = np.maximum(x.max(-1, keepdims=True), 0.0) * ratio
+    s = np.maximum((hi - lo) / (2 ** bits - 1), EPS)
+    z = np.round(-lo / s)
+    return (np.clip(np.round(x / s) + z, 0, 2 ** bits - 1) - z) * s
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.85])
+def test_preset_dynamic_clip_matches_numpy(ratio):
+    preset = get_preset("w4a4kv4-dynamic", act_clip=ratio, kv_clip=ratio)
+    recipe = preset.recipe()
+    assert recipe.spec("qkv_in").clip_ratio == ratio and recipe.spec("k_cache").clip_ratio == ratio
+    x = np.random.default_rng(0).standard_normal((2, 7, 64)).astype(np.float32) * 3
+    for site, ref in (("down_in", np_dynamic_sym(x, 4, ratio)), ("v_cache", np_dynamic_asym(x, 4, ratio))):
+        y = np.asarray(recipe.apply_site(site, jnp.asarray(x), {}))
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    clipped = np.asarray(recipe.apply_site("down_in", jnp.asarray(x), {}))
+    if ratio < 1:  # the clip does something: the largest entries of each row are cut
+        assert np.abs(clipped).max() < 0.99 * np.abs(x).max()
+
+
+def test_static_preset_ignores_act_clip():
+    assert get_preset("w4a4kv4-static", act_clip=0.5).recipe().spec("qkv_in").clip_ratio == 1.0
+
+
+def test_real_runtime_matches_fake_with_dynamic_clip(tiny):  # noqa: F811
+    from prefixquant_jax.runtime import pack, prefill
+
+    qm = variant(tiny[0], act_dynamic=True, kv_dynamic=True, act_clip=0.85, kv_clip=0.95)
+    toks = np.stack([rng_tokens(12, 320, seed=s) for s in (1, 2)])
+    fake = fake_logits(qm, toks)
+    real, _ = prefill(pack(qm, backend="xla"), jnp.asarray(toks))
+    close(real, fake)
+    unclipped = fake_logits(dataclasses.replace(qm, model=variant(tiny[0], act_dynamic=True, kv_dynamic=True).model),
+                            toks)
+    assert np.abs(unclipped - fake).max() > 1e-3  # the ratios reach the model
