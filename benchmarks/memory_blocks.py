@@ -38,7 +38,8 @@ QUANTIZE_FLAGS = ["--calib-samples", "1", "--calib-seqlen", "16", "--outlier-sam
 TEXT = ("The quick brown fox jumps over the lazy dog. A small model reads a small text about memory.\n") * 50
 
 # the wrapper: one quantize run as its only child, then the child's peak RSS (ru_maxrss is in KiB on Linux);
-# the child is killed when its RSS passes argv[1] GiB (a shared machine: never push it into the OOM killer)
+# the child is killed when its RSS passes argv[1] GiB or the machine has < 0.5 GiB left (a shared machine:
+# never push it into the OOM killer)
 _WRAPPER = """
 import json, resource, subprocess, sys, time
 limit, t, killed, rss = float(sys.argv[1]) * 2**30, time.time(), False, 0
@@ -52,7 +53,9 @@ while p.poll() is None:
             rss = max(rss, next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) * 1024)
     except (OSError, StopIteration):
         pass
-    if rss > limit:
+    with open("/proc/meminfo") as f:  # others may fill the machine meanwhile: stop before the OOM killer does
+        avail = next(int(l.split()[1]) for l in f if l.startswith("MemAvailable")) * 1024
+    if rss > limit or avail < 2**29:
         killed = True
         p.kill()
     time.sleep(0.1)
