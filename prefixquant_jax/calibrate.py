@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from prefixquant_jax.compiled_block import CompiledBlock
 from prefixquant_jax.errors import UserError
-from prefixquant_jax.model import QuantParam
+from prefixquant_jax.model import QuantParam, with_recipe
 from prefixquant_jax.quant.clip_search import head_clip_attention, head_clip_reconstruction, output_aware_weight_clip
 from prefixquant_jax.quant.gptq import LINEAR_INPUT, gptq_with_factor, inverse_hessian_factor, output_error
 from prefixquant_jax.quant.ops import minmax, mse_clip_search, qparams_from_range
@@ -92,10 +92,8 @@ def init_block_weights(compiled: CompiledBlock, qb, layer: int, recipe, x_q: np.
     """Step 1 (module docstring) for one block, in place: qparams["w_<name>"] and, with GPTQ, the kernels.
     Returns {linear: {"mse": err, "output": err, "gptq": err}} output errors per token (those that apply)."""
     spec, grams, tokens = recipe.weight, None, x_q.shape[0] * x_q.shape[1]
-    if cfg.weight_clip == "output" or cfg.gptq:
-        qb.recipe = recipe.replace(sites=(), weight=None)  # FP weights and activations
-        grams = compiled.grams(qb, layer, x_q, cfg.chunk)
-        qb.recipe = recipe
+    if cfg.weight_clip == "output" or cfg.gptq:  # FP weights and activations
+        grams = compiled.grams(with_recipe(qb, recipe.replace(sites=(), weight=None)), layer, x_q, cfg.chunk)
         for site, g in grams.items():
             if not np.all(np.isfinite(g)):
                 raise UserError(f"non-finite activations at layer {layer} {site}")
@@ -162,25 +160,25 @@ def _kv_by_head(compiled, qb, layer, recipe, x_g, ranges, cfg) -> dict:
 
 def _search_sites(compiled, qb, recipe, sites, ranges, ratios, xg, ck, cv, tg, cfg) -> None:
     """Step 3: coarse-then-fine clip search of `sites` (ratios updated in place)."""
-    def loss_with(r: dict) -> float:
-        for s in sites:
+    def loss_with(r: dict, run) -> float:
+        for s in sites:  # in qb's variables, which `run` shares
             _set_site(qb, s, recipe.spec(s), *ranges[s], r[s])
-        return compiled.loss(qb, xg, ck, cv, tg)
+        return compiled.loss(run, xg, ck, cv, tg)
 
     for s in sites:
+        run = qb
         if cfg.search == "alone":  # this site's quantizer only: weights FP, every other site off
-            qb.recipe = recipe.replace(sites=((s, recipe.spec(s)),), weight=None)
+            run = with_recipe(qb, recipe.replace(sites=((s, recipe.spec(s)),), weight=None))
         best_r, best = ratios[s], None
         for grid in (cfg.coarse, None):
             cands = grid if grid is not None else [round(best_r + d, 4) for d in cfg.fine_steps
                                                   if 0.05 <= best_r + d <= 1.0]
             for r in cands:
                 ratios[s] = r
-                val = loss_with(ratios)
+                val = loss_with(ratios, run)
                 if best is None or val < best:
                     best, best_r = val, r
         ratios[s] = best_r
-    qb.recipe = recipe
     for s in sites:
         _set_site(qb, s, recipe.spec(s), *ranges[s], ratios[s])
 

@@ -12,8 +12,8 @@ import numpy as np
 from flax import nnx
 
 from prefixquant_jax.kv_cache import behind_prefix, prefix_len
-from prefixquant_jax.model import rope_tables
-from prefixquant_jax.quant.recipe import pair_ranges, sown_value
+from prefixquant_jax.model import rope_tables, with_recipe
+from prefixquant_jax.quant.recipe import Capture, pair_ranges, sown_value
 
 
 def _sown(block, *args) -> dict:
@@ -39,15 +39,13 @@ class CompiledBlock:
         def fwd(gd, state, x, ck, cv, cos, sin):
             return nnx.merge(gd, state)(x, ck, cv, P, cos, sin)[0]
 
-        def capture(gd, state, x, ck, cv, cos, sin):
+        def capture(gd, state, x, ck, cv, cos, sin):  # FP activations, weights as they are
             b = nnx.merge(gd, state)
-            b.recipe = b.recipe.replace(capture=True, sites=())
-            return _sown(b, x, ck, cv, P, cos, sin)
+            return _sown(with_recipe(b, Capture(b.recipe.replace(sites=()), ranges=True)), x, ck, cv, P, cos, sin)
 
         def gram(gd, state, x, ck, cv, cos, sin):
             b = nnx.merge(gd, state)
-            b.recipe = b.recipe.replace(capture_gram=True)
-            return _sown(b, x, ck, cv, P, cos, sin)
+            return _sown(with_recipe(b, Capture(b.recipe, gram=True)), x, ck, cv, P, cos, sin)
 
         def loss(gd, state, x, ck, cv, cos, sin, target):
             y = nnx.merge(gd, state)(x, ck, cv, P, cos, sin)[0]
@@ -55,8 +53,7 @@ class CompiledBlock:
 
         def qkv(gd, state, x, ck, cv, cos, sin):
             b = nnx.merge(gd, state)
-            b.recipe = b.recipe.replace(capture_qkv=True, sites=())
-            return _sown(b, x, ck, cv, P, cos, sin)
+            return _sown(with_recipe(b, Capture(b.recipe.replace(sites=()), qkv=True)), x, ck, cv, P, cos, sin)
 
         self._qkv = jax.jit(qkv, static_argnums=0)
         self._fwd = jax.jit(fwd, static_argnums=0)

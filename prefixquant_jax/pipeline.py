@@ -235,7 +235,7 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
     if preset.prefix:
         t = time.time()
         if opts.prefix_kv is not None:  # imported: the caller checked kv heads and head_dim against the model
-            prefix_ids = list(opts.prefix_kv.token_ids)
+            prefix_ids = list(opts.prefix_kv.prefix_ids)
             report["outliers"] = {"prefix_ids": prefix_ids, "source": "imported"}
             if opts.prefix_kv.k_rotated != preset.rotate or len(opts.prefix_kv.k) != config.num_layers:
                 raise UserError(f"the given prefix KV (k_rotated={opts.prefix_kv.k_rotated}, {len(opts.prefix_kv.k)} layers) does not "
@@ -256,16 +256,16 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
         prefix_kv = opts.prefix_kv or compute_prefix_kv(fp_model, prefix_ids, text=text, k_rotated=preset.rotate)
         times["prefix"] = time.time() - t
         _check_positions(config, prefix_kv.length, calib, train_tokens)
-    report["prefix_ids"] = [] if prefix_kv is None else prefix_kv.token_ids
-    report["prefix_text"] = [] if prefix_kv is None else [_decode(tokenizer, [i]) for i in prefix_kv.token_ids]
+    report["prefix_ids"] = [] if prefix_kv is None else prefix_kv.prefix_ids
+    report["prefix_text"] = [] if prefix_kv is None else [_decode(tokenizer, [i]) for i in prefix_kv.prefix_ids]
 
     t = time.time()
     q_model = Llama.from_params(config, params, recipe=recipe)
     q_model.prefix_len = prefix_len(prefix_kv)  # its scales are calibrated behind the prefix: a call needs it
     if flat:  # learned transforms instead of rotations; weights quantized with LWC in the forward
         from prefixquant_jax.flatquant.pipeline import init_flatquant
-        recipe, report["flatquant"] = init_flatquant(fp_model, q_model, recipe, calib, prefix_kv, opts.seed,
-                                                     opts.flatquant, opts.progress)
+        q_model, recipe, report["flatquant"] = init_flatquant(fp_model, q_model, recipe, calib, prefix_kv,
+                                                              opts.seed, opts.flatquant, opts.progress)
     weight_pass = not flat and bool(preset.w_bits) and (opts.weight_clip == "output" or opts.gptq)
     if not flat and preset.w_bits and not weight_pass:
         init_weight_scales(q_model, preset.weight_spec(), opts.progress)

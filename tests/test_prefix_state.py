@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import prefixquant_jax as pq
 from prefixquant_jax.compiled import Compiled
@@ -94,3 +95,36 @@ def test_with_recipe_returns_a_new_model_and_leaves_its_input(qm):
                                   np.asarray(with_recipe(qm.fp_model, None)(toks, kv, off)[0]))
     one = with_recipe(qm.model.layers[1], recipe.replace(sites=()))
     assert one.recipe.sites == () and qm.model.layers[1].recipe == recipe
+
+
+def test_capture_is_a_wrapper_recipe(qm):
+    """Capture(recipe, ranges=True) sows each site's input and computes what the recipe computes; the model's
+    own recipe is untouched (capture_token_ranges runs with_recipe)."""
+    from prefixquant_jax.prefix.outliers import capture_token_ranges
+    from prefixquant_jax.quant.recipe import Capture
+
+    recipe = qm.model.layers[0].recipe
+    wrapped = with_recipe(qm.model, Capture(recipe, ranges=True))
+    assert wrapped.layers[0].recipe.weight == recipe.weight and wrapped.layers[0].recipe.spec("k_cache") == recipe.spec("k_cache")
+    toks = jnp.asarray(rng_tokens(8, 320, seed=8)[None])
+    kv, off = behind_prefix(qm.prefix_kv, qm.config, 1, 8)
+    (logits, _), sown = nnx.capture(lambda m: m(toks, kv, off), nnx.Intermediate)(wrapped)
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(qm.model(toks, kv, off)[0]))
+    assert "down_in_max" in nnx.to_pure_dict(sown)["layers"][0]
+    ranges = capture_token_ranges(qm.model, np.asarray(toks), qm.prefix_kv, progress=False)
+    assert ranges["down_in"][0].shape == (2, 1, 8) and ranges["k_cache"][0].shape == (2, 1, 8, 2)
+    assert all(b.recipe == recipe for b in qm.model.layers)
+
+
+def test_models_saved_with_the_old_capture_fields_still_load(qm, tmp_path):
+    import json
+
+    d = pq.save(qm, str(tmp_path / "old"))
+    meta_path = tmp_path / "old" / "prefixquant.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model"]["recipe"].update(capture=False, capture_gram=False, capture_qkv=False)  # as saves before Capture
+    meta_path.write_text(json.dumps(meta))
+    back = pq.load(d)
+    assert back.model.layers[0].recipe == qm.model.layers[0].recipe
+    toks = jnp.asarray(rng_tokens(6, 320, seed=9)[None])
+    np.testing.assert_array_equal(np.asarray(back.apply(back.split()[1], toks)), np.asarray(qm.apply(qm.split()[1], toks)))

@@ -69,10 +69,16 @@ def encode(obj):
     raise UserError(f"cannot save a recipe holding a {type(obj).__name__}")
 
 
+# recipe fields of older saves that are no longer fields (capture is the Capture wrapper now), read when unset
+RETIRED_FIELDS = ("capture", "capture_gram", "capture_qkv")
+
+
 def decode(obj, source: str):
     """Inverse of `encode`; lists come back as tuples (recipes are hashable)."""
     if isinstance(obj, dict) and "__class__" in obj:
         cls = resolve(obj["__class__"], source)
+        names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        obj = {k: v for k, v in obj.items() if not (k in RETIRED_FIELDS and k not in names and v is False)}
         try:
             return cls(**{k: decode(v, source) for k, v in obj.items() if k != "__class__"})
         except TypeError as e:

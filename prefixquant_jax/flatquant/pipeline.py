@@ -27,7 +27,7 @@ from prefixquant_jax.flatquant.merge import merge_model
 from prefixquant_jax.flatquant.recipe import SITE_TRANSFORM
 from prefixquant_jax.flatquant.transforms import COND_MAX, ClipParam, TransformParam, init_block, positive_scales
 from prefixquant_jax.errors import UserError
-from prefixquant_jax.model import QuantParam, set_recipe
+from prefixquant_jax.model import QuantParam, with_recipe
 from prefixquant_jax.options import require_choice, require_number
 from prefixquant_jax.prefix.outliers import sown_batches
 from prefixquant_jax.quant.recipe import sown_value
@@ -98,18 +98,18 @@ def channel_absmax(model, tokens: np.ndarray, prefix_kv=None, batch_size: int = 
 
 def init_flatquant(fp_model, q_model, recipe, calib: np.ndarray, prefix_kv, seed: int = 0,
                    opts: FlatOptions | None = None, progress: bool = True):
-    """Give every block of q_model its transforms (SmoothQuant-style scales from the FP model's channel
-    maxima on `calib` behind the prefix) and `recipe` with the chosen parameterization. Returns
-    (recipe, report)."""
+    """q_model with `recipe` in the chosen parameterization (with_recipe: a new model sharing q_model's weights)
+    and, in every block, its transforms (SmoothQuant-style scales from the FP model's channel maxima on
+    `calib` behind the prefix). Returns (model, recipe, report)."""
     opts = opts or FlatOptions()
     recipe = recipe.replace(param=opts.param)
-    set_recipe(q_model, recipe)
+    q_model = with_recipe(q_model, recipe)
     stats = channel_absmax(fp_model, calib, prefix_kv, progress=progress)
     lac_sites = [s for s, spec in recipe.sites if spec.dynamic] if opts.lac else []
     for i, blk in enumerate(q_model.layers):
         init_block(blk, q_model.config, (seed, i), opts.param, stats[i], opts.alpha,
                    lwc=opts.lwc and recipe.weight is not None, lac_sites=lac_sites)
-    return recipe, {"param": opts.param, "alpha": opts.alpha, "lr": opts.lr, "lwc": opts.lwc, "lac": lac_sites,
+    return q_model, recipe, {"param": opts.param, "alpha": opts.alpha, "lr": opts.lr, "lwc": opts.lwc, "lac": lac_sites,
                     "kv_original_space": recipe.kv_original_space}
 
 

@@ -26,12 +26,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from prefixquant_jax.flatquant.transforms import factor, factors, kron_apply, kron_left
 from prefixquant_jax.quant.qarray import (EPS, QArray, fake_quant, from_codes, grouped, minmax, qparams_from_range,
                                           quantize, quantize_int, ste_round)
-from prefixquant_jax.quant.recipe import QUANT_SITES, hands_qact, weight_parts
+from prefixquant_jax.quant.recipe import hands_qact, weight_parts
 from prefixquant_jax.quant.spec import QuantSpec
 
 SITE_TRANSFORM = {"qkv_in": "qkv", "up_gate_in": "ug", "down_in": "down"}
@@ -130,15 +129,14 @@ def quantizable_kernel(t, name: str, kernel, param: str):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FlatQuantRecipe:
     """`sites`/`weight` as in QuantRecipe (weight: per-channel symmetric, static). `param`: "inverse" (P
-    stored, P^-1 = inv(P) in fp32) or "orthogonal" (U diag(sigma) V^T, Cayley). `capture`: sow each
-    quantization site's per-token (min, max) after its transform (calibration)."""
+    stored, P^-1 = inv(P) in fp32) or "orthogonal" (U diag(sigma) V^T, Cayley). Wrapped in quant.recipe.Capture,
+    a site's statistics are those of its input after the transform (`site_input`)."""
 
     sites: tuple[tuple[str, QuantSpec], ...] = ()
     weight: QuantSpec | None = None
     param: str = "inverse"
     kv_original_space: bool = False
     merged: bool = False
-    capture: bool = False
     int_matmul: bool = False  # merged models: linears as the integer runtime computes them (quant/int_matmul.py)
 
     def spec(self, site: str) -> QuantSpec | None:
@@ -189,11 +187,15 @@ class FlatQuantRecipe:
             return per_head(x, factor(t, "k_1", self.param)[1].T)
         if name in ("k_rot", "down_rot"):
             return x
-        x = self._transform(name, x, t)
-        if self.capture and name in QUANT_SITES:
-            xf = x.astype(jnp.float32)
-            block.sow(nnx.Intermediate, name + "_min", xf.min(axis=-1))
-            block.sow(nnx.Intermediate, name + "_max", xf.max(axis=-1))
+        return self.site_output(name, self.site_input(name, x, qparams, block), qparams, block)
+
+    def site_input(self, name: str, x, qparams, block=None):
+        """What the quantizer of site `name` sees: x after the site's transform."""
+        return self._transform(name, x, block.transforms)
+
+    def site_output(self, name: str, x, qparams, block=None):
+        """The quantizer of site `name` on its transformed input (and, KV in the original space, back)."""
+        t = block.transforms
         x = self._quantize(name, x, qparams, t)
         if self.kv_original_space and name in ("k_cache", "v_cache") and self._has(t, name[0]):
             x = per_head(x, factor(t, name[0] + "_1", self.param)[1])

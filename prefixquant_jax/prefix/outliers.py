@@ -41,12 +41,12 @@ def capture_token_ranges(model, tokens: np.ndarray, prefix_kv=None, batch_size: 
     """Per-site per-token (min, max) of every quantization site, for all layers.
 
     Returns {site: (mins, maxs)} with arrays [layers, N, L] (KV sites: [layers, N, L, KV]).
-    The model's recipe is used with capture switched on (rotations apply; quantizers too, if any).
+    The model's recipe runs wrapped in Capture(ranges=True) (rotations apply; quantizers too, if any).
     """
-    from prefixquant_jax.quant.recipe import QuantRecipe, pair_ranges, sown_value
+    from prefixquant_jax.quant.recipe import Capture, QuantRecipe, pair_ranges, sown_value
 
     out = collections.defaultdict(list)
-    for inter in sown_batches(model, (model.layers[0].recipe or QuantRecipe()).replace(capture=True), tokens,
+    for inter in sown_batches(model, Capture(model.layers[0].recipe or QuantRecipe(), ranges=True), tokens,
                               prefix_kv, batch_size, progress, desc):
         for key in inter["layers"][0]:
             out[key].append(np.stack([np.asarray(sown_value(inter["layers"][i][key])) for i in range(len(model.layers))]))

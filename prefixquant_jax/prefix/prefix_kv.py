@@ -9,24 +9,35 @@ import numpy as np
 from prefixquant_jax.kv_cache import KVCache
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(init=False)
 class PrefixKV:
     """k[i], v[i]: [1, P, kv_heads, head_dim] float32 for layer i, at positions 0..P-1.
 
     K is stored as the attention reads it: after RoPE and, when `k_rotated`, after the online R3.
-    `token_ids`: the prefix ids (what options and reports call `prefix_ids`), under the name the prefix
-    file and saved-model formats use for them.
+    `prefix_ids`: the prefix token ids, as options and reports name them; `token_ids` (the name the prefix
+    file format keeps for them) is accepted by the constructor and readable as an alias.
     """
 
     k: list
     v: list
-    token_ids: list[int]
+    prefix_ids: list[int]
     text: str = ""
     k_rotated: bool = False
 
+    def __init__(self, k, v, prefix_ids=None, text: str = "", k_rotated: bool = False, *, token_ids=None):
+        if (prefix_ids is None) == (token_ids is None):
+            raise TypeError("PrefixKV needs prefix_ids (or its old name token_ids), exactly one of them")
+        self.k, self.v, self.text, self.k_rotated = k, v, text, k_rotated
+        self.prefix_ids = list(prefix_ids if prefix_ids is not None else token_ids)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The old name of prefix_ids (prefix files, saved models and callers written before the rename)."""
+        return self.prefix_ids
+
     @property
     def length(self) -> int:
-        return len(self.token_ids)
+        return len(self.prefix_ids)
 
 
 def compute_prefix_kv(model, prefix_ids, text: str = "", k_rotated: bool = False) -> PrefixKV:
@@ -35,4 +46,4 @@ def compute_prefix_kv(model, prefix_ids, text: str = "", k_rotated: bool = False
     cache = KVCache.empty(model.config, 1, len(prefix_ids), jnp.float32)
     _, cache = model.hidden(ids, cache, 0)
     return PrefixKV(k=[np.asarray(a, np.float32) for a in cache.k], v=[np.asarray(a, np.float32) for a in cache.v],
-                    token_ids=[int(t) for t in prefix_ids], text=text, k_rotated=k_rotated)
+                    prefix_ids=[int(t) for t in prefix_ids], text=text, k_rotated=k_rotated)

@@ -1,4 +1,5 @@
-"""QuantRecipe: what the model does at each named site (rotate, capture statistics, fake-quantize).
+"""QuantRecipe: what the model does at each named site (rotate, fake-quantize); Capture: a recipe around
+another that also records statistics there.
 
 A recipe is static (frozen, hashable): it is part of the jitted graph, while the numbers it needs
 (static scales, zero points) live in each block's `qparams` as `QuantParam` variables:
@@ -29,21 +30,13 @@ WEIGHT_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 class QuantRecipe:
     """`sites`: (site, QuantSpec) pairs; unnamed sites stay FP. `weight`: static per-channel weight
     quantizer (scales in qparams["w_<linear>"]; a linear without one stays FP). `r3`/`r4`: online Hadamards.
-
-    `capture`: sow per-token (min, max) of every quantization site's input as nnx.Intermediate
-    (activation sites: [B, L]; KV sites: [B, L, KV]), used by outlier detection and calibration.
-    `capture_gram`: sow sum over tokens of x^T x [C, C] at each activation site (GPTQ's Hessian).
-    `capture_qkv`: sow the attention's q (after R3, "q_attn") and the KV sites' inputs ("k_cache_x",
-    "v_cache_x"), [B, L, heads, hd] float32: the per-head KV clip searches (quant/clip_search.py).
+    Statistics (ranges, Gram matrices, q/K/V) are captured by wrapping a recipe in `Capture`.
     """
 
     sites: tuple[tuple[str, QuantSpec], ...] = ()
     weight: QuantSpec | None = None
     r3: bool = False
     r4: bool = False
-    capture: bool = False
-    capture_gram: bool = False
-    capture_qkv: bool = False
     int_matmul: bool = False  # compute quantized linears as the integer runtime does (quant/int_matmul.py)
 
     def spec(self, site: str) -> QuantSpec | None:
@@ -54,21 +47,17 @@ class QuantRecipe:
 
     def apply_site(self, name: str, x, qparams, block=None):
         if name in ("q_rot", "k_rot"):
-            y = hadamard_transform(x) if self.r3 else x
-            if self.capture_qkv and block is not None and name == "q_rot":
-                block.sow(nnx.Intermediate, "q_attn", y.astype(jnp.float32))
-            return y
+            return hadamard_transform(x) if self.r3 else x
         if name == "down_rot":
             return hadamard_transform(x) if self.r4 else x
-        if self.capture_gram and block is not None and name in ACT_SITES:
-            xf = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-            block.sow(nnx.Intermediate, name + "_gram", xf.T @ xf)
-        if self.capture and block is not None and name in QUANT_SITES:
-            xf = x.astype(jnp.float32)
-            block.sow(nnx.Intermediate, name + "_min", xf.min(axis=-1))
-            block.sow(nnx.Intermediate, name + "_max", xf.max(axis=-1))
-        if self.capture_qkv and block is not None and name in KV_SITES:
-            block.sow(nnx.Intermediate, name + "_x", x.astype(jnp.float32))
+        return self.site_output(name, self.site_input(name, x, qparams, block), qparams, block)
+
+    def site_input(self, name: str, x, qparams, block=None):
+        """What the quantizer of site `name` sees (here x itself): what Capture records."""
+        return x
+
+    def site_output(self, name: str, x, qparams, block=None):
+        """Site `name`'s quantizer applied to its input x (identity at an unquantized site)."""
         spec = self.spec(name)
         if spec is None:
             return x
@@ -81,13 +70,53 @@ class QuantRecipe:
     def weight_parts(self, name: str, kernel, qparams):
         return weight_parts(self.weight, name, kernel, qparams)
 
-
     def apply_weight(self, name: str, kernel, qparams, block=None):
         """The kernel [in, out] of linear `name` as the forward uses it (fake-quantized if it has a scale)."""
         key = "w_" + name
         if self.weight is None or key not in qparams:
             return kernel
         return fake_quant(kernel, self.weight, scale=qparams[key][...])
+
+
+@dataclasses.dataclass(frozen=True)
+class Capture:
+    """A recipe that runs `inner` (a QuantRecipe or FlatQuantRecipe) and sows statistics as nnx.Intermediate:
+
+    `ranges`: per-token (min, max) of every quantization site's input as its quantizer sees it ("<site>_min",
+    "<site>_max"; activation sites [B, L], KV sites [B, L, KV]): outlier detection and calibration.
+    `gram`: the sum over tokens of x^T x [C, C] at each activation site ("<site>_gram", GPTQ's Hessian).
+    `qkv`: the attention's q after R3 ("q_attn") and the KV sites' inputs ("k_cache_x", "v_cache_x"),
+    [B, L, heads, hd] float32: the per-head KV clip searches (quant/clip_search.py).
+    Everything else (spec, weight, sites, int_matmul, weights, biases) is `inner`'s."""
+
+    inner: object
+    ranges: bool = False
+    gram: bool = False
+    qkv: bool = False
+
+    def __getattr__(self, name):
+        if name == "inner" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def apply_site(self, name: str, x, qparams, block=None):
+        inner = self.inner
+        if name not in QUANT_SITES or block is None:
+            y = inner.apply_site(name, x, qparams, block)
+            if self.qkv and block is not None and name == "q_rot":
+                block.sow(nnx.Intermediate, "q_attn", y.astype(jnp.float32))
+            return y
+        x = inner.site_input(name, x, qparams, block)
+        if self.gram and name in ACT_SITES:
+            xf = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+            block.sow(nnx.Intermediate, name + "_gram", xf.T @ xf)
+        if self.ranges:
+            xf = x.astype(jnp.float32)
+            block.sow(nnx.Intermediate, name + "_min", xf.min(axis=-1))
+            block.sow(nnx.Intermediate, name + "_max", xf.max(axis=-1))
+        if self.qkv and name in KV_SITES:
+            block.sow(nnx.Intermediate, name + "_x", x.astype(jnp.float32))
+        return inner.site_output(name, x, qparams, block)
 
 
 def hands_qact(recipe, site: str, spec: QuantSpec) -> bool:

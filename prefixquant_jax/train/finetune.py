@@ -77,7 +77,7 @@ def train_quantized(qm, tokens, cfg: TrainConfig, *, groups=None, checkpoint: Tr
     td = None
     if checkpoint is not None:
         identity = {"calib_data": tokens_digest(tokens), **(checkpoint.identity or {})}
-        prefix_ids = [] if qm.prefix_kv is None else [int(t) for t in qm.prefix_kv.token_ids]
+        prefix_ids = [] if qm.prefix_kv is None else [int(t) for t in qm.prefix_kv.prefix_ids]
         fp = {"preset": preset_fingerprint(dataclasses.asdict(qm.preset)), "prefix_ids": prefix_ids,
               "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "ckpt_every"},
               **(fingerprint or {}), **identity}
