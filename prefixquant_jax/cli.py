@@ -224,8 +224,8 @@ def main(argv=None) -> int:
         result = handlers[args.cmd](args)
         if getattr(args, "json_out", None) and _primary():
             write_json(args.json_out, result)
-    except UserError as e:
-        sys.stderr.write(f"error: {e}\n")
+    except UserError as e:  # the library names its options; say them as our flags
+        sys.stderr.write(f"error: {cli_quant.flag_error(e)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")

@@ -76,6 +76,10 @@ FLAGS = {
     "TrainConfig.lr_weight": "--lr-weight", "TrainConfig.ckpt_every": "--ckpt-every", "TrainConfig.seed": "--seed",
     "TrainCheckpoint.dir": "--train-dir", "TrainCheckpoint.resume": "--resume", "TrainCheckpoint.overwrite": "--overwrite",
     "FlatOptions.lr": "--flat-lr", "FlatOptions.param": "--flat-param", "FlatOptions.alpha": "--flat-alpha",
+    # arguments of the evaluation, runtime and checkpoint functions (every subcommand: cli.main)
+    "log_path": "--eval-log", "max_windows": "--max-windows", "RuntimeSpec.kernels": "--kernels",
+    "backend 'fake'": "--backend fake", "backend 'real'": "--backend real", "pq.save": "`prefixquant quantize --save DIR`",
+    "overwrite=True": "--overwrite",
 }
 
 
@@ -198,8 +202,8 @@ def cmd_export_prefix(args) -> dict:
     if pkv is None:
         raise UserError(f"{args.model}: preset {meta['preset'].get('name')!r} uses no prefix; nothing to export")
     out = save_prefix_kv(pkv, args.out, overwrite=args.overwrite)
-    print(f"prefix KV {pkv.token_ids} written to {out}")
-    return {"model": args.model, "out": out, "prefix_ids": pkv.token_ids, "k_rotated": pkv.k_rotated}
+    print(f"prefix KV {pkv.prefix_ids} written to {out}")
+    return {"model": args.model, "out": out, "prefix_ids": pkv.prefix_ids, "k_rotated": pkv.k_rotated}
 
 
 def _import_prefix(args, config, preset):

@@ -16,7 +16,7 @@ variable. Each stored leaf carries a CRC32 in the metadata, checked on load.
 
 Metadata keys: format, method, preset (every Preset field), bits {w, a, kv}, quantizers (site ->
 QuantSpec fields, plus "weight"), rotation {rotated, r3, r4, seed, hadamard sizes}, eta, prefix
-{token_ids, text, length, k_rotated, file, crc32} or null, config (HF config.json dict), model {dtype,
+{prefix_ids, token_ids (the same ids, its old name), text, length, k_rotated, file, crc32} or null, config (HF config.json dict), model {dtype,
 recipe}, qparams {layer: {key: {shape, dtype, type}}}, variables [{path, type, shape, dtype, stored,
 scale?, crc32}], tokenizer, sizes {disk_bytes, fp32_params_bytes}, report, versions.
 The module skeleton is rebuilt from `config` + `recipe` + `variables`: nothing about the qparams keys
@@ -58,7 +58,7 @@ def check_save_target(path: str, overwrite: bool) -> str:
     path = os.path.abspath(path)
     if os.path.lexists(path):
         if not overwrite:
-            raise UserError(f"{path} already exists (pass --overwrite to replace it)")
+            raise UserError(f"{path} already exists (pass overwrite=True to replace it)", "overwrite=True")
         if not os.path.isdir(path) or (os.listdir(path) and not is_saved_quantized(path)):
             raise UserError(f"{path} exists and is not a prefixquant checkpoint; refusing to replace it")
     return path
@@ -121,7 +121,8 @@ def _fill(tmp, qm, tokenizer, tree, variables, qparams, leaves) -> None:
     prefix = None
     if qm.prefix_kv is not None:
         f = save_prefix_kv(qm.prefix_kv, os.path.join(tmp, PREFIX))
-        prefix = {"token_ids": list(qm.prefix_kv.token_ids), "text": qm.prefix_kv.text, "length": qm.prefix_kv.length,
+        ids = list(qm.prefix_kv.prefix_ids)  # "token_ids": the key older readers of the format know
+        prefix = {"prefix_ids": ids, "token_ids": ids, "text": qm.prefix_kv.text, "length": qm.prefix_kv.length,
                   "k_rotated": bool(qm.prefix_kv.k_rotated), "file": PREFIX, "crc32": codec.file_crc(f)}
     _write_state(os.path.join(tmp, STATE), tree)
     meta = {"format": FORMAT, **codec.metadata(qm, variables, qparams, prefix, tok)}

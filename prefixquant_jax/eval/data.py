@@ -41,7 +41,7 @@ def windows(ids: np.ndarray, seqlen: int, max_windows: int | None = None) -> np.
         raise UserError(f"text has {len(ids)} tokens, fewer than one window of seqlen={seqlen}")
     if max_windows is not None:
         if max_windows < 1:
-            raise UserError(f"--max-windows must be >= 1, got {max_windows}")
+            raise UserError(f"max_windows must be >= 1, got {max_windows}", "max_windows")
         n = min(n, max_windows)
     return ids[: n * seqlen].reshape(n, seqlen)
 

@@ -65,12 +65,13 @@ class WindowLog:
             head = json.loads(lines[0])
             rows = [json.loads(x) for x in lines[1:]]
         except (IndexError, ValueError):
-            raise UserError(f"--eval-log {self.path}: not a perplexity log (unreadable JSON lines)") from None
+            raise UserError(f"log_path {self.path}: not a perplexity log (unreadable JSON lines)", "log_path") from None
         if not isinstance(head, dict) or head.get("format") != FORMAT:
-            raise UserError(f"--eval-log {self.path}: not a perplexity log (format {head.get('format') if isinstance(head, dict) else None!r})")
+            raise UserError(f"log_path {self.path}: not a perplexity log (format "
+                            f"{head.get('format') if isinstance(head, dict) else None!r})", "log_path")
         if head.get("fingerprint") != fingerprint:
-            raise UserError(f"--eval-log {self.path} belongs to another evaluation (model, prefix, seqlen or batch size "
-                            "differ); give a new file")
+            raise UserError(f"log_path {self.path} belongs to another evaluation (model, prefix, seqlen or batch size "
+                            "differ); give a new file", "log_path")
         for r in rows:
             self.done[(int(r["start"]), int(r["count"]), str(r["tokens"]))] = float(r["nll"])
 

@@ -77,6 +77,6 @@ def compile_loaded(loaded, model_spec: str, backend: str | None = None, dtype=No
     A full-precision checkpoint (no quantized model) or a preset the runtime cannot run: UserError."""
     qm = getattr(loaded, "quantized", None)
     if qm is None:
-        raise UserError(f"--backend real needs a quantized model saved by `prefixquant quantize --save DIR`; "
-                        f"{model_spec!r} is a full-precision checkpoint")
+        raise UserError(f"backend 'real' needs a quantized model saved by pq.save; {model_spec!r} is a full-precision "
+                        "checkpoint", "backend 'real'", "pq.save")
     return RealCompiled(pack(qm, backend=backend, dtype=dtype, prefix_kv=loaded.prefix_kv), loaded.prefix_kv)

@@ -145,7 +145,7 @@ def runtime_spec(qm, backend: str | None = None, dtype=None, kernels: str = "aut
     """Check that the integer runtime can run `qm`'s preset and describe it; UserError (one line) if not.
     kernels: the GEMMs' Pallas backend (RuntimeSpec.kernels)."""
     if kernels not in KERNELS:
-        raise UserError(f"unknown --kernels {kernels!r} (one of {', '.join(KERNELS)})")
+        raise UserError(f"unknown RuntimeSpec.kernels {kernels!r} (one of {', '.join(KERNELS)})", "RuntimeSpec.kernels")
     preset = qm.preset
     name = getattr(preset, "name", "?")
     backend = backend or default_backend()
@@ -161,9 +161,10 @@ def runtime_spec(qm, backend: str | None = None, dtype=None, kernels: str = "aut
             raise UserError(f"{unsupported} its FlatQuant transforms are not merged into the weights (flatquant.merge_model)")
     elif recipe is not None and type(recipe) is not QuantRecipe:
         raise UserError(f"{unsupported} method {method!r} has online transforms the int4 runtime does not implement "
-                        "(use --backend fake)")
+                        "(use backend 'fake', the fake-quant model)", "backend 'fake'")
     if recipe is None or recipe.weight is None:
-        raise UserError(f"{unsupported} its weights are not quantized (use --backend fake)")
+        raise UserError(f"{unsupported} its weights are not quantized (use backend 'fake', the fake-quant model)",
+                        "backend 'fake'")
     w = recipe.weight
     if w.bits not in (4, 8) or w.granularity != "channel" or not w.symmetric:
         raise UserError(f"{unsupported} weights must be symmetric per-channel 4 or 8 bits, got {w.bits} bits {w.granularity}")
