@@ -12,7 +12,9 @@
 # bit-identical to the one a log was written for cannot reuse it: that log is moved aside to
 # NAME.jsonl.stale-N (never deleted) and the evaluation starts over.
 # Then `python benchmarks/results_full_table.py` prints the RESULTS.md table.
-# Usage: benchmarks/results_full.sh NAME [NAME ...]
+# Extra quantize flags (e.g. --lr-weight 5e-5) come from $QFLAGS, with $TAG appended to NAME so such rows
+# never mix with the defaults' rows.
+# Usage: [QFLAGS="..." TAG=-x] benchmarks/results_full.sh NAME [NAME ...]
 #   e.g. benchmarks/results_full.sh fp w4a4kv4-static w4a4kv4-static-ft w4a4kv4-static-gptq-ft
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,15 +22,16 @@ CS=${CALIB_SAMPLES:-16}
 PQ=.venv/bin/prefixquant
 OUT=results/full
 mkdir -p runs/models runs/ft "$OUT"
-for name in "$@"; do
-  base=${name%-ft}
+for row in "$@"; do
+  name=$row${TAG:-}
+  base=${row%-ft}
   preset=${base%-gptq}
   model=runs/models/$name
-  [ "$name" = fp ] && model=smollm2  # nothing to quantize: the FP model itself
+  [ "$row" = fp ] && model=smollm2  # nothing to quantize: the FP model itself
   if [ "$model" != smollm2 ] && [ ! -d "$model" ]; then
-    cmd=($PQ quantize --model smollm2 --preset "$preset" --calib-samples "$CS" --no-eval --save "$model")
+    cmd=($PQ quantize --model smollm2 --preset "$preset" --calib-samples "$CS" --no-eval --save "$model" ${QFLAGS:-})
     [ "$base" != "$preset" ] && cmd+=(--gptq)
-    if [ "$name" != "$base" ] || [[ $preset == flatquant-* ]]; then  # FlatQuant always trains
+    if [ "$row" != "$base" ] || [[ $preset == flatquant-* ]]; then  # FlatQuant always trains
       if [ -d "runs/ft/$name" ]; then cmd+=(--resume "runs/ft/$name"); else cmd+=(--train --train-dir "runs/ft/$name"); fi
     fi
     echo "+ ${cmd[*]} --json $OUT/$name.quantize.json" | tee "$OUT/$name.quantize.cmd"
