@@ -1,0 +1,1 @@
++ .venv/bin/prefixquant quantize --model smollm2 --preset w4a4kv4-dynamic --calib-samples 16 --no-eval --save runs/models/w4a4kv4-dynamic-gptq-ft-lrw5e-5 --lr-weight 5e-5 --gptq --train --train-dir runs/ft/w4a4kv4-dynamic-gptq-ft-lrw5e-5 --json results/full/w4a4kv4-dynamic-gptq-ft-lrw5e-5.quantize.json
