@@ -21,6 +21,7 @@ A variant is '+'-joined rule changes applied in order to the old defaults:
   alone  each activation site searched alone;   local  search target = FP block on the quantized inputs
   gptq   GPTQ codes on the weight scales;   actorder  GPTQ in decreasing Hessian-diagonal order
   aclipNN  per-token dynamic activations clipped at 0.NN x amax (dynamic presets); kvclipNN  the same for dynamic KV
+  aclipNN@SITE  that ratio at one activation site only (qkv_in, o_in, up_gate_in, down_in), after any aclipNN
   ref    = grid+wout+kvhead+alone+local (the reference's rules)
 """
 from __future__ import annotations
@@ -50,7 +51,12 @@ OLD = ({"full_grid": False}, {"weight_clip": "mse", "kv_rule": "site", "search":
 
 
 def step(p: str):
-    """The (preset, options) changes of one variant step; "aclipNN": dynamic activation clip ratio 0.NN."""
+    """The (preset, options) changes of one variant step; "aclipNN": dynamic activation clip ratio 0.NN;
+    "aclipNN@SITE": that ratio at one site (added to the variant's act_site_clips by `variant`)."""
+    if p.startswith("aclip") and "@" in p:
+        ratio, site = p[len("aclip"):].split("@", 1)
+        if ratio.isdigit():
+            return {"act_site_clips": ((site, int(ratio) / 100),)}, {}
     for prefix, field in (("aclip", "act_clip"), ("kvclip", "kv_clip")):
         if p.startswith(prefix) and p[len(prefix):].isdigit():
             return {field: int(p[len(prefix):]) / 100}, {}
@@ -68,6 +74,8 @@ def variant(name: str):
         parts = ["old"] + parts
     for p in parts[1:]:
         pkw, okw = step(p)
+        if "act_site_clips" in pkw:  # per-site ratios accumulate
+            pkw = {"act_site_clips": preset_kw.get("act_site_clips", ()) + pkw["act_site_clips"]}
         preset_kw.update(pkw)
         opt_kw.update(okw)
     return preset_kw, opt_kw

@@ -1,6 +1,7 @@
 """Subcommands `analyze` (outlier tokens, prefix choice, plot), `quantize` (run a preset, evaluate) and `export-hf`."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import time
 
@@ -62,6 +63,24 @@ def _add_flat_args(p):
     g.add_argument("--flat-alpha", type=float, default=0.3, help="SmoothQuant-style init of the per-channel scales")
 
 
+def _site_clips(text: str):
+    """'R' or 'R,SITE=R,...' or 'SITE=R,...' -> (R or None, ((SITE, R), ...) or None), for argparse."""
+    default, sites = None, []
+    for part in text.split(","):
+        site, _, r = part.rpartition("=")
+        try:
+            r = float(r)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a clip ratio: {part.strip()!r} (R or SITE=R)") from None
+        if site:
+            sites.append((site.strip(), r))
+        elif default is None:
+            default = r
+        else:
+            raise argparse.ArgumentTypeError(f"two default clip ratios in {text!r}")
+    return default, tuple(sites) or None
+
+
 # option fields named in library errors (UserError.fields) -> the flags that set them
 FLAGS = {
     "QuantizeOptions.calib_samples": "--calib-samples", "QuantizeOptions.calib_seqlen": "--calib-seqlen",
@@ -79,7 +98,8 @@ FLAGS = {
     # arguments of the evaluation, runtime and checkpoint functions (every subcommand: cli.main)
     "log_path": "--eval-log", "max_windows": "--max-windows", "RuntimeSpec.kernels": "--kernels",
     "backend 'fake'": "--backend fake", "backend 'real'": "--backend real", "pq.save": "`prefixquant quantize --save DIR`",
-    "overwrite=True": "--overwrite",
+    "overwrite=True": "--overwrite", "Preset.act_clip": "--dynamic-act-clip",
+    "Preset.act_site_clips": "--dynamic-act-clip SITE=R", "Preset.kv_clip": "--dynamic-kv-clip",
 }
 
 
@@ -128,8 +148,9 @@ def add_subcommands(sub, add_model_args, add_eval_args) -> None:
     p.add_argument("--w-bits", type=int)
     p.add_argument("--a-bits", type=int)
     p.add_argument("--kv-bits", type=int)
-    p.add_argument("--dynamic-act-clip", type=float, metavar="R",
-                   help="clip ratio of per-token dynamic activation quantizers (scale from R x amax; preset default)")
+    p.add_argument("--dynamic-act-clip", type=_site_clips, metavar="R[,SITE=R...]",
+                   help="clip ratio of per-token dynamic activation quantizers (scale from R x amax; preset default); "
+                        "SITE=R overrides it at one site (qkv_in, o_in, up_gate_in, down_in), e.g. 0.85,down_in=0.8")
     p.add_argument("--dynamic-kv-clip", type=float, metavar="R", help="the same for dynamic KV quantizers")
     p.add_argument("--prefix-ids", help="comma-separated token ids to use as the prefix instead of detecting them")
     p.add_argument("--gptq", action="store_true", help="GPTQ weights on the RTN scales (calibration inputs' Hessians) instead of RTN")
@@ -310,7 +331,8 @@ def _quantize_cmd(args) -> dict:
 
     primary = is_primary()  # several processes (--coordinator): process 0 alone writes files
     preset = get_preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
-                        act_clip=args.dynamic_act_clip, kv_clip=args.dynamic_kv_clip)
+                        act_clip=(args.dynamic_act_clip or (None, None))[0],
+                        act_site_clips=(args.dynamic_act_clip or (None, None))[1], kv_clip=args.dynamic_kv_clip)
     if args.grid != "full":
         if preset.method != "prefixquant":
             raise UserError(f"--grid applies to the PrefixQuant presets, not {preset.name!r}")

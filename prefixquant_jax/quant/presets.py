@@ -7,6 +7,8 @@ from prefixquant_jax.errors import UserError
 from prefixquant_jax.quant.recipe import QuantRecipe
 from prefixquant_jax.quant.spec import QuantSpec
 
+ACT_SITES = ("qkv_in", "o_in", "up_gate_in", "down_in")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Preset:
@@ -20,6 +22,7 @@ class Preset:
     authors' rule); the FlatQuant presets keep amax / (2^(b-1) - 1), FlatQuant's authors' rule.
     act_clip: clip ratio of the per-token dynamic activation quantizers (scale from act_clip x the row's amax;
     QuaRot's 0.9), ignored by static ones (their ratios are searched per block); kv_clip: the same for dynamic KV.
+    act_site_clips: ((site, ratio), ...) overriding act_clip at those activation sites (ACT_SITES).
     """
 
     name: str
@@ -34,7 +37,22 @@ class Preset:
     full_grid: bool = True  # QuantSpec.full_grid of the symmetric quantizers
     act_clip: float = 1.0
     kv_clip: float = 1.0
+    act_site_clips: tuple[tuple[str, float], ...] = ()
     description: str = ""
+
+    def __post_init__(self):
+        checks = [("Preset.act_clip", self.act_clip), ("Preset.kv_clip", self.kv_clip)]
+        for site, r in self.act_site_clips:
+            if site not in ACT_SITES:
+                raise UserError(f"Preset.act_site_clips: unknown activation site {site!r} (known: {', '.join(ACT_SITES)})",
+                                "Preset.act_site_clips")
+            checks.append(("Preset.act_site_clips", r))
+        for field, r in checks:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+                raise UserError(f"{field} must be a clip ratio in (0, 1], got {r!r}", field)
+
+    def act_clip_at(self, site: str) -> float:
+        return dict(self.act_site_clips).get(site, self.act_clip)
 
     @property
     def is_static(self) -> bool:
@@ -47,10 +65,9 @@ class Preset:
     def recipe(self) -> QuantRecipe | None:
         sites = []
         if self.a_bits is not None:
-            a = QuantSpec(bits=self.a_bits, granularity="token" if self.act_dynamic else "tensor", symmetric=True,
-                          dynamic=self.act_dynamic, full_grid=self.full_grid,
-                          clip_ratio=self.act_clip if self.act_dynamic else 1.0)
-            sites += [(s, a) for s in ("qkv_in", "o_in", "up_gate_in", "down_in")]
+            sites += [(s, QuantSpec(bits=self.a_bits, granularity="token" if self.act_dynamic else "tensor",
+                                    symmetric=True, dynamic=self.act_dynamic, full_grid=self.full_grid,
+                                    clip_ratio=self.act_clip_at(s) if self.act_dynamic else 1.0)) for s in ACT_SITES]
         if self.kv_bits is not None:
             kv = (QuantSpec(bits=self.kv_bits, granularity="token", symmetric=False, dynamic=True,
                             clip_ratio=self.kv_clip) if self.kv_dynamic
@@ -91,4 +108,6 @@ def get_preset(name: str, **overrides) -> Preset:
         raise UserError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
     p = PRESETS[name]
     kw = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(kw.get("act_site_clips"), dict):  # {site: ratio} accepted from Python
+        kw["act_site_clips"] = tuple(kw["act_site_clips"].items())
     return dataclasses.replace(p, **kw) if kw else p

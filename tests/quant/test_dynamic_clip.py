@@ -60,3 +60,32 @@ def test_real_runtime_matches_fake_with_dynamic_clip(tiny):  # noqa: F811
     unclipped = fake_logits(dataclasses.replace(qm, model=variant(tiny[0], act_dynamic=True, kv_dynamic=True).model),
                             toks)
     assert np.abs(unclipped - fake).max() > 1e-3  # the ratios reach the model
+
+
+def test_per_site_clip_overrides_the_preset_ratio():
+    recipe = get_preset("w4a4kv4-dynamic", act_site_clips={"down_in": 0.7}).recipe()
+    assert recipe.spec("down_in").clip_ratio == 0.7
+    assert [recipe.spec(s).clip_ratio for s in ("qkv_in", "o_in", "up_gate_in")] == [0.85] * 3
+    x = np.random.default_rng(1).standard_normal((3, 5, 48)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(recipe.apply_site("down_in", jnp.asarray(x), {})),
+                               np_dynamic_sym(x, 4, 0.7), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw, match", [({"act_clip": 0.0}, "Preset.act_clip"), ({"kv_clip": 1.5}, "Preset.kv_clip"),
+                                       ({"act_site_clips": {"nope": 0.8}}, "unknown activation site"),
+                                       ({"act_site_clips": {"o_in": -1}}, "Preset.act_site_clips")])
+def test_bad_clip_ratios_are_user_errors(kw, match):
+    from prefixquant_jax.errors import UserError
+    with pytest.raises(UserError, match=match):
+        get_preset("w4a4kv4-dynamic", **kw)
+
+
+def test_cli_site_clip_flag_parses_and_rejects():
+    from prefixquant_jax.cli_quant import _site_clips
+    from tests.test_cli import assert_one_line_error, run_cli
+    assert _site_clips("0.85,down_in=0.8") == (0.85, (("down_in", 0.8),))
+    assert _site_clips("o_in=0.9") == (None, (("o_in", 0.9),))
+    assert _site_clips("0.9") == (0.9, None)
+    r = run_cli("quantize", "--model", "smollm2", "--preset", "w4a4kv4-dynamic", "--dynamic-act-clip", "down=0.8",
+                "--no-eval")
+    assert_one_line_error(r, "--dynamic-act-clip SITE=R: unknown activation site 'down'")
