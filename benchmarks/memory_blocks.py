@@ -79,12 +79,9 @@ def mark(name, out={}):
 mark("start")
 import prefixquant_jax as pq
 from checkpoints_convert import load_checkpoint
-from prefixquant_jax.model import Llama
 mark("imports")
 ck = load_checkpoint(sys.argv[1])
-mark("load_checkpoint (host float32 params)")
-fp_model = Llama.from_params(ck.config, ck.params)
-mark("the CLI's FP reference model (loading.load_fp)")
+mark("load_checkpoint (embeddings and head; layers read when asked for)")
 calib = np.random.default_rng(0).integers(3, 300, size=(1, 16)).astype(np.int32)
 qm = pq.quantize(ck, calib, sys.argv[2], weight_clip="mse", outlier_samples=1, grid_samples=1)
 mark("pipeline.quantize (rotate, outliers, prefix KV, weights, calibration)")
@@ -108,16 +105,8 @@ def hf_config(layers: int, vocab: int) -> dict:
 
 
 def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    from checkpoints_convert.bpe import bpe_tokenizer
+    return bpe_tokenizer(TEXT, vocab_size=320)
 
 
 def build_checkpoint(path: str, layers: int, vocab: int, seed: int = 0) -> int:
@@ -195,7 +184,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-rss-gib", type=float, help="kill a quantize run whose RSS passes this (default: 85 %% of "
                     "the memory available when it starts); the result is then a lower bound")
     ap.add_argument("--stages", action="store_true", help="instead of the CLI, its steps one by one in one process "
-                    "(load_checkpoint, the FP model, pipeline.quantize with RTN weights), the RSS after each")
+                    "(load_checkpoint, pipeline.quantize with RTN weights), the RSS after each")
     ap.add_argument("extra", nargs="*", help="more quantize flags (after --)")
     args = ap.parse_args(argv)
     small, large = args.layers

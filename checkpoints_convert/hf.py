@@ -70,6 +70,44 @@ def check_shapes(params: dict, config: ModelConfig, source: str) -> None:
     walk(expected_shapes(config), params, ())
 
 
+def _convert(t, keep_dtype: bool):
+    a = np.asarray(t)
+    if a.dtype != np.float32 and not (keep_dtype and a.dtype.name in _FLOAT_DTYPES):
+        a = a.astype(np.float32)
+    return a
+
+
+def _where(name: str, config: ModelConfig, source: str):
+    """Where HF tensor `name` goes: ("outer", key), ("layer", i, path), or None (skipped); UserError if unknown."""
+    if name == "model.embed_tokens.weight":
+        return ("outer", "embed")
+    if name == "model.norm.weight":
+        return ("outer", "final_norm")
+    if name == "lm_head.weight":
+        return None if config.tie_word_embeddings else ("outer", "lm_head")
+    if (m := _LAYER_RE.match(name)) and m.group(2) in _LAYER_KEYS:
+        i = int(m.group(1))
+        if i >= config.num_layers:
+            raise UserError(f"{source}: tensor {name} is beyond num_hidden_layers={config.num_layers}")
+        return ("layer", i, _LAYER_KEYS[m.group(2)])
+    if name.endswith("rotary_emb.inv_freq"):
+        return None  # derived from the config
+    raise UserError(f"{source}: unexpected tensor {name!r} (o/MLP biases and non-Llama layers are not supported)")
+
+
+def _put(params: dict, where, a) -> None:
+    """Store tensor `a` (HF layout: weights [out, in]) at `where` (_where) in our layout ([in, out] kernels)."""
+    if where[0] == "outer":
+        params[where[1]] = a.T if where[1] == "lm_head" else a
+        return
+    _, i, path = where
+    lp = params["layers"][i]
+    if len(path) == 1:
+        lp[path[0]] = a
+    else:
+        lp[path[0]][path[1]] = a.T if a.ndim == 2 else a
+
+
 def hf_state_to_params(state, config: ModelConfig, source: str, keep_dtype: bool = False) -> dict:
     """Map HF tensor names ([out, in] weights) to our params ([in, out] kernels), float32.
 
@@ -78,31 +116,86 @@ def hf_state_to_params(state, config: ModelConfig, source: str, keep_dtype: bool
     numpy, half the host memory of float32) instead of float32."""
     params: dict = {"layers": {i: {"attn": {}, "mlp": {}} for i in range(config.num_layers)}}
     for name, t in (state.items() if isinstance(state, dict) else state):
-        a = np.asarray(t)
-        if a.dtype != np.float32 and not (keep_dtype and a.dtype.name in _FLOAT_DTYPES):
-            a = a.astype(np.float32)
-        if name == "model.embed_tokens.weight":
-            params["embed"] = a
-        elif name == "model.norm.weight":
-            params["final_norm"] = a
-        elif name == "lm_head.weight":
-            if not config.tie_word_embeddings:
-                params["lm_head"] = a.T
-        elif (m := _LAYER_RE.match(name)) and m.group(2) in _LAYER_KEYS:
-            i = int(m.group(1))
-            if i >= config.num_layers:
-                raise UserError(f"{source}: tensor {name} is beyond num_hidden_layers={config.num_layers}")
-            path = _LAYER_KEYS[m.group(2)]
-            if len(path) == 1:
-                params["layers"][i][path[0]] = a
-            else:
-                params["layers"][i][path[0]][path[1]] = a.T if a.ndim == 2 else a
-        elif name.endswith("rotary_emb.inv_freq"):
-            continue  # derived from the config
-        else:
-            raise UserError(f"{source}: unexpected tensor {name!r} (o/MLP biases and non-Llama layers are not supported)")
+        where = _where(name, config, source)
+        if where is not None:
+            _put(params, where, _convert(t, keep_dtype))
     check_shapes(params, config, source)
     return params
+
+
+class _Shape:
+    """A tensor's shape only (check_shapes reads np.shape)."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    @property
+    def T(self):
+        return _Shape(self.shape[::-1])
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+
+def lazy_safetensors_params(files: list[str], config: ModelConfig, source: str, keep_dtype: bool = False) -> dict:
+    """The params of safetensors `files` with the layers read on demand (prefixquant_jax.lazy_layers.LazyLayers):
+    embeddings, final norm and head are read now; layer i is read (memory-mapped, tensor by tensor, the file
+    closed after) each time params["layers"][i] is asked for, converted as hf_state_to_params does. Names and
+    shapes are checked now, from the headers."""
+    from safetensors import safe_open
+
+    from prefixquant_jax.lazy_layers import LazyLayers
+
+    outer, by_layer = {}, {i: {} for i in range(config.num_layers)}  # layer -> file -> [(name, where)]
+    shapes: dict = {"layers": {i: {"attn": {}, "mlp": {}} for i in range(config.num_layers)}}
+    for f in files:
+        try:
+            with safe_open(f, framework="numpy") as st:
+                entries = [(k, st.get_slice(k).get_shape()) for k in st.keys()]
+        except Exception as e:  # safetensors raises its own error types for bad headers/truncation
+            raise UserError(f"{f}: cannot read safetensors file ({describe(e)})") from None
+        for name, shape in entries:
+            where = _where(name, config, source)
+            if where is None:
+                continue
+            if where[0] == "outer":
+                outer[name] = (f, where)
+            else:
+                by_layer[where[1]].setdefault(f, []).append((name, where))
+            _put(shapes, where, _Shape(shape))
+    for name, (f, where) in outer.items():
+        [a] = _read_tensors(f, [name], keep_dtype)
+        _put(shapes, where, a)
+    check_shapes(shapes, config, source)
+
+    def load(i: int) -> dict:
+        params = {"layers": {i: {"attn": {}, "mlp": {}}}}
+        for f, items in by_layer[i].items():
+            for (_, where), a in zip(items, _read_tensors(f, [n for n, _ in items], keep_dtype)):
+                _put(params, where, a)
+        return params["layers"][i]
+
+    params = {k: v for k, v in shapes.items() if k != "layers"}
+    params["layers"] = LazyLayers(config.num_layers, load)
+    return params
+
+
+def _read_tensors(f: str, names, keep_dtype: bool):
+    """Yield the tensors `names` of safetensors file f, converted (_convert); the file is closed after the last."""
+    from safetensors import safe_open
+
+    try:
+        st = safe_open(f, framework="numpy")
+    except Exception as e:
+        raise UserError(f"{f}: cannot read safetensors file ({describe(e)})") from None
+    with st:
+        for name in names:
+            try:
+                t = st.get_tensor(name)
+            except Exception as e:
+                raise UserError(f"{f}: cannot read tensor {name!r} ({describe(e)})") from None
+            yield _convert(t, keep_dtype)
 
 
 def read_config(directory: str) -> ModelConfig:
@@ -158,14 +251,15 @@ def _read_torch_bins(files: list[str]) -> dict:
 
 def load_hf_dir(directory: str, keep_dtype: bool = False) -> tuple[ModelConfig, dict]:
     """(config, params): float32, or with keep_dtype safetensors tensors in their checkpoint dtype
-    (hf_state_to_params); safetensors are streamed tensor by tensor (_read_safetensors)."""
+    (hf_state_to_params); safetensors layers are read when asked for (lazy_safetensors_params: the host holds
+    embeddings and head, not the model), torch .bin files whole."""
     config = read_config(directory)
     st = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     bins = sorted(glob.glob(os.path.join(directory, "pytorch_model*.bin")))
     if st:
-        state = _read_safetensors(st)
         source = st[0] if len(st) == 1 else os.path.join(directory, "*.safetensors")
-    elif bins:
+        return config, lazy_safetensors_params(st, config, source, keep_dtype=keep_dtype)
+    if bins:
         state = _read_torch_bins(bins)
         source = bins[0] if len(bins) == 1 else os.path.join(directory, "pytorch_model*.bin")
     else:

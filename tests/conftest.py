@@ -106,16 +106,9 @@ def tiny_tokenizer():
     """A byte-level BPE tokenizer with 320 ids trained on TINY_TEXT (no download)."""
     global _TOK
     if _TOK is None:
-        from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-        from transformers import PreTrainedTokenizerFast
+        from checkpoints_convert.bpe import bpe_tokenizer
 
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator([TINY_TEXT], trainer)
-        _TOK = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+        _TOK = bpe_tokenizer(TINY_TEXT, vocab_size=320)
     return _TOK
 
 
