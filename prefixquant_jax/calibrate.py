@@ -188,7 +188,9 @@ def calibrate(fp_model, q_model, recipe, calib_x: np.ndarray, prefix_kv, cfg: Ca
     """Initialise q_model's quantizers block by block, in place (module docstring); per-layer reports.
 
     calib_x: embedded calibration tokens [N, L, D] (float32). fp_model / q_model share the config;
-    q_model holds `recipe` (and, with weight_clip None, its weight scales already)."""
+    q_model holds `recipe` (and, with weight_clip None, its weight scales already). fp_model: anything whose
+    `.layers[l]` is FP block l (pipeline._FPBlocks builds it over q block l's arrays): it is read once per
+    layer, before q block l is touched, and that block alone is held while layer l is calibrated."""
     sites = static_sites(recipe) if cfg.static else []
     N, L, _ = calib_x.shape
     G = min(cfg.grid_samples, N)

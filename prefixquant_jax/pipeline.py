@@ -20,7 +20,8 @@ from prefixquant_jax.calibrate import CLIP_GRID, CalibConfig, calibrate, calibra
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.eval.data import calibration_samples, load_text, tokenize
 from prefixquant_jax.kv_cache import Cache, behind_prefix, prefix_len
-from prefixquant_jax.model import Llama, QuantParam
+from prefixquant_jax.lazy_layers import streamed
+from prefixquant_jax.model import Block, Llama, QuantParam, with_recipe
 from prefixquant_jax.options import QuantizeOptions, TrainCheckpoint, TrainConfig, train_config
 from prefixquant_jax.prefix.outliers import capture_token_ranges, choose_prefix, outlier_ratios, token_absmax
 from prefixquant_jax.prefix.prefix_kv import PrefixKV, compute_prefix_kv
@@ -28,7 +29,7 @@ from prefixquant_jax.quant.ops import weight_scale
 from prefixquant_jax.quant.qarray import quantize as quantize_array
 from prefixquant_jax.quant.presets import Preset
 from prefixquant_jax.quant.recipe import WEIGHT_NAMES, QuantRecipe
-from prefixquant_jax.rotate.fuse import RotationConfig, rotate_params
+from prefixquant_jax.rotate.fuse import LazyRotation, RotationConfig
 
 WEIGHT_CLIP_GRID = CLIP_GRID
 
@@ -37,7 +38,9 @@ WEIGHT_CLIP_GRID = CLIP_GRID
 class QuantizedModel:
     config: object
     model: Llama
-    fp_model: Llama
+    # the FP reference model (rotated like `model`), or None (a loaded model); `quantize` gives a LazyFPModel,
+    # built from the checkpoint when first read (training does; quantizing and evaluating do not hold it)
+    fp_model: Llama | None = dataclasses.field(repr=False, compare=False)
     prefix_kv: PrefixKV | None
     preset: Preset
     report: dict
@@ -94,6 +97,52 @@ class QuantizedModel:
             return model(tokens, kv, offset)[0]
         logits, kv = model(tokens, cache.kv, cache.pos)
         return logits, Cache(kv=kv, pos=cache.pos + L)
+
+
+class LazyFPModel:
+    """The FP reference model of a `quantize` run, not yet built: `build()` makes it from the checkpoint (its
+    layers rotated one at a time when the preset rotates), the same values as the model the pipeline starts from."""
+
+    def __init__(self, ck, rot: RotationConfig | None, recipe):
+        self.ck, self.rot, self.recipe = ck, rot, recipe
+
+    def build(self) -> Llama:
+        if self.rot is None:
+            return Llama.from_params(self.ck.config, streamed(self.ck.params), recipe=self.recipe)
+        rotation = LazyRotation(self.ck.params, self.ck.config, self.rot)
+        return Llama.from_params(rotation.config, rotation.params, recipe=self.recipe)
+
+
+def _get_fp_model(self):
+    fp = self.__dict__.get("_fp_model")
+    if isinstance(fp, LazyFPModel):
+        fp = self.__dict__["_fp_model"] = fp.build()
+    return fp
+
+
+def _set_fp_model(self, value):
+    self.__dict__["_fp_model"] = value
+
+
+QuantizedModel.fp_model = property(_get_fp_model, _set_fp_model, doc="The FP reference model (built on first read).")
+
+
+class _FPBlocks:
+    """What `calibrate` reads of the FP model (`.layers[l]`, `.config`) without holding one: layer l is an FP
+    block (`recipe`: the rotated model's online R3/R4, or None) over q_model.layers[l]'s arrays as they are when
+    asked for. Valid while that block's kernels are still the FP ones: calibrate asks for layer l before it
+    touches q block l (GPTQ replaces its kernels; the FP block keeps the old arrays)."""
+
+    def __init__(self, q_model: Llama, recipe):
+        self.config, self._q, self._recipe = q_model.config, q_model, recipe
+        self.layers = self
+
+    def __len__(self) -> int:
+        return len(self._q.layers)
+
+    def __getitem__(self, layer: int) -> Block:
+        p = self._q.params_dict()["layers"][layer]  # references to the arrays: no copy
+        return Block(self.config, p, self._q.dtype, self._recipe)
 
 
 def init_weight_scales(model: Llama, spec, progress=True) -> None:
@@ -212,16 +261,9 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
     known_p = len(opts.prefix_ids or ()) if opts.prefix_kv is None else prefix_len(opts.prefix_kv)
     _check_positions(ck.config, known_p if preset.prefix else 0, given, train_tokens)
     times, report = {}, {"preset": preset.name, "seed": opts.seed, "eta": opts.eta}
-    t = time.time()
-    rot = RotationConfig(r1=preset.rotate, r2=preset.rotate, r3=preset.rotate, r4=preset.rotate, seed=opts.seed)
-    if preset.rotate:
-        params, config = rotate_params(ck.params, ck.config, rot)
-        fp_recipe = QuantRecipe(r3=True, r4=True)
-    else:
-        params, config, fp_recipe = ck.params, ck.config, None
-    fp_model = Llama.from_params(config, params, recipe=fp_recipe)
-    times["rotate"] = time.time() - t
-
+    # Host memory grows with the block, not the model (issue [L]): the checkpoint's layers are read (and
+    # rotated) one at a time, the only whole model held is the quantized one (the FP model of the outlier
+    # statistics is dropped before it is built; calibration's FP blocks share its arrays, block by block).
     recipe = preset.recipe()
     flat = preset.method == "flatquant"
     calib = None
@@ -231,20 +273,20 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
         ids = tokenize(tokenizer, load_text(opts.calib_data))
         calib = calibration_samples(ids, opts.calib_samples, opts.calib_seqlen, opts.seed)
 
-    prefix_kv = None
+    prefix_ids = None
     if preset.prefix:
         t = time.time()
         if opts.prefix_kv is not None:  # imported: the caller checked kv heads and head_dim against the model
             prefix_ids = list(opts.prefix_kv.prefix_ids)
             report["outliers"] = {"prefix_ids": prefix_ids, "source": "imported"}
-            if opts.prefix_kv.k_rotated != preset.rotate or len(opts.prefix_kv.k) != config.num_layers:
+            if opts.prefix_kv.k_rotated != preset.rotate or len(opts.prefix_kv.k) != ck.config.num_layers:
                 raise UserError(f"the given prefix KV (k_rotated={opts.prefix_kv.k_rotated}, {len(opts.prefix_kv.k)} layers) does not "
-                                f"fit preset {preset.name!r} (rotated={preset.rotate}, {config.num_layers} layers)")
+                                f"fit preset {preset.name!r} (rotated={preset.rotate}, {ck.config.num_layers} layers)")
         elif opts.prefix_ids:
             prefix_ids = list(opts.prefix_ids)
             report["outliers"] = {"prefix_ids": prefix_ids, "source": "given"}
-        else:
-            plain = Llama.from_params(ck.config, ck.params) if preset.rotate else fp_model
+        else:  # on the unrotated FP model (find_prefix), dropped before the rotated one is built
+            plain = Llama.from_params(ck.config, streamed(ck.params))
             choice = find_prefix(plain, tokenizer, calib[:opts.outlier_samples], opts.eta, opts.progress)
             del plain
             prefix_ids = choice["prefix_ids"]
@@ -252,15 +294,36 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
         if not prefix_ids:
             raise UserError("the prefix is empty: the model has no BOS id and no outlier token passed eta; "
                             "lower QuantizeOptions.eta", "QuantizeOptions.eta")
+        times["outliers"] = time.time() - t
+
+    t = time.time()
+    rot = RotationConfig(r1=preset.rotate, r2=preset.rotate, r3=preset.rotate, r4=preset.rotate, seed=opts.seed)
+    if preset.rotate:
+        rotation = LazyRotation(ck.params, ck.config, rot)  # layer i folded and rotated when read
+        params, config = rotation.params, rotation.config
+        fp_recipe = QuantRecipe(r3=True, r4=True)
+    else:
+        rotation, params, config, fp_recipe = None, streamed(ck.params), ck.config, None
+    q_model = Llama.from_params(config, params, recipe=recipe)  # one layer of params at a time
+    fp_model = Llama.from_params(config, params, recipe=fp_recipe) if flat else None  # FlatQuant: whole
+    if rotation is not None:
+        rotation.release()
+    # until the weights are quantized, q_model's kernels are the FP ones: the FP model is q_model's arrays
+    fp_now = fp_model if flat else with_recipe(q_model, fp_recipe)
+    times["rotate"] = time.time() - t
+
+    prefix_kv = None
+    if preset.prefix:
+        t = time.time()
         text = _decode(tokenizer, prefix_ids)
-        prefix_kv = opts.prefix_kv or compute_prefix_kv(fp_model, prefix_ids, text=text, k_rotated=preset.rotate)
+        prefix_kv = opts.prefix_kv or compute_prefix_kv(fp_now, prefix_ids, text=text, k_rotated=preset.rotate)
         times["prefix"] = time.time() - t
         _check_positions(config, prefix_kv.length, calib, train_tokens)
+    del fp_now
     report["prefix_ids"] = [] if prefix_kv is None else prefix_kv.prefix_ids
     report["prefix_text"] = [] if prefix_kv is None else [_decode(tokenizer, [i]) for i in prefix_kv.prefix_ids]
 
     t = time.time()
-    q_model = Llama.from_params(config, params, recipe=recipe)
     q_model.prefix_len = prefix_len(prefix_kv)  # its scales are calibrated behind the prefix: a call needs it
     if flat:  # learned transforms instead of rotations; weights quantized with LWC in the forward
         from prefixquant_jax.flatquant.pipeline import init_flatquant
@@ -274,15 +337,16 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
     if weight_pass or static_calib:  # block by block on the embedded calibration tokens
         calib_x = np.asarray(jnp.asarray(params["embed"])[jnp.asarray(calib)], np.float32)
         t = time.time()
+        fp_blocks = fp_model if flat else _FPBlocks(q_model, fp_recipe)  # read by calibrate one block at a time
         if flat:
             cfg = CalibConfig(grid_samples=opts.grid_samples)  # FlatQuant: its original rules
-            report["calibration"] = calibrate_static(fp_model, q_model, recipe, calib_x, prefix_kv, cfg, opts.progress)
+            report["calibration"] = calibrate_static(fp_blocks, q_model, recipe, calib_x, prefix_kv, cfg, opts.progress)
         else:  # a resumed training run redoes data-dependent weights (deterministic) and restores the static scales
             cfg = CalibConfig(grid_samples=opts.grid_samples, weight_clip=opts.weight_clip if weight_pass else None,
                               gptq=opts.gptq, gptq_damp=opts.gptq_damp,
                               gptq_act_order=opts.gptq_act_order, kv_rule=opts.kv_rule, search=opts.search,
                               target=opts.target, static=opts.calibrate or weight_pass)
-            report["calibration"] = calibrate(fp_model, q_model, recipe, calib_x, prefix_kv, cfg, opts.progress)
+            report["calibration"] = calibrate(fp_blocks, q_model, recipe, calib_x, prefix_kv, cfg, opts.progress)
         report["calibration_rules"] = {"weight_clip": None if flat or not preset.w_bits else opts.weight_clip,
                                        **{k: getattr(cfg, k) for k in ("gptq", "kv_rule", "search", "target",
                                                                        "grid_samples")}}
@@ -292,6 +356,9 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
                                "gptq_err": {n: e["gptq"] for n, e in r["weights"].items()}}
                               for r in report["calibration"]]
         times["calibrate"] = time.time() - t
+    del params
+    if not flat:  # built from the checkpoint only if read (training)
+        fp_model = LazyFPModel(ck, rot if preset.rotate else None, fp_recipe)
     qm = QuantizedModel(config=config, model=q_model, fp_model=fp_model, prefix_kv=prefix_kv, preset=preset, report=report)
     if flat:  # FlatQuant always trains, then folds the transforms into the weights
         from prefixquant_jax.flatquant.pipeline import train_and_merge
