@@ -18,7 +18,7 @@ import numpy as np
 
 from prefixquant_jax.compiled_block import CompiledBlock
 from prefixquant_jax.config import ModelConfig
-from prefixquant_jax.model import Block, QuantParam
+from prefixquant_jax.model import Block
 from prefixquant_jax.prefix.prefix_kv import PrefixKV
 from prefixquant_jax.quant.presets import get_preset
 from prefixquant_jax.pipeline import init_weight_scales
@@ -55,10 +55,10 @@ def main(argv=None):
         layers = [blk]
     init_weight_scales(_One, preset.weight_spec(), progress=False)
     for s in ("qkv_in", "o_in", "up_gate_in", "down_in"):
-        blk.qparams[s] = QuantParam(jnp.full((1, 1, 1), 0.1, jnp.float32))
+        blk.set_quantizer(s, jnp.full((1, 1, 1), 0.1, jnp.float32))
     for s in ("k_cache", "v_cache"):
-        blk.qparams[s] = QuantParam(jnp.full((config.num_kv_heads, 1), 0.1, jnp.float32))
-        blk.qparams[s + "_zero"] = QuantParam(jnp.full((config.num_kv_heads, 1), 8.0, jnp.float32))
+        blk.set_quantizer(s, jnp.full((config.num_kv_heads, 1), 0.1, jnp.float32),
+                          jnp.full((config.num_kv_heads, 1), 8.0, jnp.float32))
     P = 4
     kv = lambda: [rng.standard_normal((1, P, config.num_kv_heads, config.head_dim)).astype(np.float32)]
     prefix = PrefixKV(k=kv(), v=kv(), token_ids=[1, 2, 3, 4], text="", k_rotated=True)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from prefixquant_jax.compiled_block import CompiledBlock
 from prefixquant_jax.errors import UserError
-from prefixquant_jax.model import QuantParam, with_recipe
+from prefixquant_jax.model import with_recipe
 from prefixquant_jax.quant.clip_search import head_clip_attention, head_clip_reconstruction, output_aware_weight_clip
 from prefixquant_jax.quant.gptq import LINEAR_INPUT, gptq_with_factor, inverse_hessian_factor, output_error
 from prefixquant_jax.quant.ops import minmax, mse_clip_search, qparams_from_range
@@ -78,18 +78,16 @@ def _site_range(lo, hi, spec):
 
 
 def init_qparams(block, recipe, ranges: dict) -> None:
-    """Create the block's QuantParam scales (and zeros) from full ranges (clip ratio 1)."""
+    """Create the block's static quantizers' Scale (and ZeroPoint) from full ranges (clip ratio 1)."""
     for site in static_sites(recipe):
         spec = recipe.spec(site)
         lo, hi = ranges[site]
         scale, zero = qparams_from_range(jnp.asarray(lo), jnp.asarray(hi), spec, 1.0)
-        block.qparams[site] = QuantParam(scale)
-        if not spec.symmetric:
-            block.qparams[site + "_zero"] = QuantParam(zero)
+        block.set_quantizer(site, scale, None if spec.symmetric else zero)
 
 
 def init_block_weights(compiled: CompiledBlock, qb, layer: int, recipe, x_q: np.ndarray, cfg: CalibConfig) -> dict:
-    """Step 1 (module docstring) for one block, in place: qparams["w_<name>"] and, with GPTQ, the kernels.
+    """Step 1 (module docstring) for one block, in place: qparams[<name>] and, with GPTQ, the kernels.
     Returns {linear: {"mse": err, "output": err, "gptq": err}} output errors per token (those that apply)."""
     spec, grams, tokens = recipe.weight, None, x_q.shape[0] * x_q.shape[1]
     if cfg.weight_clip == "output" or cfg.gptq:  # FP weights and activations
@@ -120,7 +118,7 @@ def init_block_weights(compiled: CompiledBlock, qb, layer: int, recipe, x_q: np.
             new = gptq_with_factor(wn, factors[site], np.asarray(scale, np.float32), spec)
             e["gptq"] = output_error(wn, new, grams[site]) / tokens
             mod.kernel[...] = jnp.asarray(new, w.dtype)
-        qb.qparams["w_" + name] = QuantParam(jnp.asarray(scale, jnp.float32))
+        qb.set_quantizer(name, jnp.asarray(scale, jnp.float32))
         errs[name] = e
     return errs
 
@@ -135,9 +133,9 @@ def _grid_index(ratios, r) -> np.ndarray:
 
 def _set_site(qb, site, spec, lo, hi, ratio):
     scale, zero = qparams_from_range(jnp.asarray(lo), jnp.asarray(hi), spec, jnp.asarray(ratio, jnp.float32))
-    qb.qparams[site][...] = scale
+    qb.qparams[site]["scale"][...] = scale
     if not spec.symmetric:
-        qb.qparams[site + "_zero"][...] = zero
+        qb.qparams[site]["zero"][...] = zero
 
 
 def _kv_by_head(compiled, qb, layer, recipe, x_g, ranges, cfg) -> dict:

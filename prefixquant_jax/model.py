@@ -37,7 +37,30 @@ from prefixquant_jax.quant.qarray import QArray
 
 
 class QuantParam(nnx.Variable):
-    """Quantizer state (scales, clip factors): the trainable set of PrefixQuant fine-tuning."""
+    """Quantizer state (scales, zero points): the trainable set of PrefixQuant fine-tuning. Filter by a
+    subclass to take one kind alone, e.g. `nnx.split(model, Scale, ...)` for gradients w.r.t. the scales."""
+
+
+class Scale(QuantParam):
+    """A static quantizer's scale: a site's ([1, 1, 1] per tensor, [KV, 1] per head), a weight's [1, out]."""
+
+
+class ZeroPoint(QuantParam):
+    """A static asymmetric quantizer's zero point (same shape as its scale)."""
+
+
+LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def legacy_qparams_key(key: str) -> tuple[str, str]:
+    """(where, field) of a qparams key of the layout before typed quantizer variables, where one flat dict held
+    "<site>", "<site>_zero" and "w_<linear>": "w_q" -> ("q", "scale"), "k_cache_zero" -> ("k_cache", "zero"),
+    "qkv_in" -> ("qkv_in", "scale"). Reads checkpoints and training directories written before."""
+    if key.startswith("w_") and key[2:] in LINEARS:
+        return key[2:], "scale"
+    if key.endswith("_zero"):
+        return key[:-len("_zero")], "zero"
+    return key, "scale"
 
 
 def _param(a, dtype):
@@ -140,8 +163,17 @@ class Block(nnx.Module):
         self.attn = Attention(p["attn"], dtype, config)
         self.mlp = MLP(p["mlp"], dtype)
         self.recipe = recipe
-        self.qparams = nnx.Dict()  # site name -> QuantParam, filled by calibration
+        # where -> {"scale": Scale, "zero": ZeroPoint (asymmetric only)}, filled by calibration; `where` is a
+        # quantization site (quant.recipe.QUANT_SITES) for an activation / KV quantizer, a linear (LINEARS) for a weight's
+        self.qparams = nnx.Dict()
         self.transforms = nnx.Dict()  # FlatQuant's TransformParams (flatquant/transforms.py); empty otherwise
+
+    def set_quantizer(self, where: str, scale, zero=None) -> None:
+        """Give the static quantizer at `where` (a site or a linear name) its scale and, asymmetric, zero point."""
+        q = nnx.Dict(scale=Scale(scale))
+        if zero is not None:
+            q["zero"] = ZeroPoint(zero)
+        self.qparams[where] = q
 
     def site(self, name: str, x):
         """Apply whatever the recipe puts at site `name` (identity for the FP model).
@@ -279,9 +311,3 @@ def with_recipe(model, recipe: Any):
         b.recipe = recipe
     return new
 
-
-def set_recipe(model: Llama, recipe: Any) -> None:
-    """Point every block of `model` at `recipe`, in place (kept for callers outside the library; the library
-    uses `with_recipe`)."""
-    for b in model.layers:
-        b.recipe = recipe

@@ -21,7 +21,7 @@ from prefixquant_jax.errors import UserError
 from prefixquant_jax.eval.data import calibration_samples, load_text, tokenize
 from prefixquant_jax.kv_cache import Cache, behind_prefix, prefix_len
 from prefixquant_jax.lazy_layers import streamed
-from prefixquant_jax.model import Block, Llama, QuantParam, with_recipe
+from prefixquant_jax.model import Block, Llama, with_recipe
 from prefixquant_jax.options import QuantizeOptions, TrainCheckpoint, TrainConfig, train_config
 from prefixquant_jax.prefix.outliers import capture_token_ranges, choose_prefix, outlier_ratios, token_absmax
 from prefixquant_jax.prefix.prefix_kv import PrefixKV, compute_prefix_kv
@@ -49,7 +49,7 @@ class QuantizedModel:
     weights: dict = dataclasses.field(default_factory=dict)
 
     def split(self, *filters):
-        """nnx.split of the quantized model: (graphdef, state, ...); e.g. split(QuantParam, ...) puts the
+        """nnx.split of the quantized model: (graphdef, state, ...); e.g. split(Scale, ...) puts the
         quantizer scales in their own state, for gradients w.r.t. them only."""
         return nnx.split(self.model, *filters)
 
@@ -57,11 +57,11 @@ class QuantizedModel:
         """The QArray (quant/qarray.py) of linear `name` (q k v o gate up down) of block `layer`, as the
         forward quantizes it; UserError when that weight is not quantized."""
         blk = self.model.layers[layer]
-        spec, key = getattr(blk.recipe, "weight", None), "w_" + name
-        if spec is None or key not in blk.qparams:
+        spec = getattr(blk.recipe, "weight", None)
+        if spec is None or name not in blk.qparams:
             raise UserError(f"layer {layer} weight {name!r} is not quantized in preset {self.preset.name!r}")
         return quantize_array(blk.linear_module(name).kernel[...], spec.replace(dynamic=False),
-                              scale=blk.qparams[key][...])
+                              scale=blk.qparams[name]["scale"][...])
 
     @property
     def prefix_len(self) -> int:
@@ -147,11 +147,11 @@ class _FPBlocks:
 
 def init_weight_scales(model: Llama, spec, progress=True) -> None:
     """RTN init: per-output-channel scale of every linear kernel (MSE-searched clip) into
-    qparams["w_<name>"]; the kernels stay FP and the recipe fake-quantizes them. Embed/head stay FP."""
+    qparams[<name>]["scale"]; the kernels stay FP and the recipe fake-quantizes them. Embed/head stay FP."""
     f = jax.jit(lambda w: weight_scale(w, spec, WEIGHT_CLIP_GRID))
     for blk in tqdm(model.layers, desc="weights", disable=not progress, leave=False):
         for name in WEIGHT_NAMES:
-            blk.qparams["w_" + name] = QuantParam(f(blk.linear_module(name).kernel[...]))
+            blk.set_quantizer(name, f(blk.linear_module(name).kernel[...]))
 
 
 def find_prefix(unrotated_model, tokenizer, calib: np.ndarray, eta: float, progress=True) -> dict:

@@ -94,24 +94,22 @@ def abstract_params(config: ModelConfig, dtype=jnp.float32) -> dict:
 def _fill_qparams(model, recipe, config: ModelConfig) -> None:
     """The quantizer parameters calibration gives (shapes only): per-column weight scales [1, out], static
     activation scales [1, 1], static per-head KV scales and zero points [KV]."""
-    from prefixquant_jax.model import QuantParam
     from prefixquant_jax.quant.recipe import ACT_SITES, WEIGHT_NAMES
 
     f32 = jnp.float32
     for blk in model.layers:
         if recipe.weight is not None:
             for name in WEIGHT_NAMES:
-                blk.qparams["w_" + name] = QuantParam(jnp.ones((1, blk.linear_module(name).kernel.shape[1]), f32))
+                blk.set_quantizer(name, jnp.ones((1, blk.linear_module(name).kernel.shape[1]), f32))
         for site in ACT_SITES:
             s = recipe.spec(site)
             if s is not None and not s.dynamic:
-                blk.qparams[site] = QuantParam(jnp.ones((1, 1), f32))
+                blk.set_quantizer(site, jnp.ones((1, 1), f32))
         for site in ("k_cache", "v_cache"):
             s = recipe.spec(site)
             if s is not None and not s.dynamic:
-                blk.qparams[site] = QuantParam(jnp.ones((config.num_kv_heads,), f32))
-                if not s.symmetric:
-                    blk.qparams[site + "_zero"] = QuantParam(jnp.zeros((config.num_kv_heads,), f32))
+                zero = None if s.symmetric else jnp.zeros((config.num_kv_heads,), f32)
+                blk.set_quantizer(site, jnp.ones((config.num_kv_heads,), f32), zero)
 
 
 def abstract_state(config: ModelConfig, preset=None, dtype=jnp.float32):

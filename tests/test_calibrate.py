@@ -40,7 +40,7 @@ def test_default_rules(ck, text_file):
         assert np.isfinite(rep["grid_loss"]) and rep["grid_loss"] <= rep["grid_loss_init"] * (1 + 1e-6)
     blk = qm.model.layers[0]
     assert blk.recipe.spec("qkv_in").full_grid and blk.recipe.weight.full_grid
-    assert blk.qparams["k_cache"][...].shape == (ck.config.num_kv_heads, 1)
+    assert blk.qparams["k_cache"]["scale"][...].shape == (ck.config.num_kv_heads, 1)
 
 
 def test_old_rules_and_search_variants(ck, text_file):

@@ -61,7 +61,7 @@ def _qparams(saved: str) -> dict:
     qm = pq.load(saved)
     out = {}
     for i, blk in enumerate(qm.model.layers):
-        out.update({f"{i}.{k}": np.asarray(v[...]) for k, v in blk.qparams.items()})
+        out.update({f"{i}.{w}.{f}": np.asarray(v[...]) for w, q in blk.qparams.items() for f, v in q.items()})
         out.update({f"{i}.{n}": np.asarray(blk.linear_module(n).kernel[...]) for n in ("q", "o", "down")})
     return out
 

@@ -50,7 +50,7 @@ def test_bfloat16_close_to_fp32(tiny_dir):
 
 
 def test_forward_weight_quant_equals_prequantized_kernels(tiny_dir):
-    """Scales in qparams["w_<name>"] + fake-quant at forward == kernels RTN-quantized offline (clip search alike)."""
+    """Scales in qparams[<name>]["scale"] + fake-quant at forward == kernels RTN-quantized offline (clip search alike)."""
     from prefixquant_jax.quant.ops import rtn_weight as quantize_weight
     from prefixquant_jax.quant.recipe import QuantRecipe
     from prefixquant_jax.quant.spec import QuantSpec

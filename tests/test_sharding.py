@@ -146,7 +146,7 @@ def test_mesh_spec_parse_and_errors():
     assert weight_spec(("layers", 0, "attn", "q", "kernel"), 2) == P(None, "model")
     assert weight_spec(("layers", 0, "mlp", "down", "kernel"), 2) == P("model", None)
     assert weight_spec(("layers", 1, "qkv", "qvalue"), 2) == P(None, "model")
-    assert weight_spec(("layers", 0, "qparams", "w_q"), 2) == P()
+    assert weight_spec(("layers", 0, "qparams", "q", "scale"), 2) == P()
     assert weight_spec(("embed",), 2) == P()
 
 

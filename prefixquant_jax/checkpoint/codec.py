@@ -71,6 +71,7 @@ def encode(obj):
 
 # recipe fields of older saves that are no longer fields (capture is the Capture wrapper now), read when unset
 RETIRED_FIELDS = ("capture", "capture_gram", "capture_qkv")
+LEGACY_QUANT_PARAM = "prefixquant_jax.model:QuantParam"  # every quantizer variable's type in the flat qparams layout
 
 
 def decode(obj, source: str):
@@ -149,7 +150,7 @@ def stored_leaves(qm):
     for p, v in flat.items():
         a, stored, enc, scale_path = arrays[p], arrays[p], "raw", None
         if spec is not None and len(p) == 5 and p[0] == "layers" and p[4] == "kernel" and WEIGHTS.get(p[3]) == p[2]:
-            sp = ("layers", p[1], "qparams", "w_" + p[3])
+            sp = ("layers", p[1], "qparams", p[3], "scale")
             q = weight_codes(a, arrays[sp], spec) if sp in arrays else None
             if q is not None:
                 scale_path = sp
@@ -194,6 +195,8 @@ def rebuild(config, values: dict, meta: dict, dtype, recipe, src: str):
 
     from prefixquant_jax.model import Llama
 
+    meta, values = upgrade_qparams(meta, values)
+
     def get(*p):
         if p not in values:
             raise UserError(f"{src}: the checkpoint has no {dotted(p)}")
@@ -224,6 +227,25 @@ def rebuild(config, values: dict, meta: dict, dtype, recipe, src: str):
     if missing:
         raise UserError(f"{src}: the checkpoint lacks model variable {dotted(missing[0])}")
     return model
+
+
+def upgrade_qparams(meta: dict, values: dict) -> tuple[dict, dict]:
+    """(meta, values) with the flat qparams layout of older saves mapped to the typed one: layers/i/qparams/<key>
+    (all QuantParam) -> layers/i/qparams/<where>/scale (Scale) or .../zero (ZeroPoint), model.legacy_qparams_key."""
+    from prefixquant_jax.model import Scale, ZeroPoint, legacy_qparams_key
+
+    variables, values = [], dict(values)
+    for e in meta["variables"]:
+        p = tuple(e["path"])
+        if len(p) == 4 and p[0] == "layers" and p[2] == "qparams":
+            where, field = legacy_qparams_key(p[3])
+            new = (*p[:3], where, field)
+            values[new] = values.pop(p)
+            e = {**e, "path": list(new)}
+            if e["type"] == LEGACY_QUANT_PARAM:
+                e["type"] = type_name(Scale if field == "scale" else ZeroPoint)
+        variables.append(e)
+    return {**meta, "variables": variables}, values
 
 
 def place(model, path: tuple, var, src: str) -> None:

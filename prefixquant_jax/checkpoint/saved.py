@@ -3,11 +3,11 @@
 Directory layout (format `prefixquant-quantized/1`):
   DIR/prefixquant.json        metadata, written last: its presence marks a complete checkpoint
   DIR/state/                  Orbax PyTree checkpoint: a nested dict of numpy arrays, one leaf per NNX
-                              variable, at the variable's path with string keys (layers -> "3" -> qparams -> w_q)
+                              variable, at the variable's path with string keys (layers -> "3" -> qparams -> q -> scale)
   DIR/prefix_kv.safetensors   the FP prefix KV in the `prefix_io` format (presets with a prefix)
   DIR/tokenizer/              the tokenizer (`save_pretrained`), when one was given
 
-Weights: a kernel whose block has a weight scale qparams["w_<name>"] (symmetric, [1, out]) is stored as
+Weights: a kernel whose block has a weight scale qparams[<name>]["scale"] (symmetric, [1, out]) is stored as
 its integer codes: int4 packed two per int8 byte along the input axis (`pallas_kernels.int4` layout)
 for 4-bit weight specs, int8 for 8-bit ones; the load rebuilds kernel = codes * scale in float32, which
 the forward's fake-quantizer maps to itself, so logits are bit-identical. A kernel whose codes would
@@ -17,10 +17,11 @@ variable. Each stored leaf carries a CRC32 in the metadata, checked on load.
 Metadata keys: format, method, preset (every Preset field), bits {w, a, kv}, quantizers (site ->
 QuantSpec fields, plus "weight"), rotation {rotated, r3, r4, seed, hadamard sizes}, eta, prefix
 {prefix_ids, token_ids (the same ids, its old name), text, length, k_rotated, file, crc32} or null, config (HF config.json dict), model {dtype,
-recipe}, qparams {layer: {key: {shape, dtype, type}}}, variables [{path, type, shape, dtype, stored,
+recipe}, qparams {layer: {where: {scale | zero: {shape, dtype, type}}}}, variables [{path, type, shape, dtype, stored,
 scale?, crc32}], tokenizer, sizes {disk_bytes, fp32_params_bytes}, report, versions.
 The module skeleton is rebuilt from `config` + `recipe` + `variables`: nothing about the qparams keys
-(or other variable types) is hard-coded here.
+(or other variable types) is hard-coded here. Checkpoints written before the quantizer variables were typed
+(a flat qparams dict of QuantParam: "<site>", "<site>_zero", "w_<linear>") load through codec.upgrade_qparams.
 """
 from __future__ import annotations
 
@@ -103,8 +104,9 @@ def save_quantized(qm, path: str, overwrite: bool = False, tokenizer=None) -> st
         if sp is not None:
             entry["scale"] = list(sp)
         variables.append(entry)
-        if len(p) == 4 and p[0] == "layers" and p[2] == "qparams":
-            qparams.setdefault(str(p[1]), {})[p[3]] = {"shape": list(a.shape), "dtype": str(a.dtype), "type": codec.type_name(cls)}
+        if len(p) == 5 and p[0] == "layers" and p[2] == "qparams":
+            qparams.setdefault(str(p[1]), {}).setdefault(p[3], {})[p[4]] = {
+                "shape": list(a.shape), "dtype": str(a.dtype), "type": codec.type_name(cls)}
     try:
         with _atomic_dir(path, overwrite) as tmp:
             _fill(tmp, qm, tokenizer, tree, variables, qparams, leaves)
@@ -202,7 +204,7 @@ def load_quantized(path: str, dtype=None):
     try:
         config = ModelConfig.from_hf_dict(meta["config"], source=src)
         names = {f.name for f in dataclasses.fields(Preset)}
-        preset = Preset(**{k: v for k, v in meta["preset"].items() if k in names})
+        preset = Preset(**{k: _tuples(v) for k, v in meta["preset"].items() if k in names})
         recipe = codec.decode(meta["model"].get("recipe"), src)
         values, weights = _restore_values(path, meta)
         model = codec.rebuild(config, values, meta, dtype or jnp.dtype(meta["model"]["dtype"]), recipe, src)
@@ -216,6 +218,11 @@ def load_quantized(path: str, dtype=None):
     model.prefix_len = prefix_len(prefix_kv)  # calibrated behind it: a call without the prefix raises
     return QuantizedModel(config=config, model=model, fp_model=None, prefix_kv=prefix_kv, preset=preset,
                           report=report, weights=weights)
+
+
+def _tuples(v):
+    """JSON lists back as the tuples a frozen Preset holds (e.g. act_site_clips)."""
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
 
 def _restore_values(path: str, meta: dict) -> tuple[dict, dict]:

@@ -127,8 +127,9 @@ def method_fingerprint(opts: FlatOptions | None) -> dict:
 def train_and_merge(qm, tokens, train, opts: FlatOptions | None = None, checkpoint=None,
                     progress: bool = True) -> None:
     """Train the transforms of `qm.model` block by block against `qm.fp_model` on `tokens` with the
-    TrainConfig `train` (checkpointed by the TrainCheckpoint `checkpoint`), then merge (in place); reports go
-    to qm.report["train"] and qm.report["flatquant"]. With a callable opts.train, that runs the training."""
+    TrainConfig `train` (checkpointed by the TrainCheckpoint `checkpoint`), then merge (qm.model becomes the
+    merged model, flatquant.merge_model); reports go to qm.report["train"] and qm.report["flatquant"]. With a
+    callable opts.train, that runs the training."""
     from prefixquant_jax.train.finetune import train_quantized
 
     opts = opts or FlatOptions()
@@ -142,5 +143,5 @@ def train_and_merge(qm, tokens, train, opts: FlatOptions | None = None, checkpoi
                                              fingerprint=method_fingerprint(opts), progress=progress)
     rep = qm.report.setdefault("flatquant", {})
     if opts.merge:
-        rep["max_condition"] = merge_model(qm.model, opts.cond_max)
+        qm.model, rep["max_condition"] = merge_model(qm.model, opts.cond_max)
     rep["merged"] = bool(opts.merge)

@@ -2,10 +2,10 @@
 
 The recipe is static (frozen, JSON-able); every number lives in the block: `block.transforms`
 (TransformParam / ClipParam, see transforms.py) and `block.qparams` (static scales; after the merge
-also the weight scales `w_<linear>`). `merged` (set by merge.py) says the kernels already hold the
+also the weight scales qparams[<linear>]["scale"]). `merged` (set by merge.py) says the kernels already hold the
 offline part:
 
-* merged: a kernel is fake-quantized with its scale `qparams["w_<linear>"]` (exactly as QuantRecipe
+* merged: a kernel is fake-quantized with its scale `qparams[<linear>]["scale"]` (exactly as QuantRecipe
   does), or used as is without weight quantization; before the merge the forward builds it from the FP kernel:
   W' = P^-1 diag(1/s) W (v: then times P_v per KV head; o: (P_o kron P_v)^-1 W), clamps each output
   channel to [sigmoid(a_min) min, sigmoid(a_max) max] (LWC) and fake-quantizes it with the scale of that
@@ -13,7 +13,7 @@ offline part:
 * a site applies the online part of its transform ((x * s) (P1 kron P2); s only while it exists: the
   merge folds it into a norm or the up kernel and deletes it), then quantizes: dynamic specs with the
   site's LAC clip factors sigmoid(a_min), sigmoid(a_max) on the per-token range; static specs with
-  `qparams[site]` (grid-searched by calibrate.py, then trained).
+  `qparams[site]` (scale, zero point: grid-searched by calibrate.py, then trained).
 
 K and V (`kv_original_space`): False (FlatQuant's layout) caches codes of k P_k and v P_v, q gets
 P_k^-T and the o site mixes heads only (P_v^-1 sits in the o kernel). True (for an FP prefix, whose KV
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from prefixquant_jax.flatquant.transforms import factor, factors, kron_apply, kron_left
 from prefixquant_jax.quant.qarray import (EPS, QArray, fake_quant, from_codes, grouped, minmax, qparams_from_range,
                                           quantize, quantize_int, ste_round)
-from prefixquant_jax.quant.recipe import hands_qact, weight_parts
+from prefixquant_jax.quant.recipe import hands_qact, static_qparams, weight_parts
 from prefixquant_jax.quant.spec import QuantSpec
 
 SITE_TRANSFORM = {"qkv_in": "qkv", "up_gate_in": "ug", "down_in": "down"}
@@ -171,13 +171,13 @@ class FlatQuantRecipe:
         if self.merged and hands_qact(self, name, spec):
             if spec.dynamic and f"lac_{name}_max" in t:
                 return lac_quantize(x, spec, t[f"lac_{name}_min"][...], t[f"lac_{name}_max"][...])
-            return quantize(x, spec, scale=None if spec.dynamic else qparams[name][...], ste=True)
+            return quantize(x, spec, scale=None if spec.dynamic else static_qparams(qparams, name)[0], ste=True)
         if spec.dynamic:
             if f"lac_{name}_max" in t:
                 return lac_fake_quant(x, spec, t[f"lac_{name}_min"][...], t[f"lac_{name}_max"][...])
             return fake_quant(x, spec)
-        zero = qparams[name + "_zero"][...] if (name + "_zero") in qparams else None
-        return fake_quant(x, spec, scale=qparams[name][...], zero=zero)
+        scale, zero = static_qparams(qparams, name)
+        return fake_quant(x, spec, scale=scale, zero=zero)
 
     def apply_site(self, name: str, x, qparams, block=None):
         t = block.transforms
@@ -214,9 +214,10 @@ class FlatQuantRecipe:
         return weight_parts(self.weight, name, kernel, qparams) if self.merged else None
 
     def apply_weight(self, name: str, kernel, qparams, block=None):
-        key = "w_" + name
         if self.merged:  # the kernel holds the transforms and the clipping
-            return kernel if (self.weight is None or key not in qparams) else fake_quant(kernel, self.weight, scale=qparams[key][...])
+            if self.weight is None or name not in qparams:
+                return kernel
+            return fake_quant(kernel, self.weight, scale=static_qparams(qparams, name)[0])
         if block is None:
             raise ValueError("FlatQuantRecipe.apply_weight needs the block (its transforms)")
         t = block.transforms

@@ -2,10 +2,12 @@
 another that also records statistics there.
 
 A recipe is static (frozen, hashable): it is part of the jitted graph, while the numbers it needs
-(static scales, zero points) live in each block's `qparams` as `QuantParam` variables:
-  qparams[site]            scale, broadcastable to the site's input ([1,1,1] per tensor, [KV,1] per head)
-  qparams[site + "_zero"]  zero point (asymmetric static sites only)
-  qparams["w_" + linear]   per-output-channel weight scale [1, out] for linear in WEIGHT_NAMES
+(static scales, zero points) live in each block's `qparams`, one entry per quantizer, as typed variables
+(model.Scale, model.ZeroPoint, both QuantParam):
+  qparams[site]["scale"]    Scale, broadcastable to the site's input ([1,1,1] per tensor, [KV,1] per head)
+  qparams[site]["zero"]     ZeroPoint (asymmetric static sites only)
+  qparams[linear]["scale"]  per-output-channel weight Scale [1, out] for linear in WEIGHT_NAMES
+(`Block.set_quantizer` writes an entry, `static_qparams` reads one).
 Kernels stay full precision in the model; with `weight` set, the forward fake-quantizes each kernel
 with its scale (straight-through), so weights and their scales can both be trained.
 """
@@ -29,7 +31,7 @@ WEIGHT_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantRecipe:
     """`sites`: (site, QuantSpec) pairs; unnamed sites stay FP. `weight`: static per-channel weight
-    quantizer (scales in qparams["w_<linear>"]; a linear without one stays FP). `r3`/`r4`: online Hadamards.
+    quantizer (scales in qparams[<linear>]["scale"]; a linear without one stays FP). `r3`/`r4`: online Hadamards.
     Statistics (ranges, Gram matrices, q/K/V) are captured by wrapping a recipe in `Capture`.
     """
 
@@ -61,8 +63,7 @@ class QuantRecipe:
         spec = self.spec(name)
         if spec is None:
             return x
-        scale = None if spec.dynamic else qparams[name][...]
-        zero = qparams[name + "_zero"][...] if (not spec.dynamic and (name + "_zero") in qparams) else None
+        scale, zero = (None, None) if spec.dynamic else static_qparams(qparams, name)
         if not hands_qact(self, name, spec):
             return fake_quant(x, spec, scale=scale, zero=zero)
         return quantize(x, spec, scale=scale, zero=zero, ste=True)  # the linear computes the integer product
@@ -72,10 +73,9 @@ class QuantRecipe:
 
     def apply_weight(self, name: str, kernel, qparams, block=None):
         """The kernel [in, out] of linear `name` as the forward uses it (fake-quantized if it has a scale)."""
-        key = "w_" + name
-        if self.weight is None or key not in qparams:
+        if self.weight is None or name not in qparams:
             return kernel
-        return fake_quant(kernel, self.weight, scale=qparams[key][...])
+        return fake_quant(kernel, self.weight, scale=static_qparams(qparams, name)[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,13 +126,19 @@ def hands_qact(recipe, site: str, spec: QuantSpec) -> bool:
             and spec.granularity in ("tensor", "token"))
 
 
+def static_qparams(qparams, where: str):
+    """(scale, zero point or None) arrays of the static quantizer at `where` (a site or a linear name) in a
+    block's `qparams`; KeyError when it has none."""
+    q = qparams[where]
+    return q["scale"][...], (q["zero"][...] if "zero" in q else None)
+
+
 def weight_parts(weight: QuantSpec | None, name: str, kernel, qparams):
     """(fake-quantized kernel, codes, scale [1, out]) of linear `name` with its static scale
-    qparams["w_<name>"], or None without a weight quantizer or scale."""
-    key = "w_" + name
-    if weight is None or key not in qparams:
+    qparams[name]["scale"], or None without a weight quantizer or scale."""
+    if weight is None or name not in qparams:
         return None
-    qw = quantize(kernel, weight, scale=qparams[key][...], ste=True)
+    qw = quantize(kernel, weight, scale=static_qparams(qparams, name)[0], ste=True)
     return qw.dequantize(kernel.dtype), qw.qvalue, qw.scale
 
 

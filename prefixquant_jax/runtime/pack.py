@@ -4,14 +4,14 @@ The fake-quant model keeps float kernels and fake-quantizes them at every forwar
 quantizers are applied once and their integer codes are stored:
 
   weights    QArrays (quant/qarray.py: the fake quantizer's own encoder) of the kernels under their scales
-             qparams["w_<name>"] [1, out]; 4-bit codes packed two per byte along axis 0 (pallas_kernels.int4
+             qparams[<name>]["scale"] [1, out]; 4-bit codes packed two per byte along axis 0 (pallas_kernels.int4
              layout: int8 [in/2, out]), 8-bit codes as int8 [in, out]. q|k|v and gate|up are concatenated
              QArrays along `out` (one GEMM each: same input, per-column scales, so the result is column-wise
              identical; codes are concatenated, never re-quantized).
-  activations  static sites: scale max(qparams[site], 1e-8) f32 [1, 1]; dynamic (per token) sites: no
+  activations  static sites: scale max(qparams[site]["scale"], 1e-8) f32 [1, 1]; dynamic (per token) sites: no
              stored scale; FP sites: nothing. The per-site spec lives in the static RuntimeSpec.
-  KV cache   static per head, asymmetric: scale max(qparams[k|v_cache], 1e-8) f32 [KV], zero
-             round(qparams[k|v_cache_zero]) f32 [KV], codes in [0, 2^b - 1]. Dynamic per (token, head)
+  KV cache   static per head, asymmetric: scale max(qparams[k|v_cache]["scale"], 1e-8) f32 [KV], zero
+             round(qparams[k|v_cache]["zero"]) f32 [KV], codes in [0, 2^b - 1]. Dynamic per (token, head)
              (O1, QuaRot): nothing stored here; each token's scale and zero are computed when it is
              written and kept in the cache beside its codes (runtime.model.QuantKVCache).
   FP         embed [V, D], final_norm [D], lm_head [D, V] (or None when tied), norms [D] in the compute
@@ -35,7 +35,7 @@ import numpy as np
 from prefixquant_jax.config import ModelConfig
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.quant.qarray import EPS, QArray, concatenate, quantize
-from prefixquant_jax.quant.recipe import ACT_SITES, QuantRecipe
+from prefixquant_jax.quant.recipe import ACT_SITES, QuantRecipe, static_qparams
 from prefixquant_jax.quant.spec import QuantSpec
 from prefixquant_jax.runtime.flat import layer_params
 from prefixquant_jax.runtime.kernel_choice import KERNELS
@@ -204,17 +204,20 @@ def weight_qarray(kernel, scale, spec: QuantSpec) -> QArray:
                     scale=jnp.asarray(scale, jnp.float32).reshape(1, -1)).pack(axis=0)
 
 
-def _qp(blk, key: str, i: int):
-    if key not in blk.qparams:
-        raise UserError(f"layer {i} has no quantizer parameter {key!r} (an uncalibrated model?); the real backend needs it")
-    return jnp.asarray(blk.qparams[key][...], jnp.float32)
+def _qp(blk, where: str, i: int):
+    """(scale, zero point or None) as float32 of the static quantizer at `where` (a site or a linear)."""
+    if where not in blk.qparams:
+        raise UserError(f"layer {i} has no quantizer parameters at {where!r} (an uncalibrated model?); the real backend "
+                        "needs them")
+    scale, zero = static_qparams(blk.qparams, where)
+    return jnp.asarray(scale, jnp.float32), (None if zero is None else jnp.asarray(zero, jnp.float32))
 
 
 def _pack_layer(blk, spec: RuntimeSpec, i: int, stored: dict) -> PackedLayer:
     cdt = spec.compute_dtype
 
     def wq(name):
-        kernel, scale = blk.linear_module(name).kernel[...], _qp(blk, "w_" + name, i)
+        kernel, scale = blk.linear_module(name).kernel[...], _qp(blk, name, i)[0]
         q = stored.get((i, name))
         if (q is not None and q.bits == spec.w_bits and (q.bits == 8 or q.packed_axis == 0)
                 and np.array_equal(np.asarray(q.scale), np.maximum(np.asarray(scale), EPS))
@@ -225,14 +228,15 @@ def _pack_layer(blk, spec: RuntimeSpec, i: int, stored: dict) -> PackedLayer:
     act_scale = {}
     for site, a in spec.act:
         if a is not None and not a.dynamic:
-            act_scale[site] = jnp.maximum(_qp(blk, site, i), EPS).reshape(1, 1)
+            act_scale[site] = jnp.maximum(_qp(blk, site, i)[0], EPS).reshape(1, 1)
     kv = {}
     for s in ("k", "v"):
         if spec.kv_dynamic:  # computed per token at write time and kept in the cache
             kv[s + "_scale"] = kv[s + "_zero"] = jnp.zeros((0,), jnp.float32)
             continue
-        kv[s + "_scale"] = jnp.maximum(_qp(blk, s + "_cache", i), EPS).reshape(-1)
-        z = _qp(blk, s + "_cache_zero", i) if (s + "_cache_zero") in blk.qparams else jnp.zeros_like(kv[s + "_scale"])
+        scale, z = _qp(blk, s + "_cache", i)
+        kv[s + "_scale"] = jnp.maximum(scale, EPS).reshape(-1)
+        z = jnp.zeros_like(kv[s + "_scale"]) if z is None else z
         kv[s + "_zero"] = jnp.round(z).reshape(-1)
     a = blk.attn
     fam = {}

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from prefixquant_jax.compiled_block import CompiledBlock
 from prefixquant_jax.errors import UserError
-from prefixquant_jax.model import QuantParam
+from prefixquant_jax.model import QuantParam, ZeroPoint
 from prefixquant_jax.options import TRAIN_PRESETS, TrainConfig, train_config  # noqa: F401 (re-exported)
 
 MIN_SCALE = 1e-6
@@ -42,11 +42,12 @@ class ParamGroup:
 
 
 def _positive_scales(state):
-    """Clamp scales (not zero points) to stay positive."""
-    def f(path, x):
-        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        return x if any(isinstance(n, str) and n.endswith("_zero") for n in names) else jnp.maximum(x, MIN_SCALE)
-    return jax.tree_util.tree_map_with_path(f, state)
+    """Clamp the quantizer variables of `state` to stay positive, except zero points (ZeroPoint)."""
+    def f(v):
+        if not isinstance(v, nnx.Variable):
+            return jnp.maximum(v, MIN_SCALE)
+        return v if isinstance(v, ZeroPoint) else v.replace(jnp.maximum(v[...], MIN_SCALE))
+    return jax.tree.map(f, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def prefixquant_groups(cfg: TrainConfig) -> tuple[ParamGroup, ...]:

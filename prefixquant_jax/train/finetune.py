@@ -11,7 +11,7 @@ import numpy as np
 
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.eval.data import calibration_samples, load_text, tokenize
-from prefixquant_jax.model import QuantParam
+from prefixquant_jax.model import legacy_qparams_key
 from prefixquant_jax.options import TrainCheckpoint
 from prefixquant_jax.train.blockwise import TrainConfig, prefixquant_groups, train_blockwise
 from prefixquant_jax.train.state_io import TrainDir
@@ -21,14 +21,25 @@ FINGERPRINT_ALIASES = {"prefix_tokens": "prefix_ids"}
 
 
 def qparams_tree(model) -> dict:
-    """Every block's quant params as {"<layer>": {"<key>": array}}."""
-    return {str(i): {k: np.asarray(v[...]) for k, v in blk.qparams.items()} for i, blk in enumerate(model.layers)}
+    """Every block's quantizer parameters as {"<layer>": {"<where>": {"scale": array, "zero": array}}}."""
+    return {str(i): {w: {f: np.asarray(v[...]) for f, v in q.items()} for w, q in blk.qparams.items()}
+            for i, blk in enumerate(model.layers)}
 
 
 def set_qparams(model, tree: dict) -> None:
+    """Inverse of qparams_tree; also reads the flat {"<layer>": {"<key>": array}} of older training directories
+    (model.legacy_qparams_key)."""
     for i, blk in enumerate(model.layers):
+        layer = {}
         for k, a in tree[str(i)].items():
-            blk.qparams[k] = QuantParam(jnp.asarray(a, jnp.float32))
+            if isinstance(a, dict):
+                layer.setdefault(k, {}).update(a)
+            else:
+                where, field = legacy_qparams_key(k)
+                layer.setdefault(where, {})[field] = a
+        for where, q in layer.items():
+            f32 = {f: jnp.asarray(a, jnp.float32) for f, a in q.items()}
+            blk.set_quantizer(where, f32["scale"], f32.get("zero"))
 
 
 def preset_fingerprint(preset: dict) -> dict:
@@ -37,7 +48,9 @@ def preset_fingerprint(preset: dict) -> dict:
     from prefixquant_jax.quant.presets import Preset
 
     defaults = {f.name: f.default for f in dataclasses.fields(Preset) if f.default is not dataclasses.MISSING}
-    return {k: v for k, v in preset.items() if k != "description" and (k not in defaults or v != defaults[k])}
+    as_json = lambda v: [as_json(x) for x in v] if isinstance(v, (list, tuple)) else v  # train.json holds lists
+    return {k: v for k, v in preset.items()
+            if k != "description" and (k not in defaults or as_json(v) != as_json(defaults[k]))}
 
 
 def tokens_digest(tokens: np.ndarray) -> str:

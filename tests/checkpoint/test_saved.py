@@ -86,7 +86,7 @@ def test_round_trip_identical_logits_and_ppl(quantized, saved, text_file):
     assert meta["quantizers"]["k_cache"]["granularity"] == "head" and meta["prefix"]["token_ids"] == [1]
     assert set(meta["qparams"]["0"]) == set(qm.model.layers[0].qparams.keys())
     kinds = {tuple(e["path"]): e["stored"] for e in meta["variables"]}
-    if "w_q" in qm.model.layers[0].qparams:  # weights with a scale are stored as packed int4 codes
+    if "q" in qm.model.layers[0].qparams:  # weights with a scale are stored as packed int4 codes
         assert kinds[("layers", 0, "attn", "q", "kernel")] == "int4" and kinds[("embed",)] == "raw"
         import orbax.checkpoint as ocp
         raw = ocp.PyTreeCheckpointer().restore(os.path.join(saved, orbax_io.STATE))
@@ -122,17 +122,16 @@ def test_int8_weights_and_extra_variables(quantized, tmp_path):
     """w_bits 8 stores int8 codes; a variable of another type in a new container survives the round trip."""
     from flax import nnx
 
-    from prefixquant_jax.model import QuantParam, set_recipe
+    from prefixquant_jax.model import with_recipe
     from prefixquant_jax.quant.spec import QuantSpec
 
     qm, tok = quantized
     spec8 = QuantSpec(bits=8, granularity="channel", symmetric=True)
-    model = nnx.clone(qm.model)
-    set_recipe(model, dataclasses.replace(model.layers[0].recipe, weight=spec8))
+    model = with_recipe(nnx.clone(qm.model), dataclasses.replace(qm.model.layers[0].recipe, weight=spec8))
     for b in model.layers:
         for n, mod in [(n, getattr(b.attn, n)) for n in "qkvo"] + [(n, getattr(b.mlp, n)) for n in ("gate", "up", "down")]:
             w = np.asarray(mod.kernel[...])
-            b.qparams["w_" + n] = QuantParam(jnp.asarray(np.abs(w).max(axis=0, keepdims=True) * 0.9 / 127))
+            b.set_quantizer(n, jnp.asarray(np.abs(w).max(axis=0, keepdims=True) * 0.9 / 127))
     model.layers[1].extra = nnx.Dict()
     model.layers[1].extra["t"] = nnx.BatchStat(jnp.arange(6.0).reshape(2, 3))
     q8 = dataclasses.replace(qm, model=model, preset=dataclasses.replace(qm.preset, w_bits=8))
@@ -290,3 +289,49 @@ def test_import_prefix_mismatch(tiny_dir, tmp_path, capsys):
     narrow = replace(plain, k=[k[..., :8] for k in plain.k], v=[v[..., :8] for v in plain.v], k_rotated=True)
     g = save_prefix_kv(narrow, str(tmp_path / "narrow.safetensors"))
     assert_one_line_error(main_cli(capsys, *args, "--preset", "w4a4kv4-static", "--import-prefix", g), "does not fit")
+
+
+def _to_flat_qparams_layout(src: str, dst: str) -> None:
+    """Rewrite checkpoint `src` into `dst` as saved before the typed quantizer variables: one flat qparams dict
+    per block of QuantParam ("<site>", "<site>_zero", "w_<linear>"), the kernels' scale paths pointing there."""
+    import orbax.checkpoint as ocp
+
+    from prefixquant_jax.checkpoint import codec
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(orbax_io.STATE, orbax_io.META))
+    meta = orbax_io.read_metadata(src)
+    old = lambda where, field: ("w_" + where if where in codec.WEIGHTS else where + ("_zero" if field == "zero" else ""))
+    tree = ocp.PyTreeCheckpointer().restore(os.path.join(src, orbax_io.STATE))
+    for layer in tree["layers"].values():
+        layer["qparams"] = {old(w, f): a for w, q in layer["qparams"].items() for f, a in q.items()}
+    for e in meta["variables"]:
+        for key in ("path", "scale"):
+            if key in e and len(e[key]) == 5 and e[key][2] == "qparams":
+                e[key] = e[key][:3] + [old(*e[key][3:])]
+        if len(e["path"]) == 4 and e["path"][2] == "qparams":
+            e["type"] = "prefixquant_jax.model:QuantParam"
+    meta["qparams"] = {i: {old(w, f): v for w, q in d.items() for f, v in q.items()} for i, d in meta["qparams"].items()}
+    ocp.PyTreeCheckpointer().save(os.path.join(dst, orbax_io.STATE), tree)
+    with open(os.path.join(dst, orbax_io.META), "w") as f:
+        json.dump(meta, f)
+
+
+def test_checkpoint_of_the_flat_qparams_layout_loads(quantized, saved, tmp_path):
+    """A checkpoint written before scales and zero points were typed variables loads into the typed layout
+    (codec.upgrade_qparams): the same variables, types Scale / ZeroPoint, bit-identical logits."""
+    from prefixquant_jax.model import Scale, ZeroPoint
+
+    old_dir = str(tmp_path / "old")
+    _to_flat_qparams_layout(saved, old_dir)
+    assert "w_q" in orbax_io.read_metadata(old_dir)["qparams"]["0"]
+    new, old = pq.load(saved), pq.load(old_dir)
+    for a, b in zip(new.model.layers, old.model.layers):
+        assert sorted(a.qparams.keys()) == sorted(b.qparams.keys())
+        for where, q in b.qparams.items():
+            assert sorted(q.keys()) == sorted(a.qparams[where].keys())
+            assert type(q["scale"]) is Scale and ("zero" not in q or type(q["zero"]) is ZeroPoint)
+            for f, v in q.items():
+                np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(a.qparams[where][f][...]))
+    assert old.weights.keys() == new.weights.keys() and old.weights  # int4 codes found through the old scale paths
+    toks = jnp.asarray(rng_tokens(12, new.config.vocab_size)[None])
+    np.testing.assert_array_equal(np.asarray(old.apply(old.split()[1], toks)), np.asarray(new.apply(new.split()[1], toks)))

@@ -57,7 +57,7 @@ def test_quant_off_equals_fp_and_merged(ck, tokens, param, kv_orig):
     ref = np.asarray(Llama.from_params(ck.config, ck.params)(tokens)[0])
     q = flat_model(ck, FlatQuantRecipe(param=param, kv_original_space=kv_orig))
     out = np.asarray(q(tokens)[0])
-    merge_model(q)
+    q, _ = merge_model(q)
     assert q.layers[0].recipe.merged and "qkv_s" not in q.layers[0].transforms
     merged = np.asarray(q(tokens)[0])
     np.testing.assert_allclose(out, ref, atol=1e-5)
@@ -71,7 +71,7 @@ def _codes(q):
         for name in WEIGHT_NAMES:
             mod = b.linear_module(name)
             if b.recipe.merged:
-                k, s = mod.kernel[...], b.qparams["w_" + name][...]
+                k, s = mod.kernel[...], b.qparams[name]["scale"][...]
             else:
                 k = quantizable_kernel(b.transforms, name, mod.kernel[...], b.recipe.param)
                 s = channel_scale(k, W4)
@@ -84,7 +84,7 @@ def test_merged_equals_unmerged_quantized(ck, tokens, kv_orig):
     q = flat_model(ck, FlatQuantRecipe(sites=QSITES, weight=W4, kv_original_space=kv_orig), seed=1)
     fp = np.asarray(Llama.from_params(ck.config, ck.params)(tokens)[0])
     before, codes0 = np.asarray(q(tokens)[0]), _codes(q)
-    merge_model(q)
+    q, _ = merge_model(q)
     after, codes1 = np.asarray(q(tokens)[0]), _codes(q)
     for key in codes0:
         assert (codes0[key] == codes1[key]).mean() >= 0.999, key

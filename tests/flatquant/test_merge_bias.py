@@ -21,7 +21,7 @@ def test_bias_quant_off_equals_fp_and_merged(tmp_path, param, kv_orig):
     q = flat_model(ck, FlatQuantRecipe(param=param, kv_original_space=kv_orig))
     out = np.asarray(q(tokens)[0])
     b0 = {n: np.asarray(getattr(q.layers[0].attn, n).bias[...]) for n in "qkv"}
-    merge_model(q)
+    q, _ = merge_model(q)
     merged = np.asarray(q(tokens)[0])
     b1 = {n: np.asarray(getattr(q.layers[0].attn, n).bias[...]) for n in "qkv"}
     np.testing.assert_array_equal(b1["q"], b0["q"])

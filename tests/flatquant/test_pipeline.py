@@ -42,7 +42,7 @@ def test_training_lowers_block_loss_then_merges(tiny_dir, text_file):
     other = lambda k: k[:-3] + ("min" if k.endswith("max") else "max")
     assert all(k.startswith("lac_") and other(k) not in still for k in still), still
     b0 = qm.model.layers[0]
-    assert b0.recipe.merged and "w_q" in b0.qparams and not any(k.startswith("lwc_") for k in b0.transforms)
+    assert b0.recipe.merged and "q" in b0.qparams and not any(k.startswith("lwc_") for k in b0.transforms)
     assert all(0 < c < 1e3 for c in qm.report["flatquant"]["max_condition"].values())
 
 

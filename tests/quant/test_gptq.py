@@ -108,7 +108,7 @@ def test_gptq_pass_on_tiny_model(tiny_dir, text_file):
         for name, rtn in layer["rtn_err"].items():
             assert layer["gptq_err"][name] <= rtn * (1 + 1e-6), (layer["layer"], name)
     blk = qm.model.layers[0]
-    k, s = blk.attn.q.kernel[...], blk.qparams["w_q"][...]
+    k, s = blk.attn.q.kernel[...], blk.qparams["q"]["scale"][...]
     np.testing.assert_array_equal(np.asarray(blk.recipe.apply_weight("q", k, blk.qparams)), np.asarray(k))
     assert "calibration" in qm.report and np.all(np.isfinite(np.asarray(s)))
 

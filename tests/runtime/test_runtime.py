@@ -20,7 +20,7 @@ import prefixquant_jax as pq
 from checkpoints_convert import load_checkpoint
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.eval.generate import greedy
-from prefixquant_jax.model import set_recipe
+from prefixquant_jax.model import with_recipe
 from prefixquant_jax.quant.presets import get_preset
 from prefixquant_jax.pipeline import QuantizeOptions, init_weight_scales, quantize
 from prefixquant_jax.compiled import Compiled
@@ -63,8 +63,7 @@ def variant(qm, init_weights=True, **kw):
     """qm with its preset changed (a clone of the model with the new recipe; the calibrated scales are
     reused: any valid scale exercises the same integer pipeline). W8 gets new 8-bit weight scales."""
     preset = dataclasses.replace(qm.preset, **kw)
-    model = nnx.clone(qm.model)
-    set_recipe(model, preset.recipe())
+    model = with_recipe(nnx.clone(qm.model), preset.recipe())
     if init_weights and preset.w_bits != qm.preset.w_bits:
         init_weight_scales(model, preset.weight_spec(), progress=False)
     return dataclasses.replace(qm, model=model, preset=preset)
@@ -198,8 +197,7 @@ def test_int_matmul_fake_equals_real_exactly(tiny, kw):
     (exact integer accumulation, then * s_x * s_w): its logits equal the XLA integer runtime's bit for bit,
     and stay within float32 rounding of the default float fake-quant product."""
     qm = variant(tiny[0], **kw) if kw else tiny[0]
-    model = nnx.clone(qm.model)
-    set_recipe(model, model.layers[0].recipe.replace(int_matmul=True))
+    model = with_recipe(nnx.clone(qm.model), qm.model.layers[0].recipe.replace(int_matmul=True))
     exact = dataclasses.replace(qm, model=model)
     toks = np.stack([rng_tokens(12, 320, seed=s) for s in (1, 2)])
     real, _ = prefill(pack(qm, backend="xla"), jnp.asarray(toks))

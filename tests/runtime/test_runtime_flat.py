@@ -43,7 +43,7 @@ def flat_qm(ck, *, static: bool, param: str = "inverse", seed: int = 0):
     space); else flatquant-w4a4kv4 (dynamic A and KV with LAC, no prefix)."""
     recipe = FlatQuantRecipe(sites=STATIC_SITES if static else QSITES, weight=W4, param=param, kv_original_space=static)
     q = flat_model(ck, recipe, seed=seed)
-    merge_model(q)
+    q, _ = merge_model(q)
     fp = Llama.from_params(ck.config, ck.params)
     prefix = compute_prefix_kv(fp, [1]) if static else None
     if static:  # any valid scales exercise the integer pipeline: the full ranges behind the prefix
@@ -124,11 +124,10 @@ def test_flat_int_matmul_fake_equals_real_exactly(ck, static):
     """FlatQuantRecipe(int_matmul=True) on the merged model: the XLA runtime's logits bit for bit."""
     from flax import nnx
 
-    from prefixquant_jax.model import set_recipe
+    from prefixquant_jax.model import with_recipe
 
     qm = flat_qm(ck, static=static, seed=7)
-    model = nnx.clone(qm.model)
-    set_recipe(model, model.layers[0].recipe.replace(int_matmul=True))
+    model = with_recipe(nnx.clone(qm.model), qm.model.layers[0].recipe.replace(int_matmul=True))
     toks = np.stack([rng_tokens(12, 320, seed=s) for s in (1, 2)])
     real, _ = prefill(pack(qm, backend="xla"), jnp.asarray(toks))
     np.testing.assert_array_equal(fake_logits(dataclasses.replace(qm, model=model), toks), np.asarray(real))

@@ -168,3 +168,28 @@ def test_resume_accepts_directory_from_before_a_preset_field(tmp_path):
     other = preset_fingerprint(dataclasses.asdict(get_preset("w4a4kv4-static", a_bits=8)))
     with pytest.raises(UserError, match="differs in preset"):
         TrainDir(str(tmp_path), {"preset": other, "model": "m"}, resume=True, normalize=norm)
+
+
+def test_quantizer_variables_typed_clamp_and_legacy_init_tree():
+    """The projection clamps Scale variables positive and leaves ZeroPoint alone (selected by type); a training
+    directory's post-calibration tree of the flat qparams layout ("w_q", "k_cache", "k_cache_zero") still restores."""
+    import types
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from prefixquant_jax.model import Scale, ZeroPoint
+    from prefixquant_jax.train.blockwise import MIN_SCALE, _positive_scales
+    from prefixquant_jax.train.finetune import set_qparams
+
+    st = nnx.State({"k_cache": {"scale": Scale(jnp.asarray([-1.0, 2.0])), "zero": ZeroPoint(jnp.asarray([-3.0, 4.0]))}})
+    out = jax.jit(_positive_scales)(st)
+    np.testing.assert_array_equal(np.asarray(out["k_cache"]["scale"][...]), np.float32([MIN_SCALE, 2.0]))
+    np.testing.assert_array_equal(np.asarray(out["k_cache"]["zero"][...]), [-3.0, 4.0])
+
+    got = {}
+    blk = types.SimpleNamespace(set_quantizer=lambda where, scale, zero=None: got.update({where: (scale, zero)}))
+    set_qparams(types.SimpleNamespace(layers=[blk]), {"0": {"w_q": np.ones((1, 4)), "k_cache": np.ones((2, 1)),
+                                                            "k_cache_zero": np.full((2, 1), 8.0), "qkv_in": np.ones((1, 1, 1))}})
+    assert sorted(got) == ["k_cache", "q", "qkv_in"]
+    assert got["q"][1] is None and got["qkv_in"][1] is None and float(got["k_cache"][1][0, 0]) == 8.0
