@@ -110,12 +110,11 @@ def _scorer(compiled):
     if isinstance(compiled, RealCompiled):
         from prefixquant_jax.runtime.model import head, hidden_jit
 
-        P = compiled.state.spec.prefix_len
         real_scores = jax.jit(lambda pm, h, pos, tgts, mask: _gathered_scores(lambda x: head(pm, x), h, pos, tgts,
                                                                                mask))
 
         def real(state, tokens, cache, offset, pos, tgts, mask):
-            h, _ = hidden_jit(state, tokens, cache, offset - P)  # the runtime's shared jitted pieces
+            h, _ = hidden_jit(state, tokens, cache, offset)  # the runtime's shared jitted pieces
             return real_scores(state, h, pos, tgts, mask)
 
         return real
@@ -179,8 +178,7 @@ class PrefixQuantLM(TemplateLM):
                                                                kernels=kernels))
         self.loaded, self.compiled, self.tokenizer = loaded, compiled, loaded.tokenizer
         self.spec, self.backend_name, self.fake_matmul = str(pretrained), backend, fake_matmul
-        self.prefix_kv = loaded.prefix_kv
-        self.P = 0 if self.prefix_kv is None else self.prefix_kv.length
+        self.P = compiled.prefix_len  # every sequence sits behind the prefix the compiled model carries
         room = loaded.config.max_position_embeddings - self.P
         self._max_length = _as_int("max_length", max_length, min(2048, room), minimum=2)
         if self._max_length > room:
@@ -258,7 +256,7 @@ class PrefixQuantLM(TemplateLM):
     def _cache(self, rows: int, length: int):
         key = (rows, length)
         if key not in self._caches:
-            self._caches[key] = self.compiled.cache(rows, self.P + length, self.prefix_kv)
+            self._caches[key] = self.compiled.cache(rows, self.P + length)
         return self._caches[key]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -369,7 +367,7 @@ class PrefixQuantLM(TemplateLM):
         toks = np.zeros((1, Lb), np.int32)
         toks[0, :n] = ids
         c = self.compiled
-        logits, cache = c.logits(c.state, jnp.asarray(toks), c.cache(1, self.P + Tb, self.prefix_kv), self.P)
+        logits, cache = c.logits(c.state, jnp.asarray(toks), c.cache(1, self.P + Tb), self.P)
         t = int(jnp.argmax(logits[0, n - 1]))
         out = []
         while True:

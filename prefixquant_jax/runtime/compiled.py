@@ -3,8 +3,8 @@
 eval.perplexity.perplexity and eval.generate.greedy call `compiled.cache(batch, max_len, prefix_kv)`,
 `compiled.nll/logits/step(state, tokens, cache, offset)` with `offset` the absolute position of
 tokens[:, 0] (the prefix occupies positions 0..P-1), and read `compiled.model.config`. Here the state
-is the PackedModel, the cache a QuantKVCache of max_len - P rows (the FP prefix is in the PackedModel),
-and cache row = offset - P. One compilation per input shape, as for the fake-quant model.
+is the PackedModel, the cache a QuantKVCache of max_len - P rows (the FP prefix is in the PackedModel);
+offsets go to runtime.model as they are (positions). One compilation per input shape, as for the fake-quant model.
 """
 from __future__ import annotations
 
@@ -44,18 +44,17 @@ class RealCompiled:
         self.state = packed
         self.prefix_kv = prefix_kv  # the PrefixKV packed in (eval fingerprints); its rows live in the PackedModel
         self.prefix_len = packed.spec.prefix_len
-        P = packed.spec.prefix_len
 
         def _logits(state, tokens, cache, offset):
-            h, cache = hidden_jit(state, tokens, cache, offset - P)
+            h, cache = hidden_jit(state, tokens, cache, offset)
             return head_jit(state, h), cache
 
         def _nll(state, tokens, cache, offset):
-            h, _ = hidden_jit(state, tokens, cache, offset - P)
+            h, _ = hidden_jit(state, tokens, cache, offset)
             return _nll_of(state, h, tokens)
 
         def _step(state, token, cache, offset):
-            h, cache = hidden_jit_donating(state, token, cache, offset - P)
+            h, cache = hidden_jit_donating(state, token, cache, offset)
             return _next_token(state, h), cache
 
         # plain functions over the shared jitted pieces of runtime.model, so every RealCompiled (and

@@ -1,6 +1,9 @@
 """Functional real-quant Llama forward over a PackedModel: integer GEMMs and an integer KV cache.
 
-Per layer, for tokens x [B, L, D] at absolute positions P + row .. P + row + L - 1 (P = prefix length):
+Positions are absolute, as everywhere (kv_cache.py): the P FP prefix tokens at 0..P-1, the first token after
+them at P. The FP prefix lives in the PackedModel, so the QuantKVCache holds only what follows it: position
+pos is its row pos - P (inside `layer`; `hidden`, `forward` and `decode_step` take positions).
+Per layer, for tokens x [B, L, D] at positions pos .. pos + L - 1, cache rows row = pos - P ..:
 
     h  = RMSNorm(x)                                   float, compute dtype
     qkv_in:  codes, s = quantize(h)                   static [1,1] or dynamic per-token [M,1] scale, no rotation
@@ -284,13 +287,14 @@ def layer(spec: RuntimeSpec, lp: PackedLayer, x, kv, pk, pv, row, cos, sin):
     return x + linear(spec, lp, "down_in", lp.down, m, rotate=spec.r4), kv
 
 
-def hidden(pm: PackedModel, tokens, cache: QuantKVCache, row):
-    """Final-normed hidden [B, L, D] of tokens [B, L] at cache rows row..row+L-1 (positions P + row + i)
-    and the updated cache. L == 1 takes the decode path (decode_attention for 4-bit KV)."""
+def hidden(pm: PackedModel, tokens, cache: QuantKVCache, pos):
+    """Final-normed hidden [B, L, D] of tokens [B, L] at positions pos..pos+L-1 (pos >= P: cache rows
+    pos-P..) and the updated cache. L == 1 takes the decode path (decode_attention for 4-bit KV)."""
     spec = pm.spec
     L = tokens.shape[1]
     spec.config.check_length(spec.prefix_len + max(cache.rows, L))
-    cos, sin = rope_tables(spec.config, spec.prefix_len + row + jnp.arange(L))
+    cos, sin = rope_tables(spec.config, pos + jnp.arange(L))
+    row = pos - spec.prefix_len
     x = pm.embed[tokens]
     out = []
     for i, lp in enumerate(pm.layers):
@@ -310,9 +314,9 @@ def head(pm: PackedModel, h):
     return jnp.dot(h, w, preferred_element_type=jnp.float32)
 
 
-def forward(pm: PackedModel, tokens, cache: QuantKVCache, row):
-    """(logits f32 [B, L, V], cache) for tokens [B, L] written at cache rows row..row+L-1."""
-    h, cache = hidden(pm, tokens, cache, row)
+def forward(pm: PackedModel, tokens, cache: QuantKVCache, pos):
+    """(logits f32 [B, L, V], cache) for tokens [B, L] at positions pos..pos+L-1 (cache rows pos-P..)."""
+    h, cache = hidden(pm, tokens, cache, pos)
     return head(pm, h), cache
 
 
@@ -326,12 +330,12 @@ def prefill(pm: PackedModel, tokens, rows: int | None = None):
     max(rows, L) rows (kernels backend: rounded up by cache_rows) with rows 0..L-1 written). Jitted per
     shape (hidden and head)."""
     B, L = tokens.shape
-    h, cache = hidden_jit(pm, tokens, empty_cache(pm, B, max(rows or L, L)), 0)
+    h, cache = hidden_jit(pm, tokens, empty_cache(pm, B, max(rows or L, L)), pm.spec.prefix_len)
     return head_jit(pm, h), cache
 
 
-def decode_step(pm: PackedModel, token, cache: QuantKVCache, row):
-    """One token [B, 1] at cache row `row` (position P + row) after rows 0..row-1: (logits f32 [B, 1, V],
+def decode_step(pm: PackedModel, token, cache: QuantKVCache, pos):
+    """One token [B, 1] at position `pos` (cache row pos - P) after positions 0..pos-1: (logits f32 [B, 1, V],
     cache). The given cache is donated (do not reuse it)."""
-    h, cache = hidden_jit_donating(pm, token, cache, row)
+    h, cache = hidden_jit_donating(pm, token, cache, pos)
     return head_jit(pm, h), cache

@@ -25,7 +25,7 @@ def lowered_kernels(qm):
     cache = empty_cache(pm, 1, 8)
     out = {}
     for case, t in (("prefill", toks), ("decode", toks[:, :1])):
-        out[case] = set(cuda_kernels(lambda pm, t, c: hidden(pm, t, c, 6 if t.shape[1] == 1 else 0),
+        out[case] = set(cuda_kernels(lambda pm, t, c: hidden(pm, t, c, pm.spec.prefix_len + (6 if t.shape[1] == 1 else 0)),
                                      pm, t, cache))
     return out
 

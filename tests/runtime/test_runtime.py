@@ -103,7 +103,7 @@ def test_prefill_then_decode_equals_one_prefill(tiny, with_prefix, kv_dynamic):
     part, cache = prefill(pm, toks[:, :8], rows=12)
     outs = [np.asarray(part)]
     for i in range(8, 12):
-        step, cache = decode_step(pm, toks[:, i:i + 1], cache, i)
+        step, cache = decode_step(pm, toks[:, i:i + 1], cache, pm.spec.prefix_len + i)
         outs.append(np.asarray(step))
     close(np.concatenate(outs, axis=1), full)
     for a, b in zip(cache.k + cache.v, cache_full.k + cache_full.v):  # identical int4 cache rows
@@ -125,7 +125,7 @@ def test_kernels_backend_equals_xla(tiny, kv_dynamic):
     for backend in ("kernels", "xla"):  # kernels: Pallas in interpret mode on CPU
         pm = pack(qm, backend=backend)
         logits, cache = prefill(pm, toks[:, :5], rows=6)
-        step, cache = decode_step(pm, toks[:, 5:6], cache, 5)
+        step, cache = decode_step(pm, toks[:, 5:6], cache, pm.spec.prefix_len + 5)
         res[backend] = (np.asarray(logits), np.asarray(step), [np.asarray(a) for a in cache.k + cache.v])
     close(res["kernels"][0], res["xla"][0])
     close(res["kernels"][1], res["xla"][1])

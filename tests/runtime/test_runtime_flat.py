@@ -93,7 +93,7 @@ def test_flat_prefill_then_decode_and_kernels(ck, static):
         part, cache = prefill(pm, toks[:, :8], rows=10)
         outs = [np.asarray(part)]
         for i in (8, 9):
-            step, cache = decode_step(pm, toks[:, i:i + 1], cache, i)
+            step, cache = decode_step(pm, toks[:, i:i + 1], cache, pm.spec.prefix_len + i)
             outs.append(np.asarray(step))
         close(np.concatenate(outs, axis=1), full)
         res[backend] = np.asarray(full)
