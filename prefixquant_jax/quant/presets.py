@@ -4,10 +4,8 @@ from __future__ import annotations
 import dataclasses
 
 from prefixquant_jax.errors import UserError
-from prefixquant_jax.quant.recipe import QuantRecipe
+from prefixquant_jax.quant.recipe import ACT_SITES, QuantRecipe
 from prefixquant_jax.quant.spec import QuantSpec
-
-ACT_SITES = ("qkv_in", "o_in", "up_gate_in", "down_in")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
