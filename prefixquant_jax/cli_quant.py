@@ -148,7 +148,7 @@ def add_subcommands(sub, add_model_args, add_eval_args) -> None:
     p.add_argument("--w-bits", type=int)
     p.add_argument("--a-bits", type=int)
     p.add_argument("--kv-bits", type=int)
-    p.add_argument("--dynamic-act-clip", type=_site_clips, metavar="R[,SITE=R...]",
+    p.add_argument("--dynamic-act-clip", type=_site_clips, default=(None, None), metavar="R[,SITE=R...]",
                    help="clip ratio of per-token dynamic activation quantizers (scale from R x amax; preset default); "
                         "SITE=R overrides it at one site (qkv_in, o_in, up_gate_in, down_in), e.g. 0.85,down_in=0.8")
     p.add_argument("--dynamic-kv-clip", type=float, metavar="R", help="the same for dynamic KV quantizers")
@@ -331,8 +331,8 @@ def _quantize_cmd(args) -> dict:
 
     primary = is_primary()  # several processes (--coordinator): process 0 alone writes files
     preset = get_preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
-                        act_clip=(args.dynamic_act_clip or (None, None))[0],
-                        act_site_clips=(args.dynamic_act_clip or (None, None))[1], kv_clip=args.dynamic_kv_clip)
+                        act_clip=args.dynamic_act_clip[0], act_site_clips=args.dynamic_act_clip[1],
+                        kv_clip=args.dynamic_kv_clip)
     if args.grid != "full":
         if preset.method != "prefixquant":
             raise UserError(f"--grid applies to the PrefixQuant presets, not {preset.name!r}")
