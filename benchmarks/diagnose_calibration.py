@@ -22,6 +22,7 @@ A variant is '+'-joined rule changes applied in order to the old defaults:
   gptq   GPTQ codes on the weight scales;   actorder  GPTQ in decreasing Hessian-diagonal order
   aclipNN  per-token dynamic activations clipped at 0.NN x amax (dynamic presets); kvclipNN  the same for dynamic KV
   aclipNN@SITE  that ratio at one activation site only (qkv_in, o_in, up_gate_in, down_in), after any aclipNN
+  dampNNN  GPTQ Hessian dampening 0.NNN x its mean diagonal (damp010 = 0.01, the default)
   ref    = grid+wout+kvhead+alone+local (the reference's rules)
 """
 from __future__ import annotations
@@ -57,11 +58,13 @@ def step(p: str):
         ratio, site = p[len("aclip"):].split("@", 1)
         if ratio.isdigit():
             return {"act_site_clips": ((site, int(ratio) / 100),)}, {}
+    if p.startswith("damp") and p[len("damp"):].isdigit():
+        return {}, {"gptq_damp": int(p[len("damp"):]) / 1000}
     for prefix, field in (("aclip", "act_clip"), ("kvclip", "kv_clip")):
         if p.startswith(prefix) and p[len(prefix):].isdigit():
             return {field: int(p[len(prefix):]) / 100}, {}
     if p not in STEPS:
-        raise SystemExit(f"error: unknown variant step {p!r} (known: {', '.join(STEPS)}, aclipNN, kvclipNN, ref)")
+        raise SystemExit(f"error: unknown variant step {p!r} (known: {', '.join(STEPS)}, aclipNN, kvclipNN, dampNNN, ref)")
     return STEPS[p]
 
 

@@ -74,3 +74,12 @@ def test_diagnose_calibration_runs(tiny_dir, text_file, tmp_path):
     w = res["ref+gptq"]["weight_err"]
     assert all(o <= m * (1 + 1e-6) for o, m in zip(w["output"], w["mse"]))
     assert set(res["ref+gptq"]["weight_err"]) == {"mse", "output", "gptq"} and not res["old"]["weight_err"]
+
+
+def test_diagnose_variant_steps_parse():
+    """Variant names map to the preset/option changes they say (dampNNN is a thousandth of the mean diagonal)."""
+    pkw, okw = diagnose_calibration.variant("grid+aclip80+aclip70@down_in+gptq+damp100")
+    assert pkw["full_grid"] and pkw["act_clip"] == 0.8 and pkw["act_site_clips"] == (("down_in", 0.7),)
+    assert okw["gptq"] and okw["gptq_damp"] == 0.1
+    with pytest.raises(SystemExit, match="unknown variant step"):
+        diagnose_calibration.variant("grid+dampx")
