@@ -2,6 +2,7 @@
 
     qm = pq.quantize(checkpoint, calib_tokens, "w4a4kv4-static")      # -> QuantizedModel
     qm = pq.quantize(checkpoint, calib_tokens, "w4a4kv4-static", train=pq.TrainConfig(samples=N, seqlen=L))
+    qm = pq.quantize(checkpoint, calib_tokens, pq.QuantRecipe(sites=..., weight=pq.QuantSpec(...), r3=True, r4=True))
     logits = jax.jit(qm.apply)(qm.split()[1], tokens)                  # pure, behind the FP prefix
     pq.perplexity(qm, windows)["ppl"]; pq.generate(qm, prompt_ids, 20); pm = pq.pack(qm)
     pq.save(qm, "DIR"); qm2 = pq.load("DIR")
@@ -24,12 +25,18 @@ def load_checkpoint(spec):
     return _load(spec)
 
 
-def quantize(model_or_checkpoint, calib_tokens, preset, *, train=None, train_tokens=None, gptq: bool | None = None,
-             checkpoint=None, flatquant=None, options=None, tokenizer=None, **fields):
+def quantize(model_or_checkpoint, calib_tokens, preset_or_recipe, *, prefix: bool | None = None, train=None,
+             train_tokens=None, gptq: bool | None = None, checkpoint=None, flatquant=None, options=None, tokenizer=None,
+             **fields):
     """The whole job: rotate -> prefix -> weights (-> GPTQ) -> calibrate (-> block-wise training) (-> FlatQuant
-    merge) of an FP checkpoint (or its name/path) with `preset` (a name or a Preset), calibrated on
-    `calib_tokens` (int [samples, seqlen]). Returns a QuantizedModel.
+    merge) of an FP checkpoint (or its name/path), calibrated on `calib_tokens` (int [samples, seqlen]).
+    Returns a QuantizedModel.
 
+    preset_or_recipe: a preset name (PRESETS), a Preset, or a raw quant.recipe.QuantRecipe: your own quantizers
+      per site, run through PrefixQuant's pipeline exactly as given (Preset.from_recipe: its r3 = r4 says whether
+      the model is rotated, R1-R4 together; static activation sites per tensor, static KV per tensor or head,
+      weights static symmetric per channel; anything else raises UserError).
+    prefix: with a raw recipe, whether the FP prefix goes in front (default True); a preset decides its own.
     train: a TrainConfig: fine-tune block by block after calibration on `train_tokens` (int [train.samples,
       train.seqlen]; default calib_tokens). FlatQuant presets always train (train None: the `fast` preset
       sized to the tokens).
@@ -44,13 +51,12 @@ def quantize(model_or_checkpoint, calib_tokens, preset, *, train=None, train_tok
     Bad options or inputs raise UserError (a ValueError) with a one-line message."""
     from prefixquant_jax.options import QuantizeOptions
     from prefixquant_jax.pipeline import quantize as _quantize
-    from prefixquant_jax.quant.presets import Preset, get_preset
 
     ck = load_checkpoint(model_or_checkpoint) if isinstance(model_or_checkpoint, (str, os.PathLike)) \
         else model_or_checkpoint
     if not (hasattr(ck, "params") and hasattr(ck, "config")):
         raise UserError(f"quantize needs an FP checkpoint or its name/path, got {type(ck).__name__}")
-    preset = preset if isinstance(preset, Preset) else get_preset(preset)
+    preset = _preset(preset_or_recipe, prefix)
     names = {f.name for f in dataclasses.fields(QuantizeOptions)} - _DRAWN
     unknown = sorted(set(fields) - names)
     if unknown:
@@ -66,6 +72,21 @@ def quantize(model_or_checkpoint, calib_tokens, preset, *, train=None, train_tok
         train_tokens = calib_tokens
     return _quantize(ck, tokenizer, preset, opts, calib_tokens=calib_tokens, train=train, train_tokens=train_tokens,
                      checkpoint=checkpoint)
+
+
+def _preset(preset_or_recipe, prefix):
+    """The Preset of quantize's third argument (a name, a Preset or a raw recipe) and its `prefix` keyword."""
+    from prefixquant_jax.quant.presets import Preset, get_preset
+
+    if isinstance(preset_or_recipe, (str, Preset)):
+        p = preset_or_recipe if isinstance(preset_or_recipe, Preset) else get_preset(preset_or_recipe)
+        if prefix is not None:
+            raise UserError(f"prefix= applies to a raw QuantRecipe; preset {p.name!r} decides its own "
+                            f"(prefix={p.prefix}; another: get_preset(name, prefix=...))")
+        return p
+    if preset_or_recipe is None or not dataclasses.is_dataclass(preset_or_recipe):
+        raise UserError(f"quantize needs a preset name, a Preset or a QuantRecipe, got {type(preset_or_recipe).__name__}")
+    return Preset.from_recipe(preset_or_recipe, prefix=True if prefix is None else prefix)
 
 
 def perplexity(qm, windows, batch_size: int = 1, progress: bool = False) -> dict:

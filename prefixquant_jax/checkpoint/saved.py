@@ -204,8 +204,11 @@ def load_quantized(path: str, dtype=None):
     try:
         config = ModelConfig.from_hf_dict(meta["config"], source=src)
         names = {f.name for f in dataclasses.fields(Preset)}
-        preset = Preset(**{k: _tuples(v) for k, v in meta["preset"].items() if k in names})
+        fields = {k: _tuples(v) for k, v in meta["preset"].items() if k in names}
         recipe = codec.decode(meta["model"].get("recipe"), src)
+        if fields.get("custom_recipe") is not None:  # a raw QuantRecipe's preset: the recipe the model runs
+            fields["custom_recipe"] = recipe
+        preset = Preset(**fields)
         values, weights = _restore_values(path, meta)
         model = codec.rebuild(config, values, meta, dtype or jnp.dtype(meta["model"]["dtype"]), recipe, src)
     except (KeyError, TypeError, ValueError) as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from prefixquant_jax.errors import UserError
-from prefixquant_jax.quant.recipe import ACT_SITES, QuantRecipe
+from prefixquant_jax.quant.recipe import ACT_SITES, KV_SITES, QUANT_SITES, QuantRecipe
 from prefixquant_jax.quant.spec import QuantSpec
 
 
@@ -21,6 +21,8 @@ class Preset:
     act_clip: clip ratio of the per-token dynamic activation quantizers (scale from act_clip x the row's amax;
     QuaRot's 0.9), ignored by static ones (their ratios are searched per block); kv_clip: the same for dynamic KV.
     act_site_clips: ((site, ratio), ...) overriding act_clip at those activation sites (ACT_SITES).
+    custom_recipe: a researcher's own QuantRecipe (`Preset.from_recipe`, or a raw recipe given to quantize):
+    recipe() returns it as it is, and the bits / dynamic / rotate / full_grid fields summarise it.
     """
 
     name: str
@@ -37,8 +39,29 @@ class Preset:
     kv_clip: float = 1.0
     act_site_clips: tuple[tuple[str, float], ...] = ()
     description: str = ""
+    custom_recipe: QuantRecipe | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe: QuantRecipe, *, name: str = "custom", prefix: bool = True,
+                    description: str = "a custom QuantRecipe") -> "Preset":
+        """The preset that quantizes with exactly `recipe` (PrefixQuant's pipeline). What a recipe does not say is
+        derived (rotate: its r3 = r4, the pipeline folds R1/R2 with them) or given (`prefix`: the FP prefix in
+        front, PrefixQuant's default). UserError for a recipe the pipeline cannot calibrate (check_custom_recipe)."""
+        check_custom_recipe(recipe)
+        if not isinstance(prefix, bool):
+            raise UserError(f"prefix must be True or False, got {prefix!r}")
+        return cls(name=name, prefix=prefix, description=description, custom_recipe=recipe, **recipe_summary(recipe))
 
     def __post_init__(self):
+        if self.custom_recipe is not None:
+            check_custom_recipe(self.custom_recipe)
+            if self.method != "prefixquant":
+                raise UserError(f"Preset.custom_recipe runs PrefixQuant's pipeline, not method {self.method!r}",
+                                "Preset.custom_recipe")
+            for field, v in recipe_summary(self.custom_recipe).items():
+                if getattr(self, field) != v:
+                    raise UserError(f"Preset.{field} {getattr(self, field)!r} contradicts its custom_recipe ({v!r}); "
+                                    "build the preset with Preset.from_recipe", f"Preset.{field}")
         checks = [("Preset.act_clip", self.act_clip), ("Preset.kv_clip", self.kv_clip)]
         for site, r in self.act_site_clips:
             if site not in ACT_SITES:
@@ -57,10 +80,14 @@ class Preset:
         return (self.a_bits is not None and not self.act_dynamic) or (self.kv_bits is not None and not self.kv_dynamic)
 
     def weight_spec(self) -> QuantSpec | None:
+        if self.custom_recipe is not None:
+            return self.custom_recipe.weight
         return None if self.w_bits is None else QuantSpec(bits=self.w_bits, granularity="channel", symmetric=True,
                                                           full_grid=self.full_grid)
 
     def recipe(self) -> QuantRecipe | None:
+        if self.custom_recipe is not None:
+            return self.custom_recipe
         sites = []
         if self.a_bits is not None:
             sites += [(s, QuantSpec(bits=self.a_bits, granularity="token" if self.act_dynamic else "tensor",
@@ -77,6 +104,55 @@ class Preset:
         if not sites and not self.rotate and self.w_bits is None:
             return None
         return QuantRecipe(sites=tuple(sites), weight=self.weight_spec(), r3=self.rotate, r4=self.rotate)
+
+
+def check_custom_recipe(recipe) -> None:
+    """UserError unless `recipe` is a QuantRecipe that PrefixQuant's pipeline can initialise and calibrate: known
+    sites, each named once; static activation quantizers per tensor, static KV ones per tensor or per head
+    (dynamic ones at any granularity); a static symmetric per-channel weight quantizer (or none); r3 = r4."""
+    kind = type(recipe).__name__
+    if kind == "Capture":
+        raise UserError("a Capture records statistics while a recipe runs; give quantize the recipe it wraps "
+                        "(Capture.inner)")
+    if type(recipe) is not QuantRecipe:
+        raise UserError(f"a raw recipe must be a quant.recipe.QuantRecipe (PrefixQuant's pipeline), got {kind}; "
+                        "FlatQuant runs through its presets (flatquant-w4a4kv4, flatquant-w4a4kv4-static-prefix)")
+    names = [s for s, _ in recipe.sites]
+    for site in names:
+        if site not in QUANT_SITES:
+            raise UserError(f"QuantRecipe.sites: unknown site {site!r} (known: {', '.join(QUANT_SITES)})",
+                            "QuantRecipe.sites")
+        if names.count(site) > 1:
+            raise UserError(f"QuantRecipe.sites: site {site!r} is given {names.count(site)} times", "QuantRecipe.sites")
+    for site, spec in recipe.sites:
+        if not isinstance(spec, QuantSpec):
+            raise UserError(f"QuantRecipe.sites: {site!r} needs a QuantSpec, got {type(spec).__name__}",
+                            "QuantRecipe.sites")
+        allowed = ("tensor",) if site in ACT_SITES else ("tensor", "head")
+        if not spec.dynamic and spec.granularity not in allowed:
+            raise UserError(f"QuantRecipe.sites: static {site!r} must have granularity {' or '.join(allowed)} (the "
+                            f"calibrated scales), got {spec.granularity!r}; a dynamic quantizer may use any",
+                            "QuantRecipe.sites")
+    w = recipe.weight
+    if w is not None and (not isinstance(w, QuantSpec) or w.dynamic or not w.symmetric or w.granularity != "channel"):
+        raise UserError(f"QuantRecipe.weight must be a static symmetric per-channel QuantSpec (scales [1, out], RTN or "
+                        f"GPTQ), got {w!r}", "QuantRecipe.weight")
+    if recipe.r3 != recipe.r4:
+        raise UserError(f"QuantRecipe.r3 ({recipe.r3}) and QuantRecipe.r4 ({recipe.r4}) must be equal: the pipeline "
+                        "rotates with all of R1-R4 or none", "QuantRecipe.r3", "QuantRecipe.r4")
+
+
+def recipe_summary(recipe: QuantRecipe) -> dict:
+    """The Preset fields that describe a custom recipe: rotate (r3), the lowest bits of the weights, activations
+    and KV (None: FP), whether all of its activation / KV quantizers are dynamic (so Preset.is_static says whether
+    any is static), and the grid of its weight (else first symmetric) quantizer."""
+    act = [spec for site, spec in recipe.sites if site in ACT_SITES]
+    kv = [spec for site, spec in recipe.sites if site in KV_SITES]
+    symmetric = [s for s in (recipe.weight, *act, *kv) if s is not None and s.symmetric]
+    return {"rotate": recipe.r3, "w_bits": None if recipe.weight is None else recipe.weight.bits,
+            "a_bits": min((s.bits for s in act), default=None), "kv_bits": min((s.bits for s in kv), default=None),
+            "act_dynamic": all(s.dynamic for s in act), "kv_dynamic": all(s.dynamic for s in kv),
+            "full_grid": symmetric[0].full_grid if symmetric else True}
 
 
 PRESETS = {p.name: p for p in [

@@ -48,8 +48,10 @@ def preset_fingerprint(preset: dict) -> dict:
     from prefixquant_jax.quant.presets import Preset
 
     defaults = {f.name: f.default for f in dataclasses.fields(Preset) if f.default is not dataclasses.MISSING}
-    as_json = lambda v: [as_json(x) for x in v] if isinstance(v, (list, tuple)) else v  # train.json holds lists
-    return {k: v for k, v in preset.items()
+    # train.json holds lists: tuples (act_site_clips, a custom recipe's sites) compare as the lists they are stored as
+    as_json = lambda v: ([as_json(x) for x in v] if isinstance(v, (list, tuple))
+                         else {k: as_json(x) for k, x in v.items()} if isinstance(v, dict) else v)
+    return {k: as_json(v) for k, v in preset.items()
             if k != "description" and (k not in defaults or as_json(v) != as_json(defaults[k]))}
 
 
