@@ -182,19 +182,21 @@ def _search_sites(compiled, qb, recipe, sites, ranges, ratios, xg, ck, cv, tg, c
 
 
 def calibrate(fp_model, q_model, recipe, calib_x: np.ndarray, prefix_kv, cfg: CalibConfig = CalibConfig(),
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, mesh=None) -> list[dict]:
     """Initialise q_model's quantizers block by block, in place (module docstring); per-layer reports.
 
     calib_x: embedded calibration tokens [N, L, D] (float32). fp_model / q_model share the config;
     q_model holds `recipe` (and, with weight_clip None, its weight scales already). fp_model: anything whose
     `.layers[l]` is FP block l (pipeline._FPBlocks builds it over q block l's arrays): it is read once per
-    layer, before q block l is touched, and that block alone is held while layer l is calibrated."""
+    layer, before q block l is touched, and that block alone is held while layer l is calibrated.
+    `mesh`: a (data, model) jax.sharding.Mesh the block forwards run on (compiled_block.CompiledBlock; the
+    searches and GPTQ work on the host-gathered statistics); None: one device."""
     sites = static_sites(recipe) if cfg.static else []
     N, L, _ = calib_x.shape
     G = min(cfg.grid_samples, N)
     x_fp, x_q = calib_x, calib_x
     reports = []
-    compiled = CompiledBlock(q_model.config, prefix_kv, L)
+    compiled = CompiledBlock(q_model.config, prefix_kv, L, mesh)
     bar = tqdm(range(len(q_model.layers)), desc="calibrate", disable=not progress, leave=False)
     for layer in bar:
         fpb, qb = fp_model.layers[layer], q_model.layers[layer]
@@ -209,6 +211,7 @@ def calibrate(fp_model, q_model, recipe, calib_x: np.ndarray, prefix_kv, cfg: Ca
             ck, cv = compiled.cache(layer, G, L)
             xg = jnp.asarray(x_q[:G])
             tg = jnp.asarray(target_fp[:G] if cfg.target == "fp" else compiled.forward(fpb, layer, x_q[:G], cfg.chunk))
+            xg, ck, cv, tg = compiled.place(xg, ck, cv, tg)  # on the mesh once (no mesh: as they are)
             ratios = {s: 1.0 for s in sites}
             if cfg.kv_rule == "head":
                 ratios.update(_kv_by_head(compiled, qb, layer, recipe, x_q[:G], ranges, cfg))
@@ -228,7 +231,7 @@ def calibrate(fp_model, q_model, recipe, calib_x: np.ndarray, prefix_kv, cfg: Ca
 
 
 def calibrate_static(fp_model, q_model, recipe, calib_x, prefix_kv, cfg: CalibConfig = CalibConfig(),
-                     progress: bool = True) -> list[dict]:
+                     progress: bool = True, mesh=None) -> list[dict]:
     """Static scales only (weights as they are): `calibrate` with weight_clip None."""
     return calibrate(fp_model, q_model, recipe, calib_x, prefix_kv, dataclasses.replace(cfg, weight_clip=None,
-                                                                                        gptq=False), progress)
+                                                                                        gptq=False), progress, mesh)

@@ -3,6 +3,11 @@
 Every block-by-block stage (calibration, GPTQ, training) feeds blocks [N, L, D] activations kept on the
 host between blocks; this class jits the block forward, the statistics captures and the loss once per
 block structure and builds each layer's prefix cache.
+
+With `mesh` (a (data, model) jax.sharding.Mesh, sharding.MeshSpec.make) every call puts the block's weights on
+it split over `model` (sharding.block_shardings: attention heads and MLP columns, o and down by rows) and the
+activations' rows over `data` (caches' KV heads over `model`, sharding.batch_shardings); the jitted functions
+follow their inputs' shardings (XLA inserts the collectives). Without: one device, as before.
 """
 from __future__ import annotations
 
@@ -29,8 +34,8 @@ class CompiledBlock:
     block with its qparams) compiles once and every layer reuses it.
     """
 
-    def __init__(self, config, prefix_kv, L):
-        self.config = config
+    def __init__(self, config, prefix_kv, L, mesh=None):
+        self.config, self.mesh = config, mesh
         self.P = prefix_len(prefix_kv)
         self.prefix_kv = prefix_kv
         self.cos, self.sin = rope_tables(config, self.P + jnp.arange(L))
@@ -66,19 +71,34 @@ class CompiledBlock:
         kv, _ = behind_prefix(self.prefix_kv, self.config, n, L, jnp.float32, layers=[layer])
         return kv.k[0], kv.v[0]
 
+    def split(self, block):
+        """(graphdef, state) of `block`, the state on the mesh (split over `model`) when there is one."""
+        gd, state = nnx.split(block)
+        if self.mesh is not None:
+            from prefixquant_jax.sharding import block_shardings
+            state = jax.device_put(state, block_shardings(self.mesh, state))
+        return gd, state
+
+    def place(self, *arrays):
+        """Activations / caches / targets on the device(s): rows over `data` with a mesh, else as jnp arrays."""
+        if self.mesh is None:
+            return tuple(jnp.asarray(a) for a in arrays)
+        from prefixquant_jax.sharding import batch_shardings
+        return tuple(jax.device_put(a, batch_shardings(self.mesh, a)) for a in arrays)
+
     def _chunks(self, layer, x, chunk):
         for s in range(0, len(x), chunk):
             xb = jnp.asarray(x[s:s + chunk])
-            yield (xb,) + self.cache(layer, len(xb), xb.shape[1])
+            yield self.place(xb, *self.cache(layer, len(xb), xb.shape[1]))
 
     def forward(self, block, layer, x: np.ndarray, chunk: int) -> np.ndarray:
-        gd, state = nnx.split(block)
+        gd, state = self.split(block)
         return np.concatenate([np.asarray(self._fwd(gd, state, xb, ck, cv, self.cos, self.sin))
                                for xb, ck, cv in self._chunks(layer, x, chunk)])
 
     def _collect(self, fn, block, layer, x: np.ndarray, chunk: int) -> dict:
         """What the jitted capture `fn` sows on every chunk of x, each value concatenated over the samples."""
-        gd, state = nnx.split(block)
+        gd, state = self.split(block)
         acc: dict = {}
         for xb, ck, cv in self._chunks(layer, x, chunk):
             for k, v in fn(gd, state, xb, ck, cv, self.cos, self.sin).items():
@@ -91,7 +111,7 @@ class CompiledBlock:
 
     def grams(self, block, layer, x: np.ndarray, chunk: int) -> dict:
         """{site: sum over all tokens of x^T x [C, C] (float64)} at each activation site, as `block` runs."""
-        gd, state = nnx.split(block)
+        gd, state = self.split(block)
         acc: dict = {}
         for xb, ck, cv in self._chunks(layer, x, chunk):
             for k, v in self._gram(gd, state, xb, ck, cv, self.cos, self.sin).items():
@@ -109,5 +129,7 @@ class CompiledBlock:
         return None if self.prefix_kv is None else jnp.asarray(self.prefix_kv.k[layer])[0, :self.P]
 
     def loss(self, block, x, ck, cv, target) -> float:
-        gd, state = nnx.split(block)
+        gd, state = self.split(block)
+        if self.mesh is not None:
+            x, ck, cv, target = self.place(x, ck, cv, target)
         return float(self._loss(gd, state, x, ck, cv, self.cos, self.sin, target))

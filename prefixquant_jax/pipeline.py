@@ -239,7 +239,7 @@ def _training(preset: Preset, opts: QuantizeOptions, tokenizer, train, train_tok
 
 def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOptions(), calib_tokens=None, *,
              train: TrainConfig | None = None, train_tokens=None,
-             checkpoint: TrainCheckpoint | None = None) -> QuantizedModel:
+             checkpoint: TrainCheckpoint | None = None, mesh=None) -> QuantizedModel:
     """The pipeline: rotate -> prefix -> weights (-> GPTQ) -> calibrate (-> training) (-> FlatQuant merge).
 
     Calibration samples: `calib_tokens` (int [N, L]) when given, else opts.calib_samples x opts.calib_seqlen
@@ -247,7 +247,10 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
     show token ids, not text). `train`: a TrainConfig, block-wise fine-tuning after calibration on
     `train_tokens` (int [train.samples, train.seqlen]; None: drawn from opts.calib_data with the tokenizer and
     train.seed); FlatQuant presets always train (train None: the `fast` preset, sized to train_tokens).
-    `checkpoint`: a TrainCheckpoint for the training run (a resume restores the calibrated scales)."""
+    `checkpoint`: a TrainCheckpoint for the training run (a resume restores the calibrated scales).
+    `mesh`: a sharding.MeshSpec that calibration and training run their blocks on (weights split over `model`,
+    samples over `data`); None: calibration on one device, training's batch over all jax.devices()."""
+    mesh = None if mesh is None else mesh.make()
     train, train_tokens, opts = _training(preset, opts, tokenizer, train, train_tokens, checkpoint)
     if calib_tokens is None and tokenizer is None and needs_calibration(preset, opts):
         raise UserError(f"preset {preset.name!r} needs calibration tokens (int [samples, seqlen])")
@@ -340,13 +343,14 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
         fp_blocks = fp_model if flat else _FPBlocks(q_model, fp_recipe)  # read by calibrate one block at a time
         if flat:
             cfg = CalibConfig(grid_samples=opts.grid_samples)  # FlatQuant: its original rules
-            report["calibration"] = calibrate_static(fp_blocks, q_model, recipe, calib_x, prefix_kv, cfg, opts.progress)
+            report["calibration"] = calibrate_static(fp_blocks, q_model, recipe, calib_x, prefix_kv, cfg, opts.progress,
+                                                     mesh)
         else:  # a resumed training run redoes data-dependent weights (deterministic) and restores the static scales
             cfg = CalibConfig(grid_samples=opts.grid_samples, weight_clip=opts.weight_clip if weight_pass else None,
                               gptq=opts.gptq, gptq_damp=opts.gptq_damp,
                               gptq_act_order=opts.gptq_act_order, kv_rule=opts.kv_rule, search=opts.search,
                               target=opts.target, static=opts.calibrate or weight_pass)
-            report["calibration"] = calibrate(fp_blocks, q_model, recipe, calib_x, prefix_kv, cfg, opts.progress)
+            report["calibration"] = calibrate(fp_blocks, q_model, recipe, calib_x, prefix_kv, cfg, opts.progress, mesh)
         report["calibration_rules"] = {"weight_clip": None if flat or not preset.w_bits else opts.weight_clip,
                                        **{k: getattr(cfg, k) for k in ("gptq", "kv_rule", "search", "target",
                                                                        "grid_samples")}}
@@ -363,13 +367,14 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
     if flat:  # FlatQuant always trains, then folds the transforms into the weights
         from prefixquant_jax.flatquant.pipeline import train_and_merge
         t = time.time()
-        train_and_merge(qm, train_tokens, train, opts.flatquant, checkpoint, opts.progress)
+        train_and_merge(qm, train_tokens, train, opts.flatquant, checkpoint, opts.progress, mesh)
         times["train_merge"] = time.time() - t
     elif train is not None:  # PrefixQuant fine-tuning: scales and (train.train_weights) weights, block by block
         from prefixquant_jax.train.finetune import train_quantized
         t = time.time()
         report["train"] = train_quantized(qm, train_tokens, train, checkpoint=checkpoint,
-                                          fingerprint=_train_fingerprint(preset, opts), progress=opts.progress)
+                                          fingerprint=_train_fingerprint(preset, opts), progress=opts.progress,
+                                          mesh=mesh)
         times["train"] = time.time() - t
     report["seconds"] = times
     return qm

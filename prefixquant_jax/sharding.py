@@ -16,6 +16,10 @@ Weights (the usual Megatron split over `model`):
 Batches: tokens [B, L] and KV caches [B, T, KV, .] over `data` (rows; replicated when B % data != 0, e.g.
 the 1-row remainder of a perplexity run), caches' KV heads over `model`.
 
+Block-wise calibration and training (`quantize(..., mesh=MeshSpec)`): the block being processed is put on the
+mesh with the same rules (`block_shardings`; Adam's moments like their parameters) and the samples' rows over
+`data` (compiled_block.CompiledBlock, train/blockwise.BlockTrainer); tests/test_sharding_blocks.py measures them.
+
 A one-device mesh returns the compiled model unchanged: exactly the single-device computation.
 Numbers: rows of a batch are independent, so `data` alone does not change them; a row split over `model`
 sums each output of o and down as partial sums over devices, a different float summation order (a few
@@ -133,6 +137,17 @@ def state_shardings(mesh: Mesh, state):
     """NamedSharding per leaf of a model state (weight_spec); UserError if a split dimension does not divide."""
     def one(path, leaf):
         names, shape = _names(path), np.shape(leaf)
+        spec = weight_spec(names, len(shape))
+        _check(names, shape, spec, mesh)
+        return NamedSharding(mesh, spec)
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def block_shardings(mesh: Mesh, state):
+    """NamedSharding per leaf of one decoder block's nnx state (paths attn.q.kernel, mlp.down.kernel, qparams...):
+    the rules of weight_spec for that block inside a model (block-wise calibration and training)."""
+    def one(path, leaf):
+        names, shape = ("layers", 0) + _names(path), np.shape(leaf)
         spec = weight_spec(names, len(shape))
         _check(names, shape, spec, mesh)
         return NamedSharding(mesh, spec)

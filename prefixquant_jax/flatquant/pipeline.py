@@ -125,7 +125,7 @@ def method_fingerprint(opts: FlatOptions | None) -> dict:
 
 
 def train_and_merge(qm, tokens, train, opts: FlatOptions | None = None, checkpoint=None,
-                    progress: bool = True) -> None:
+                    progress: bool = True, mesh=None) -> None:
     """Train the transforms of `qm.model` block by block against `qm.fp_model` on `tokens` with the
     TrainConfig `train` (checkpointed by the TrainCheckpoint `checkpoint`), then merge (qm.model becomes the
     merged model, flatquant.merge_model); reports go to qm.report["train"] and qm.report["flatquant"]. With a
@@ -140,7 +140,7 @@ def train_and_merge(qm, tokens, train, opts: FlatOptions | None = None, checkpoi
         qm.report["train"] = opts.train(qm, groups)
     else:
         qm.report["train"] = train_quantized(qm, tokens, train, groups=groups, checkpoint=checkpoint,
-                                             fingerprint=method_fingerprint(opts), progress=progress)
+                                             fingerprint=method_fingerprint(opts), progress=progress, mesh=mesh)
     rep = qm.report.setdefault("flatquant", {})
     if opts.merge:
         qm.model, rep["max_condition"] = merge_model(qm.model, opts.cond_max)

@@ -4,8 +4,10 @@ For block l: inputs x_q = outputs of the already-trained quantized blocks 0..l-1
 samples, target = FP block l on the FP inputs x_fp (both behind the FP prefix KV); loss = MSE; only
 block l changes. Activations live on the host (numpy) between blocks; the device holds one block,
 its optimizer state and one batch. Every block has the same structure, so the train step compiles
-once. The batch is sharded over `jax.devices()` (params replicated): the same code runs on one CPU,
-several forced host devices or a GPU.
+once. By default the batch is sharded over `jax.devices()` (params replicated): the same code runs on one
+CPU, several forced host devices, a GPU or several processes. With `mesh` (a (data, model)
+jax.sharding.Mesh) the block's parameters and their optimizer state are split over `model`
+(sharding.block_shardings, the Megatron split) and the batch over `data`; XLA inserts the collectives.
 
 Parameter groups are (name, nnx filter, learning rate, projection): PrefixQuant trains QuantParam
 (scales, zero points; lr 5e-5, scales kept positive) and the linear kernels (lr 5e-6); AdamW with
@@ -69,15 +71,19 @@ def _optimizer(groups, cfg: TrainConfig):
 class BlockTrainer:
     """Jitted train step / loss for any block with the structure of `template_block`."""
 
-    def __init__(self, compiled: CompiledBlock, template_block, groups, cfg: TrainConfig):
-        self.compiled, self.groups, self.cfg = compiled, groups, cfg
+    def __init__(self, compiled: CompiledBlock, template_block, groups, cfg: TrainConfig, mesh=None):
+        self.compiled, self.groups, self.cfg, self.mesh = compiled, groups, cfg, mesh
         self.filters = tuple(g.filter for g in groups)
         self.tx = _optimizer(groups, cfg)
-        devices = jax.devices()
-        if cfg.batch_size % len(devices):
-            raise UserError(f"TrainConfig.batch_size {cfg.batch_size} is not divisible by the {len(devices)} devices",
-                            "TrainConfig.batch_size")
-        mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        if mesh is None:
+            devices = jax.devices()
+            if cfg.batch_size % len(devices):
+                raise UserError(f"TrainConfig.batch_size {cfg.batch_size} is not divisible by the {len(devices)} "
+                                "devices", "TrainConfig.batch_size")
+            mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        elif cfg.batch_size % mesh.shape["data"]:
+            raise UserError(f"TrainConfig.batch_size {cfg.batch_size} is not divisible by the mesh's data axis "
+                            f"({mesh.shape['data']})", "TrainConfig.batch_size")
         self.batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
         self.replicated = NamedSharding(mesh, PartitionSpec())
         P = compiled.P
@@ -97,13 +103,35 @@ class BlockTrainer:
         self._loss = jax.jit(loss_fn, static_argnums=0)
         self._step = jax.jit(step, static_argnums=0, donate_argnums=(1, 2))
 
+    def _shardings(self, tree):
+        if self.mesh is None:
+            return self.replicated
+        from prefixquant_jax.sharding import block_shardings
+        return block_shardings(self.mesh, tree)
+
     def split(self, block):
         gd, *parts = nnx.split(block, *self.filters, ...)
         train, rest = tuple(parts[:-1]), parts[-1]
-        return gd, jax.device_put(train, self.replicated), jax.device_put(rest, self.replicated)
+        return gd, jax.device_put(train, self._shardings(train)), jax.device_put(rest, self._shardings(rest))
+
+    def init_opt(self, train):
+        """The optimizer state of `train`: replicated, or (mesh) each moment split like its parameter."""
+        if self.mesh is None:
+            return jax.device_put(self.tx.init(train), self.replicated)
+        # a moment's path ends in its parameter's (..., "mu", 0, "attn", "q", "kernel"): the same rule splits it
+        # like the parameter; the step counts are scalars, replicated
+        return jax.jit(self.tx.init, out_shardings=self._shardings(jax.eval_shape(self.tx.init, train)))(train)
+
+    def place(self, train, opt_state, like):
+        """(train, opt_state) restored from a checkpoint, put where `like` (the fresh pair) lives."""
+        if self.mesh is None:
+            return jax.device_put((train, opt_state), self.replicated)
+        return jax.device_put((train, opt_state), jax.tree.map(lambda a: a.sharding, like))
 
     def batch(self, layer: int, x: np.ndarray, target: np.ndarray, idx: np.ndarray):
         ck, cv = self.compiled.cache(layer, len(idx), x.shape[1])
+        if self.mesh is not None:  # caches' KV heads over `model` too (sharding.batch_spec)
+            return self.compiled.place(x[idx], ck, cv, target[idx])
         put = lambda a: jax.device_put(a, self.batch_sharding)
         return put(x[idx]), put(ck), put(cv), put(target[idx])
 
@@ -120,18 +148,20 @@ class BlockTrainer:
 
 
 def train_blockwise(fp_model, q_model, x0: np.ndarray, prefix_kv, cfg: TrainConfig, groups=None,
-                    train_dir=None, progress: bool = True, chunk: int = 8) -> list[dict]:
+                    train_dir=None, progress: bool = True, chunk: int = 8, mesh=None) -> list[dict]:
     """Fine-tune q_model block by block in place; returns per-block logs (loss before/after, seconds).
 
     x0: embedded training tokens [N, L, D] float32 (N = cfg.samples). `train_dir`: a TrainDir for
-    checkpoints and resume (None: no checkpoints).
+    checkpoints and resume (None: no checkpoints). `mesh`: a (data, model) jax.sharding.Mesh (module
+    docstring); None: the batch over all jax.devices(). fp_model: anything whose `.layers[l]` is FP block l,
+    read once per layer.
     """
     N, L, _ = x0.shape
     if N != cfg.samples:
         raise ValueError(f"x0 has {N} samples, config says {cfg.samples}")
     groups = groups or prefixquant_groups(cfg)
-    compiled = CompiledBlock(q_model.config, prefix_kv, L)
-    trainer = BlockTrainer(compiled, q_model.layers[0], groups, cfg)
+    compiled = CompiledBlock(q_model.config, prefix_kv, L, mesh)
+    trainer = BlockTrainer(compiled, q_model.layers[0], groups, cfg, mesh)
     x_fp, x_q = x0, x0
     logs = list(train_dir.meta["blocks"]) if train_dir else []
     done = len(logs)
@@ -148,13 +178,13 @@ def train_blockwise(fp_model, q_model, x0: np.ndarray, prefix_kv, cfg: TrainConf
         qb = q_model.layers[layer]
         target = compiled.forward(fp_model.layers[layer], layer, x_fp, chunk)
         gd, train, rest = trainer.split(qb)
-        opt_state = jax.device_put(trainer.tx.init(train), trainer.replicated)
+        opt_state = trainer.init_opt(train)
         loss_before = trainer.mean_loss(gd, train, rest, layer, x_q, target)
         start = 0
         if train_dir is not None:
             start, saved = train_dir.load_inblock(layer, (train, opt_state))
             if saved is not None:
-                train, opt_state = jax.device_put(saved, trainer.replicated)
+                train, opt_state = trainer.place(*saved, like=(train, opt_state))
         bar = tqdm(range(start, cfg.steps), desc=f"train block {layer}/{n_layers}", disable=not progress, leave=False)
         running = None
         for s in bar:

@@ -73,7 +73,7 @@ def train_tokens(tokens, cfg: TrainConfig) -> np.ndarray:
 
 
 def train_quantized(qm, tokens, cfg: TrainConfig, *, groups=None, checkpoint: TrainCheckpoint | None = None,
-                    fingerprint: dict | None = None, progress: bool = True) -> dict:
+                    fingerprint: dict | None = None, progress: bool = True, mesh=None) -> dict:
     """Fine-tune `qm.model` (a QuantizedModel from `quantize`) in place against `qm.fp_model` on `tokens`
     (int [cfg.samples, cfg.seqlen]).
 
@@ -82,7 +82,7 @@ def train_quantized(qm, tokens, cfg: TrainConfig, *, groups=None, checkpoint: Tr
     directory holds the post-calibration state, calibration may be skipped before this call: it is restored
     here). The run's fingerprint: preset, prefix ids, cfg, `fingerprint` (the method's options) and
     checkpoint.identity (its "calib_data" by default: a digest of the tokens). `groups`: the trainer's parameter groups (default:
-    prefixquant_groups(cfg)). Returns {"config", "groups": [{"group", "lr"}] as trained, "blocks": per-block
+    prefixquant_groups(cfg)). `mesh`: a (data, model) jax.sharding.Mesh to train on (train_blockwise). Returns {"config", "groups": [{"group", "lr"}] as trained, "blocks": per-block
     logs, "seconds"}.
     """
     t0 = time.time()
@@ -103,7 +103,7 @@ def train_quantized(qm, tokens, cfg: TrainConfig, *, groups=None, checkpoint: Tr
         else:
             td.save_init(qparams_tree(qm.model))
     try:
-        logs = train_blockwise(qm.fp_model, qm.model, x0, qm.prefix_kv, cfg, groups, td, progress)
+        logs = train_blockwise(qm.fp_model, qm.model, x0, qm.prefix_kv, cfg, groups, td, progress, mesh=mesh)
     finally:
         if td is not None:
             td.close()
