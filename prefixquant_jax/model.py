@@ -34,6 +34,7 @@ from prefixquant_jax.errors import UserError
 from prefixquant_jax.kv_cache import KVCache
 from prefixquant_jax.quant.int_matmul import exact_in_f32, int_linear
 from prefixquant_jax.quant.qarray import QArray
+from prefixquant_jax.quant.recipe import LINEAR_MODULES, WEIGHT_NAMES
 
 
 class QuantParam(nnx.Variable):
@@ -49,14 +50,11 @@ class ZeroPoint(QuantParam):
     """A static asymmetric quantizer's zero point (same shape as its scale)."""
 
 
-LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
-
-
 def legacy_qparams_key(key: str) -> tuple[str, str]:
     """(where, field) of a qparams key of the layout before typed quantizer variables, where one flat dict held
     "<site>", "<site>_zero" and "w_<linear>": "w_q" -> ("q", "scale"), "k_cache_zero" -> ("k_cache", "zero"),
     "qkv_in" -> ("qkv_in", "scale"). Reads checkpoints and training directories written before."""
-    if key.startswith("w_") and key[2:] in LINEARS:
+    if key.startswith("w_") and key[2:] in WEIGHT_NAMES:
         return key[2:], "scale"
     if key.endswith("_zero"):
         return key[:-len("_zero")], "zero"
@@ -164,7 +162,7 @@ class Block(nnx.Module):
         self.mlp = MLP(p["mlp"], dtype)
         self.recipe = recipe
         # where -> {"scale": Scale, "zero": ZeroPoint (asymmetric only)}, filled by calibration; `where` is a
-        # quantization site (quant.recipe.QUANT_SITES) for an activation / KV quantizer, a linear (LINEARS) for a weight's
+        # quantization site (quant.recipe.QUANT_SITES) for an activation / KV quantizer, a linear (WEIGHT_NAMES) for a weight's
         self.qparams = nnx.Dict()
         self.transforms = nnx.Dict()  # FlatQuant's TransformParams (flatquant/transforms.py); empty otherwise
 
@@ -184,8 +182,8 @@ class Block(nnx.Module):
         return self.recipe.apply_site(name, x, self.qparams, self)
 
     def linear_module(self, name: str) -> Linear:
-        """The Linear called `name` (q k v o under attn, gate up down under mlp)."""
-        return getattr(self.mlp if name in ("gate", "up", "down") else self.attn, name)
+        """The Linear called `name` (quant.recipe.LINEAR_MODULES: q k v o under attn, gate up down under mlp)."""
+        return getattr(getattr(self, LINEAR_MODULES[name]), name)
 
     def linear(self, name: str, x):
         """x @ kernel of linear `name` (q k v o gate up down), as the recipe quantizes it. x may be a QArray

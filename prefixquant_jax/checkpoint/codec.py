@@ -21,8 +21,7 @@ import zlib
 import numpy as np
 
 from prefixquant_jax.errors import UserError, describe
-
-WEIGHTS = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}  # linear -> module
+from prefixquant_jax.quant.recipe import LINEAR_MODULES
 
 
 def dotted(path) -> str:
@@ -149,7 +148,7 @@ def stored_leaves(qm):
     spec, out = weight_spec(qm), []
     for p, v in flat.items():
         a, stored, enc, scale_path = arrays[p], arrays[p], "raw", None
-        if spec is not None and len(p) == 5 and p[0] == "layers" and p[4] == "kernel" and WEIGHTS.get(p[3]) == p[2]:
+        if spec is not None and len(p) == 5 and p[0] == "layers" and p[4] == "kernel" and LINEAR_MODULES.get(p[3]) == p[2]:
             sp = ("layers", p[1], "qparams", p[3], "scale")
             q = weight_codes(a, arrays[sp], spec) if sp in arrays else None
             if q is not None:
@@ -203,10 +202,11 @@ def rebuild(config, values: dict, meta: dict, dtype, recipe, src: str):
         return values[p]
 
     layers = {i: {"input_norm": get("layers", i, "input_norm", "weight"), "post_norm": get("layers", i, "post_norm", "weight"),
-                  "attn": {n: get("layers", i, "attn", n, "kernel") for n in ("q", "k", "v", "o")},
-                  "mlp": {n: get("layers", i, "mlp", n, "kernel") for n in ("gate", "up", "down")}}
+                  "attn": {}, "mlp": {}}
               for i in range(config.num_layers)}
-    for i, lp in layers.items():  # the family's q/k/v biases and q/k norms (config.FAMILIES)
+    for i, lp in layers.items():  # the kernels, then the family's q/k/v biases and q/k norms (config.FAMILIES)
+        for n, module in LINEAR_MODULES.items():
+            lp[module][n] = get("layers", i, module, n, "kernel")
         if config.attention_bias:
             lp["attn"].update({n + "_bias": get("layers", i, "attn", n, "bias") for n in ("q", "k", "v")})
         if config.qk_norm:

@@ -25,7 +25,10 @@ from prefixquant_jax.rotate.hadamard import hadamard_transform
 ACT_SITES = ("qkv_in", "o_in", "up_gate_in", "down_in")
 KV_SITES = ("k_cache", "v_cache")
 QUANT_SITES = ACT_SITES + KV_SITES
-WEIGHT_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
+# The linears of a block, each with the Block submodule that holds it (model.Block.linear_module): the one list of
+# these names (the model, the weight quantizer's qparams keys, the checkpoint and the exporters derive theirs from it)
+LINEAR_MODULES = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
+WEIGHT_NAMES = tuple(LINEAR_MODULES)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
