@@ -61,7 +61,7 @@ def main(argv=None):
                           jnp.full((config.num_kv_heads, 1), 8.0, jnp.float32))
     P = 4
     kv = lambda: [rng.standard_normal((1, P, config.num_kv_heads, config.head_dim)).astype(np.float32)]
-    prefix = PrefixKV(k=kv(), v=kv(), token_ids=[1, 2, 3, 4], text="", k_rotated=True)
+    prefix = PrefixKV(k=kv(), v=kv(), prefix_ids=[1, 2, 3, 4], text="", k_rotated=True)
     cfg = TrainConfig(samples=a.batch, seqlen=a.seqlen, batch_size=a.batch, epochs=a.steps + 1)
     compiled = CompiledBlock(config, prefix, a.seqlen)
     trainer = BlockTrainer(compiled, blk, prefixquant_groups(cfg), cfg)

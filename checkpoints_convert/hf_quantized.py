@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from checkpoints_convert.hf import export_hf
-from prefixquant_jax.quant.recipe import WEIGHT_NAMES
+from prefixquant_jax.quant.recipe import LINEAR_MODULES
 
 
 def online_parts(qm) -> list[str]:
@@ -27,15 +27,14 @@ def online_parts(qm) -> list[str]:
     if getattr(recipe, "sites", ()):
         parts.append("activation / KV quantizers: " + ", ".join(s for s, _ in recipe.sites))
     if qm.prefix_kv is not None:
-        parts.append(f"FP prefix KV of tokens {list(qm.prefix_kv.token_ids)}")
+        parts.append(f"FP prefix KV of tokens {list(qm.prefix_kv.prefix_ids)}")
     return parts
 
 
 def export_quantized_hf(qm, out_dir: str, overwrite: bool = False) -> tuple[str, list[str]]:
     params = qm.model.params_dict()
     for i, blk in enumerate(qm.model.layers):
-        for name in WEIGHT_NAMES:
-            group = "mlp" if name in ("gate", "up", "down") else "attn"
+        for name, group in LINEAR_MODULES.items():
             kernel = getattr(getattr(blk, group), name).kernel[...]
             if blk.recipe is not None:
                 kernel = blk.recipe.apply_weight(name, kernel, blk.qparams, block=blk)

@@ -17,10 +17,10 @@ def test_quantize_json(tiny_dir, text_file, tmp_path, preset):
     r = run_cli("quantize", "--preset", preset, *common(tiny_dir, text_file), "--eta", "4", "--json", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
-    for key in ("ppl", "fp_ppl", "prefix_tokens", "preset", "windows", "seqlen"):
+    for key in ("ppl", "fp_ppl", "prefix_ids", "preset", "windows", "seqlen"):
         assert key in res
     assert res["preset"] == preset and res["windows"] == 2
-    assert (res["prefix_tokens"][:1] == [1]) == (preset == "w4a4kv4-static")
+    assert (res["prefix_ids"][:1] == [1]) == (preset == "w4a4kv4-static")
     assert res["ppl"] > 1 and res["fp_ppl"] > 1
     assert "x FP" in r.stdout  # the table
     if preset == "w4a4kv4-static":

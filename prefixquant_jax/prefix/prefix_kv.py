@@ -14,8 +14,9 @@ class PrefixKV:
     """k[i], v[i]: [1, P, kv_heads, head_dim] float32 for layer i, at positions 0..P-1.
 
     K is stored as the attention reads it: after RoPE and, when `k_rotated`, after the online R3.
-    `prefix_ids`: the prefix token ids, as options and reports name them; `token_ids` (the name the prefix
-    file format keeps for them) is accepted by the constructor and readable as an alias.
+    `prefix_ids`: the prefix token ids, the one name options, reports, saved models and prefix files use;
+    `token_ids`, their old name, is accepted by the constructor and readable as an alias (callers written
+    before the rename).
     """
 
     k: list

@@ -69,7 +69,7 @@ def test_round_trip_identical_logits_and_ppl(quantized, saved, text_file):
     back = pq.load(saved)
     assert back.fp_model is None and back.preset == qm.preset and back.config == qm.config
     assert back.model.layers[0].recipe == qm.model.layers[0].recipe
-    assert back.prefix_kv.token_ids == [1] and back.prefix_kv.k_rotated
+    assert back.prefix_kv.prefix_ids == [1] and back.prefix_kv.k_rotated
     for a, b in zip(qm.model.layers, back.model.layers):
         assert sorted(a.qparams.keys()) == sorted(b.qparams.keys())
     from prefixquant_jax.compiled import Compiled
@@ -83,7 +83,7 @@ def test_round_trip_identical_logits_and_ppl(quantized, saved, text_file):
     meta = json.loads(open(os.path.join(saved, orbax_io.META)).read())
     assert meta["format"] == "prefixquant-quantized/1" and meta["method"] == "prefixquant"
     assert meta["bits"] == {"w": 4, "a": 4, "kv": 4} and meta["rotation"]["rotated"] and meta["rotation"]["seed"] == 0
-    assert meta["quantizers"]["k_cache"]["granularity"] == "head" and meta["prefix"]["token_ids"] == [1]
+    assert meta["quantizers"]["k_cache"]["granularity"] == "head" and meta["prefix"]["prefix_ids"] == meta["prefix"]["token_ids"] == [1]
     assert set(meta["qparams"]["0"]) == set(qm.model.layers[0].qparams.keys())
     kinds = {tuple(e["path"]): e["stored"] for e in meta["variables"]}
     if "q" in qm.model.layers[0].qparams:  # weights with a scale are stored as packed int4 codes
@@ -166,7 +166,7 @@ def test_cli_save_eval_export_import(tiny_dir, tmp_path, text_file, capsys):
     assert meta_b["report"]["outliers"]["source"] == "imported"
     assert meta_a["variables"] == meta_b["variables"]  # every stored array has the same CRC: the same model
     pa, pb = orbax_io.load_saved_prefix(A), orbax_io.load_saved_prefix(B)
-    assert pa.token_ids == pb.token_ids == [1] and pa.text == pb.text and pa.k_rotated and pb.k_rotated
+    assert pa.prefix_ids == pb.prefix_ids == [1] and pa.text == pb.text and pa.k_rotated and pb.k_rotated
     for x, y in zip(pa.k + pa.v, pb.k + pb.v):
         np.testing.assert_array_equal(x, y)
 
@@ -270,7 +270,7 @@ def test_save_refuses_existing_dir(tiny_dir, quantized, saved, tmp_path, capsys)
         pq.save(qm, str(other), overwrite=True)
     assert (other / "keep.txt").read_text() == "mine"
     pq.save(qm, str(d), overwrite=True)  # a checkpoint is replaced with --overwrite
-    assert pq.load(str(d)).prefix_kv.token_ids == [1]
+    assert pq.load(str(d)).prefix_kv.prefix_ids == [1]
 
 
 def test_import_prefix_mismatch(tiny_dir, tmp_path, capsys):
@@ -296,11 +296,11 @@ def _to_flat_qparams_layout(src: str, dst: str) -> None:
     per block of QuantParam ("<site>", "<site>_zero", "w_<linear>"), the kernels' scale paths pointing there."""
     import orbax.checkpoint as ocp
 
-    from prefixquant_jax.checkpoint import codec
+    from prefixquant_jax.quant.recipe import WEIGHT_NAMES
 
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(orbax_io.STATE, orbax_io.META))
     meta = orbax_io.read_metadata(src)
-    old = lambda where, field: ("w_" + where if where in codec.WEIGHTS else where + ("_zero" if field == "zero" else ""))
+    old = lambda where, field: ("w_" + where if where in WEIGHT_NAMES else where + ("_zero" if field == "zero" else ""))
     tree = ocp.PyTreeCheckpointer().restore(os.path.join(src, orbax_io.STATE))
     for layer in tree["layers"].values():
         layer["qparams"] = {old(w, f): a for w, q in layer["qparams"].items() for f, a in q.items()}

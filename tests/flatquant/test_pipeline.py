@@ -55,7 +55,7 @@ def test_cli_flatquant_preset(tiny_dir, text_file, tmp_path):
                 "--epochs", "1", "--no-fp", "--json", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert res["preset"] == "flatquant-w4a4kv4" and res["prefix_tokens"] == []
+    assert res["preset"] == "flatquant-w4a4kv4" and res["prefix_ids"] == []
     assert res["ppl"] > 1 and res["windows"] == 1
     assert len(res["report"]["train"]["blocks"]) == 2 and res["report"]["flatquant"]["merged"]
     assert "fine-tuned 2 blocks" in r.stdout

@@ -112,7 +112,7 @@ def test_flat_saved_model_packs_the_same(ck, tmp_path):
     import prefixquant_jax as pq
 
     qm = flat_qm(ck, static=False, seed=5)
-    qm.report.update(prefix_tokens=[], prefix_text=[])
+    qm.report.update(prefix_ids=[], prefix_text=[])
     loaded = pq.load(pq.save(qm, str(tmp_path / "flat"), tokenizer=ck.tokenizer()))
     toks = jnp.asarray(rng_tokens(12, 320, seed=6)[None])
     np.testing.assert_array_equal(np.asarray(prefill(pack(loaded, backend="xla"), toks)[0]),
