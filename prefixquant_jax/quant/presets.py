@@ -144,14 +144,14 @@ def check_custom_recipe(recipe) -> None:
 
 def recipe_summary(recipe: QuantRecipe) -> dict:
     """The Preset fields that describe a custom recipe: rotate (r3), the lowest bits of the weights, activations
-    and KV (None: FP), whether all of its activation / KV quantizers are dynamic (so Preset.is_static says whether
-    any is static), and the grid of its weight (else first symmetric) quantizer."""
+    and KV (None: FP), whether it has activation / KV quantizers and all are dynamic (so Preset.is_static says
+    whether any is static), and the grid of its weight (else first symmetric) quantizer."""
     act = [spec for site, spec in recipe.sites if site in ACT_SITES]
     kv = [spec for site, spec in recipe.sites if site in KV_SITES]
     symmetric = [s for s in (recipe.weight, *act, *kv) if s is not None and s.symmetric]
     return {"rotate": recipe.r3, "w_bits": None if recipe.weight is None else recipe.weight.bits,
             "a_bits": min((s.bits for s in act), default=None), "kv_bits": min((s.bits for s in kv), default=None),
-            "act_dynamic": all(s.dynamic for s in act), "kv_dynamic": all(s.dynamic for s in kv),
+            "act_dynamic": bool(act) and all(s.dynamic for s in act), "kv_dynamic": bool(kv) and all(s.dynamic for s in kv),
             "full_grid": symmetric[0].full_grid if symmetric else True}
 
 
