@@ -106,11 +106,34 @@ class LazyFPModel:
     def __init__(self, ck, rot: RotationConfig | None, recipe):
         self.ck, self.rot, self.recipe = ck, rot, recipe
 
-    def build(self) -> Llama:
+    def _params(self) -> tuple:
         if self.rot is None:
-            return Llama.from_params(self.ck.config, streamed(self.ck.params), recipe=self.recipe)
+            return self.ck.config, streamed(self.ck.params)
         rotation = LazyRotation(self.ck.params, self.ck.config, self.rot)
-        return Llama.from_params(rotation.config, rotation.params, recipe=self.recipe)
+        return rotation.config, rotation.params
+
+    def build(self) -> Llama:
+        config, params = self._params()
+        return Llama.from_params(config, params, recipe=self.recipe)
+
+    def blocks(self) -> "_LazyFPBlocks":
+        """The FP model's blocks, block l built (read, rotated) each time it is asked for: what the block-wise
+        trainer reads of the FP model, without holding it (the same values as build().layers[l])."""
+        return _LazyFPBlocks(*self._params(), self.recipe)
+
+
+class _LazyFPBlocks:
+    """`.config` and `.layers[l]`: FP block l from (lazy) params, built when asked for and not kept."""
+
+    def __init__(self, config, params: dict, recipe):
+        self.config, self._params, self._recipe = config, params, recipe
+        self.layers = self
+
+    def __len__(self) -> int:
+        return self.config.num_layers
+
+    def __getitem__(self, layer: int) -> Block:
+        return Block(self.config, self._params["layers"][layer], jnp.float32, self._recipe)  # as Llama.from_params
 
 
 def _get_fp_model(self):
@@ -124,7 +147,15 @@ def _set_fp_model(self, value):
     self.__dict__["_fp_model"] = value
 
 
+def _fp_blocks(self):
+    """What block-wise training reads of the FP reference model (`.layers[l]`, `.config`): while the model is not
+    built (a LazyFPModel), its blocks one at a time from the checkpoint; else the model itself."""
+    fp = self.__dict__.get("_fp_model")
+    return fp.blocks() if isinstance(fp, LazyFPModel) else fp
+
+
 QuantizedModel.fp_model = property(_get_fp_model, _set_fp_model, doc="The FP reference model (built on first read).")
+QuantizedModel.fp_blocks = _fp_blocks
 
 
 class _FPBlocks:
@@ -308,11 +339,11 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
     else:
         rotation, params, config, fp_recipe = None, streamed(ck.params), ck.config, None
     q_model = Llama.from_params(config, params, recipe=recipe)  # one layer of params at a time
-    fp_model = Llama.from_params(config, params, recipe=fp_recipe) if flat else None  # FlatQuant: whole
     if rotation is not None:
         rotation.release()
     # until the weights are quantized, q_model's kernels are the FP ones: the FP model is q_model's arrays
-    fp_now = fp_model if flat else with_recipe(q_model, fp_recipe)
+    # (FlatQuant never changes them before its merge: its transforms and clips are variables of their own)
+    fp_now = with_recipe(q_model, fp_recipe)
     times["rotate"] = time.time() - t
 
     prefix_kv = None
@@ -322,7 +353,6 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
         prefix_kv = opts.prefix_kv or compute_prefix_kv(fp_now, prefix_ids, text=text, k_rotated=preset.rotate)
         times["prefix"] = time.time() - t
         _check_positions(config, prefix_kv.length, calib, train_tokens)
-    del fp_now
     report["prefix_ids"] = [] if prefix_kv is None else prefix_kv.prefix_ids
     report["prefix_text"] = [] if prefix_kv is None else [_decode(tokenizer, [i]) for i in prefix_kv.prefix_ids]
 
@@ -330,8 +360,9 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
     q_model.prefix_len = prefix_len(prefix_kv)  # its scales are calibrated behind the prefix: a call needs it
     if flat:  # learned transforms instead of rotations; weights quantized with LWC in the forward
         from prefixquant_jax.flatquant.pipeline import init_flatquant
-        q_model, recipe, report["flatquant"] = init_flatquant(fp_model, q_model, recipe, calib, prefix_kv,
+        q_model, recipe, report["flatquant"] = init_flatquant(fp_now, q_model, recipe, calib, prefix_kv,
                                                               opts.seed, opts.flatquant, opts.progress)
+    del fp_now
     weight_pass = not flat and bool(preset.w_bits) and (opts.weight_clip == "output" or opts.gptq)
     if not flat and preset.w_bits and not weight_pass:
         init_weight_scales(q_model, preset.weight_spec(), opts.progress)
@@ -340,7 +371,7 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
     if weight_pass or static_calib:  # block by block on the embedded calibration tokens
         calib_x = np.asarray(jnp.asarray(params["embed"])[jnp.asarray(calib)], np.float32)
         t = time.time()
-        fp_blocks = fp_model if flat else _FPBlocks(q_model, fp_recipe)  # read by calibrate one block at a time
+        fp_blocks = _FPBlocks(q_model, fp_recipe)  # read by calibrate one block at a time
         if flat:
             cfg = CalibConfig(grid_samples=opts.grid_samples)  # FlatQuant: its original rules
             report["calibration"] = calibrate_static(fp_blocks, q_model, recipe, calib_x, prefix_kv, cfg, opts.progress,
@@ -361,8 +392,7 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
                               for r in report["calibration"]]
         times["calibrate"] = time.time() - t
     del params
-    if not flat:  # built from the checkpoint only if read (training)
-        fp_model = LazyFPModel(ck, rot if preset.rotate else None, fp_recipe)
+    fp_model = LazyFPModel(ck, rot if preset.rotate else None, fp_recipe)  # built from the checkpoint only if read
     qm = QuantizedModel(config=config, model=q_model, fp_model=fp_model, prefix_kv=prefix_kv, preset=preset, report=report)
     if flat:  # FlatQuant always trains, then folds the transforms into the weights
         from prefixquant_jax.flatquant.pipeline import train_and_merge

@@ -1,6 +1,7 @@
 """Issue [L], host memory grows with the block: a safetensors checkpoint reads its layers lazily, the rotation
 rotates one layer at a time, and the pipeline (calibration's FP blocks over the quantized model's arrays) gives
-the numbers of the whole-model path bit for bit."""
+the numbers of the whole-model path bit for bit; training (PrefixQuant and FlatQuant) reads one FP block at a
+time."""
 import jax
 import numpy as np
 
@@ -90,3 +91,77 @@ def test_streamed_quantize_equals_whole_checkpoint_and_builds_fp_model_on_read(t
     params, config = rotate_params(whole.params, whole.config, RotationConfig(seed=0))
     _equal_trees(nnx.state(got.fp_model), nnx.state(Llama.from_params(config, params, recipe=QuantRecipe(r3=True, r4=True))))
     assert got.fp_model is got.fp_model  # built once
+
+
+def _trained(ck, preset: str, build_fp_first: bool):
+    from prefixquant_jax.pipeline import QuantizeOptions, quantize
+    from prefixquant_jax.quant.presets import get_preset
+    from prefixquant_jax.train import TrainConfig
+
+    calib = rng_tokens(64, ck.config.vocab_size, seed=3).reshape(2, 32)
+    tokens = rng_tokens(64, ck.config.vocab_size, seed=4).reshape(4, 16)
+    cfg = TrainConfig(samples=4, seqlen=16, batch_size=2, epochs=1, lr_quant=1e-3, lr_weight=1e-4)
+    opts = QuantizeOptions(grid_samples=1, weight_clip="mse", prefix_ids=(1,), progress=False)
+    if not build_fp_first:
+        return quantize(ck, None, get_preset(preset), opts, calib, train=cfg, train_tokens=tokens)
+    from prefixquant_jax.train.finetune import train_quantized
+
+    qm = quantize(ck, None, get_preset(preset), opts, calib)
+    qm.fp_model  # built now: training then reads the whole FP model's layers
+    qm.report["train"] = train_quantized(qm, tokens, cfg, progress=False)
+    return qm
+
+
+def test_training_reads_one_fp_block_at_a_time(tiny_dir):
+    """quantize --train: the trainer's FP block l is built from the checkpoint when it trains block l (rotated
+    one layer at a time), not from a whole FP model; the trained model is the one trained against the built FP
+    model, bit for bit."""
+    from flax import nnx
+
+    from prefixquant_jax.pipeline import LazyFPModel
+
+    ck = load_checkpoint(tiny_dir)
+    got = _trained(ck, "w4a4kv4-static", build_fp_first=False)
+    assert isinstance(got.__dict__["_fp_model"], LazyFPModel)  # never built
+    assert repr(ck.params["layers"]).endswith("0 read)")
+    want = _trained(load_checkpoint(tiny_dir), "w4a4kv4-static", build_fp_first=True)
+    assert not isinstance(want.__dict__["_fp_model"], LazyFPModel)
+    assert got.report["train"]["blocks"][0]["loss_before"] > 0
+    strip = lambda blocks: [{k: v for k, v in b.items() if k != "seconds"} for b in blocks]
+    assert strip(got.report["train"]["blocks"]) == strip(want.report["train"]["blocks"])
+    _equal_trees(nnx.state(got.model), nnx.state(want.model))
+
+
+def test_flatquant_holds_no_whole_fp_model(tiny_dir):
+    """FlatQuant: channel statistics, prefix and calibration run on the quantized model's (still FP) kernels,
+    training reads FP block l from the checkpoint; the same model as when training reads a built FP model."""
+    from flax import nnx
+
+    from prefixquant_jax.flatquant.pipeline import FlatOptions
+    from prefixquant_jax.pipeline import LazyFPModel, QuantizeOptions, quantize
+    from prefixquant_jax.quant.presets import get_preset
+    from prefixquant_jax.train import TrainConfig
+
+    ck = load_checkpoint(tiny_dir)
+    got = _trained(ck, "flatquant-w4a4kv4-static-prefix", build_fp_first=False)
+    assert isinstance(got.__dict__["_fp_model"], LazyFPModel)
+    assert repr(ck.params["layers"]).endswith("0 read)")
+    ck2 = load_checkpoint(tiny_dir)
+    calib = rng_tokens(64, ck2.config.vocab_size, seed=3).reshape(2, 32)
+    tokens = rng_tokens(64, ck2.config.vocab_size, seed=4).reshape(4, 16)
+    cfg = TrainConfig(samples=4, seqlen=16, batch_size=2, epochs=1, lr_quant=1e-3, lr_weight=1e-4)
+    opts = QuantizeOptions(grid_samples=1, weight_clip="mse", prefix_ids=(1,), progress=False,
+                           flatquant=FlatOptions(train=lambda qm, groups: _train_built(qm, groups, tokens, cfg)))
+    want = quantize(ck2, None, get_preset("flatquant-w4a4kv4-static-prefix"), opts, calib, train=cfg, train_tokens=tokens)
+    assert not isinstance(want.__dict__["_fp_model"], LazyFPModel)
+    strip = lambda blocks: [{k: v for k, v in b.items() if k != "seconds"} for b in blocks]
+    assert strip(got.report["train"]["blocks"]) == strip(want.report["train"]["blocks"])
+    _equal_trees(nnx.state(got.model), nnx.state(want.model))
+
+
+def _train_built(qm, groups, tokens, cfg):
+    """FlatOptions.train hook: the trainer on the built FP model (qm.fp_model read first)."""
+    from prefixquant_jax.train.finetune import train_quantized
+
+    qm.fp_model
+    return train_quantized(qm, tokens, cfg, groups=groups, progress=False)

@@ -103,7 +103,8 @@ def train_quantized(qm, tokens, cfg: TrainConfig, *, groups=None, checkpoint: Tr
         else:
             td.save_init(qparams_tree(qm.model))
     try:
-        logs = train_blockwise(qm.fp_model, qm.model, x0, qm.prefix_kv, cfg, groups, td, progress, mesh=mesh)
+        fp = qm.fp_blocks() if hasattr(qm, "fp_blocks") else qm.fp_model  # one FP block at a time, not the model
+        logs = train_blockwise(fp, qm.model, x0, qm.prefix_kv, cfg, groups, td, progress, mesh=mesh)
     finally:
         if td is not None:
             td.close()
