@@ -20,6 +20,7 @@ A variant is '+'-joined rule changes applied in order to the old defaults:
   wout   output-aware weight clip;   kvhead  per-head K (attention) / V clip
   alone  each activation site searched alone;   local  search target = FP block on the quantized inputs
   gptq   GPTQ codes on the weight scales;   actorder  GPTQ in decreasing Hessian-diagonal order
+  gptqseq  GPTQ Hessians sequential in the block, from the quantized path (dynamic quantizers on)
   aclipNN  per-token dynamic activations clipped at 0.NN x amax (dynamic presets); kvclipNN  the same for dynamic KV
   aclipNN@SITE  that ratio at one activation site only (qkv_in, o_in, up_gate_in, down_in), after any aclipNN
   dampNNN  GPTQ Hessian dampening 0.NNN x its mean diagonal (damp010 = 0.01, the default)
@@ -46,6 +47,7 @@ STEPS = {
     "local": ({}, {"target": "local"}),
     "gptq": ({}, {"gptq": True}),
     "actorder": ({}, {"gptq_act_order": True}),
+    "gptqseq": ({}, {"gptq_inputs": "quantized"}),
 }
 OLD = ({"full_grid": False}, {"weight_clip": "mse", "kv_rule": "site", "search": "greedy", "target": "fp", "gptq": False,
                               "gptq_act_order": False})

@@ -49,6 +49,9 @@ class CalibConfig:
     gptq: bool = False
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
+    # "fp": every linear's Gram from the block run in FP on x_q; "quantized": linear groups in forward order
+    # (q|k|v, o, gate|up, down), each Gram with the earlier groups' GPTQ weights and the dynamic quantizers on
+    gptq_inputs: str = "fp"
     kv_rule: str = "site"  # "site" or "head"
     kv_ratios: tuple = CLIP_GRID
     search: str = "greedy"  # "greedy" or "alone"
@@ -58,12 +61,15 @@ class CalibConfig:
     def __post_init__(self):
         for name, value, allowed in (("weight_clip", self.weight_clip, (None, "mse", "output")),
                                      ("kv_rule", self.kv_rule, ("site", "head")),
+                                     ("gptq_inputs", self.gptq_inputs, ("fp", "quantized")),
                                      ("search", self.search, ("greedy", "alone")),
                                      ("target", self.target, ("fp", "local"))):
             if value not in allowed:
                 raise UserError(f"calibration {name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
         if self.gptq and self.weight_clip is None:
             raise UserError("GPTQ needs weight scales: set weight_clip")
+        if self.gptq_inputs == "quantized" and not self.gptq:
+            raise UserError("gptq_inputs 'quantized' needs gptq")
 
 
 def static_sites(recipe) -> list[str]:
@@ -86,24 +92,34 @@ def init_qparams(block, recipe, ranges: dict) -> None:
         block.set_quantizer(site, scale, None if spec.symmetric else zero)
 
 
+def _grams(compiled: CompiledBlock, qb, layer: int, recipe, x_q: np.ndarray, cfg: CalibConfig) -> dict:
+    """{site: Gram} of the block's linear inputs on x_q: FP activations and weights as they are (cfg.gptq_inputs
+    "fp"), or with the dynamic quantizers on ("quantized"; static ones are not calibrated yet)."""
+    sites = () if cfg.gptq_inputs == "fp" else tuple((s, sp) for s, sp in recipe.sites if sp.dynamic)
+    grams = compiled.grams(with_recipe(qb, recipe.replace(sites=sites, weight=None)), layer, x_q, cfg.chunk)
+    for site, g in grams.items():
+        if not np.all(np.isfinite(g)):
+            raise UserError(f"non-finite activations at layer {layer} {site}")
+    return grams
+
+
 def init_block_weights(compiled: CompiledBlock, qb, layer: int, recipe, x_q: np.ndarray, cfg: CalibConfig) -> dict:
     """Step 1 (module docstring) for one block, in place: qparams[<name>] and, with GPTQ, the kernels.
     Returns {linear: {"mse": err, "output": err, "gptq": err}} output errors per token (those that apply)."""
     spec, grams, tokens = recipe.weight, None, x_q.shape[0] * x_q.shape[1]
-    if cfg.weight_clip == "output" or cfg.gptq:  # FP weights and activations
-        grams = compiled.grams(with_recipe(qb, recipe.replace(sites=(), weight=None)), layer, x_q, cfg.chunk)
-        for site, g in grams.items():
-            if not np.all(np.isfinite(g)):
-                raise UserError(f"non-finite activations at layer {layer} {site}")
+    data_aware = cfg.weight_clip == "output" or cfg.gptq
     ratios = np.asarray(cfg.weight_ratios, np.float32)
     factors, errs = {}, {}
-    for name in WEIGHT_NAMES:
+    for name in WEIGHT_NAMES:  # forward order: a linear's input site comes after the earlier linears' outputs
+        site = LINEAR_INPUT[name]
+        if data_aware and (grams is None or (cfg.gptq_inputs == "quantized" and site not in factors)):
+            grams = _grams(compiled, qb, layer, recipe, x_q, cfg)  # once, or once per new input site
         mod = qb.linear_module(name)
         w = mod.kernel[...]
         ratio = _mse_ratio(w, spec, ratios)
         e = {}
         if grams is not None:
-            g = grams[LINEAR_INPUT[name]]
+            g = grams[site]
             best, per_ratio = output_aware_weight_clip(w, g, spec, ratios)  # per_ratio [R, out]
             pick = lambda r: float(np.take_along_axis(np.asarray(per_ratio), _grid_index(ratios, r), 0).sum() / tokens)
             e["mse"] = pick(ratio)
@@ -112,7 +128,7 @@ def init_block_weights(compiled: CompiledBlock, qb, layer: int, recipe, x_q: np.
                 e["output"] = pick(ratio)
         scale = qparams_from_range(*minmax(w, spec), spec, ratio)[0]
         if cfg.gptq:
-            site, wn = LINEAR_INPUT[name], np.asarray(w, np.float32)
+            wn = np.asarray(w, np.float32)
             if site not in factors:  # once per shared input
                 factors[site] = inverse_hessian_factor(grams[site], cfg.gptq_damp, cfg.gptq_act_order)
             new = gptq_with_factor(wn, factors[site], np.asarray(scale, np.float32), spec)

@@ -88,6 +88,7 @@ FLAGS = {
     "QuantizeOptions.eta": "--eta", "QuantizeOptions.seed": "--seed", "QuantizeOptions.prefix_ids": "--prefix-ids",
     "QuantizeOptions.prefix_kv": "--import-prefix", "QuantizeOptions.gptq": "--gptq",
     "QuantizeOptions.gptq_damp": "--gptq-damp", "QuantizeOptions.gptq_act_order": "--gptq-order",
+    "QuantizeOptions.gptq_inputs": "--gptq-inputs",
     "QuantizeOptions.weight_clip": "--weight-clip", "QuantizeOptions.kv_rule": "--kv-clip",
     "QuantizeOptions.search": "--clip-search", "QuantizeOptions.target": "--clip-target",
     "TrainConfig.samples": "--train-samples", "TrainConfig.seqlen": "--train-seqlen", "TrainConfig.epochs": "--epochs",
@@ -157,6 +158,9 @@ def add_subcommands(sub, add_model_args, add_eval_args) -> None:
     p.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ Hessian dampening, fraction of the mean diagonal")
     p.add_argument("--gptq-order", choices=("act", "natural"), default="act",
                    help="GPTQ input-channel order: 'act' largest Hessian diagonal first (default), 'natural' as stored")
+    p.add_argument("--gptq-inputs", choices=("fp", "quantized"), default="fp",
+                   help="GPTQ Hessians from the FP block (default) or 'quantized': q|k|v, o, gate|up, down in turn, "
+                        "each from the block with the earlier linears' GPTQ weights and the dynamic quantizers on")
     _add_rule_args(p)
     _add_train_args(p)
     _add_flat_args(p)
@@ -246,6 +250,7 @@ def _quantize_options(args, **kw):
 
     rules = {} if not hasattr(args, "weight_clip") else dict(
         grid_samples=args.grid_samples, gptq=args.gptq, gptq_damp=args.gptq_damp, gptq_act_order=args.gptq_order == "act",
+        gptq_inputs=args.gptq_inputs,
         weight_clip=args.weight_clip, kv_rule=args.kv_clip, search=args.clip_search, target=args.clip_target)
     return QuantizeOptions(calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                            outlier_samples=args.outlier_samples, eta=args.eta, seed=args.seed, **rules, **kw)

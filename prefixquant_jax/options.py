@@ -41,6 +41,7 @@ def require_number(obj, name: str, low: float, strict: bool, high: float | None 
 
 
 WEIGHT_CLIPS, KV_RULES, SEARCHES, TARGETS = ("output", "mse"), ("head", "site"), ("greedy", "alone"), ("local", "fp")
+GPTQ_INPUTS = ("fp", "quantized")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,6 +61,7 @@ class QuantizeOptions:
     gptq: bool = False  # GPTQ weights (quant/gptq.py) instead of RTN, on the same per-channel scales
     gptq_damp: float = 0.01  # Hessian dampening, fraction of its mean diagonal
     gptq_act_order: bool = True  # quantize input channels by decreasing Hessian diagonal (quant/gptq.py)
+    gptq_inputs: str = "fp"  # Grams from the FP block, or "quantized": sequential, dynamic quantizers on (calibrate.py)
     # PrefixQuant initialisation rules (calibrate.py; defaults chosen on calibration data, BENCHMARKS/RESULTS)
     weight_clip: str = "output"  # "output": output-aware per-channel clip; "mse": data-free ||W - Q(W)||
     kv_rule: str = "head"  # "head": per-head K (attention) / V clip; "site": one searched ratio per site
@@ -75,6 +77,9 @@ class QuantizeOptions:
         require_choice(self, "kv_rule", KV_RULES)
         require_choice(self, "search", SEARCHES)
         require_choice(self, "target", TARGETS)
+        require_choice(self, "gptq_inputs", GPTQ_INPUTS)
+        if self.gptq_inputs != "fp" and not self.gptq:
+            raise UserError("QuantizeOptions.gptq_inputs 'quantized' needs gptq", "QuantizeOptions.gptq_inputs")
         if self.prefix_ids is not None:
             ids = tuple(self.prefix_ids)
             if not all(isinstance(t, int) or hasattr(t, "__index__") for t in ids) or any(int(t) < 0 for t in ids):

@@ -378,7 +378,7 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
                                                      mesh)
         else:  # a resumed training run redoes data-dependent weights (deterministic) and restores the static scales
             cfg = CalibConfig(grid_samples=opts.grid_samples, weight_clip=opts.weight_clip if weight_pass else None,
-                              gptq=opts.gptq, gptq_damp=opts.gptq_damp,
+                              gptq=opts.gptq, gptq_damp=opts.gptq_damp, gptq_inputs=opts.gptq_inputs,
                               gptq_act_order=opts.gptq_act_order, kv_rule=opts.kv_rule, search=opts.search,
                               target=opts.target, static=opts.calibrate or weight_pass)
             report["calibration"] = calibrate(fp_blocks, q_model, recipe, calib_x, prefix_kv, cfg, opts.progress, mesh)
@@ -387,6 +387,7 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
                                                                        "grid_samples")}}
         if opts.gptq:  # the order, and the quantity GPTQ minimises, per token, for the clip rule's rounding and for GPTQ
             report["calibration_rules"]["gptq_order"] = "act" if opts.gptq_act_order else "natural"
+            report["calibration_rules"]["gptq_inputs"] = opts.gptq_inputs
             report["gptq"] = [{"layer": r["layer"], "rtn_err": {n: e[cfg.weight_clip] for n, e in r["weights"].items()},
                                "gptq_err": {n: e["gptq"] for n, e in r["weights"].items()}}
                               for r in report["calibration"]]
