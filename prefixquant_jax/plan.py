@@ -22,8 +22,8 @@ Activations of a block on r rows x L tokens (float32, `model`-split widths divid
   r L (6 D + (H + 2 KV) hd / M + 3 F / M) + r (H / M) min(L, 512) (P + L)        (x, norms, residuals, q/k/v,
   gate/up/act, one query chunk's attention scores); training: twice that (saved for the backward) plus the
   batch's inputs and targets, 2 r L D.
-Host memory is not planned: the load path today reads the whole checkpoint into host float32 (the `host`
-line says how much).
+Host memory is not planned stage by stage: the checkpoint is read one layer at a time (safetensors and GGUF),
+but `quantize` holds the fake-quant model whole, its float32 kernels included (the `host` line says how much).
 """
 from __future__ import annotations
 
@@ -253,5 +253,5 @@ def format_plan(p: dict, device_gib: float | None = None) -> str:
     for name, s in p["stages"].items():
         fits = "" if device_gib is None else ("  fits" if s["total"] <= device_gib * 2**30 else "  DOES NOT FIT")
         lines.append(f"{name:12s} {g(s['weights'])} {g(s['optimizer'])} {g(s['kv_cache'])} {g(s['activations'])} {g(s['total'])}{fits}")
-    lines.append(f"host: the load reads the whole checkpoint into float32 today: {p['host_load_float32_bytes'] / 2**30:.1f} GiB")
+    lines.append(f"host: quantize holds the fake-quant model in float32: {p['host_load_float32_bytes'] / 2**30:.1f} GiB")
     return "\n".join(lines)

@@ -82,3 +82,54 @@ def test_cli_rule_flags(tiny_dir, text_file, tmp_path):
     assert rules == {"weight_clip": "mse", "gptq": False, "kv_rule": "site", "search": "alone", "target": "local",
                      "grid_samples": 2}
     assert_one_line_error(run_cli("quantize", "--preset", "flatquant-w4a4kv4", *common, "--grid", "narrow"), "--grid")
+
+
+def test_gptq_quantized_inputs_match_a_sequential_reference(ck):
+    """gptq_inputs "quantized": o's Hessian comes from block 0 run with q|k|v already GPTQ'd and the dynamic
+    quantizers on. Reference: the same Gram computed here from the RTN model's FP kernels (RTN leaves kernels
+    as they are) with the GPTQ q|k|v swapped in, then plain GPTQ of o on it (tolerance: float32 Grams
+    summed in another order; rtol 1e-4 on the kernel, 1e-3 of a step away from any rounding tie)."""
+    import copy
+
+    from prefixquant_jax.compiled_block import CompiledBlock
+    from prefixquant_jax.model import with_recipe
+    from prefixquant_jax.quant.gptq import gptq_with_factor, inverse_hessian_factor
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, ck.config.vocab_size, size=(4, 32))
+    preset = get_preset("quarot-w4a4kv4")
+
+    def run(**kw):
+        opts = QuantizeOptions(progress=False, **kw)
+        return quantize(ck, None, preset, opts, calib_tokens=tokens)
+
+    rtn, seq, fp = run(), run(gptq=True, gptq_inputs="quantized"), run(gptq=True)
+    assert seq.report["calibration_rules"]["gptq_inputs"] == "quantized"
+    b_seq, b_fp = seq.model.layers[0], fp.model.layers[0]
+    for name in ("q", "k", "v"):  # first group: both modes see the same FP Gram
+        np.testing.assert_array_equal(np.asarray(b_seq.linear_module(name).kernel[...]),
+                                      np.asarray(b_fp.linear_module(name).kernel[...]))
+    assert not np.array_equal(np.asarray(b_seq.attn.o.kernel[...]), np.asarray(b_fp.attn.o.kernel[...]))
+
+    ref_block = copy.deepcopy(rtn.model.layers[0])
+    for name in ("q", "k", "v"):
+        ref_block.linear_module(name).kernel[...] = b_seq.linear_module(name).kernel[...]
+    recipe = ref_block.recipe
+    dyn = tuple((s, sp) for s, sp in recipe.sites if sp.dynamic)
+    assert dyn, "the preset has dynamic quantizers"
+    x = np.asarray(np.asarray(rtn.model.embed[...])[tokens], np.float32)
+    gram = CompiledBlock(ck.config, None, 32).grams(with_recipe(ref_block, recipe.replace(sites=dyn, weight=None)),
+                                                    0, x, 8)["o_in"]
+    w = np.asarray(rtn.model.layers[0].attn.o.kernel[...], np.float32)
+    scale = np.asarray(b_seq.qparams["o"]["scale"][...], np.float32)
+    want = gptq_with_factor(w, inverse_hessian_factor(gram, 0.01, True), scale, recipe.weight)
+    got = np.asarray(b_seq.attn.o.kernel[...], np.float32)
+    close = np.isclose(got, want, rtol=1e-4, atol=1e-3 * float(scale.max()))
+    assert close.mean() > 0.995, close.mean()  # a rounding tie may flip a code and GPTQ carries it on
+
+
+def test_gptq_inputs_option_is_checked():
+    with pytest.raises(UserError, match="gptq_inputs"):
+        QuantizeOptions(gptq_inputs="quantized")
+    with pytest.raises(UserError, match="gptq_inputs"):
+        QuantizeOptions(gptq=True, gptq_inputs="both")
