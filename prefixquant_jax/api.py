@@ -27,7 +27,7 @@ def load_checkpoint(spec):
 
 def quantize(model_or_checkpoint, calib_tokens, preset_or_recipe, *, prefix: bool | None = None, train=None,
              train_tokens=None, gptq: bool | None = None, checkpoint=None, flatquant=None, options=None, tokenizer=None,
-             **fields):
+             mesh=None, **fields):
     """The whole job: rotate -> prefix -> weights (-> GPTQ) -> calibrate (-> block-wise training) (-> FlatQuant
     merge) of an FP checkpoint (or its name/path), calibrated on `calib_tokens` (int [samples, seqlen]).
     Returns a QuantizedModel.
@@ -48,6 +48,8 @@ def quantize(model_or_checkpoint, calib_tokens, preset_or_recipe, *, prefix: boo
       prefix_kv, weight_clip, kv_rule, search, target, gptq_damp, gptq_act_order, progress); without
       `options` the progress bars are off.
     tokenizer: optional, only to show the prefix tokens as text in the report.
+    mesh: a sharding.MeshSpec (e.g. MeshSpec(data=2, model=2)) that calibration and training run their blocks on;
+      None: calibration on one device, training's batches over all jax.devices() (`prefixquant quantize --mesh`).
     Bad options or inputs raise UserError (a ValueError) with a one-line message."""
     from prefixquant_jax.options import QuantizeOptions
     from prefixquant_jax.pipeline import quantize as _quantize
@@ -71,7 +73,7 @@ def quantize(model_or_checkpoint, calib_tokens, preset_or_recipe, *, prefix: boo
     if train_tokens is None and (train is not None or preset.method == "flatquant"):
         train_tokens = calib_tokens
     return _quantize(ck, tokenizer, preset, opts, calib_tokens=calib_tokens, train=train, train_tokens=train_tokens,
-                     checkpoint=checkpoint)
+                     checkpoint=checkpoint, mesh=mesh)
 
 
 def _preset(preset_or_recipe, prefix):

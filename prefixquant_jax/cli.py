@@ -80,9 +80,9 @@ def _compiled(loaded, args):
     return RealCompiled(dataclasses.replace(pm, spec=dataclasses.replace(pm.spec, kernels=kernels)), compiled.prefix_kv)
 
 
-def _add_mesh_arg(p):
+def _add_mesh_arg(p, default="all local devices on data"):
     p.add_argument("--mesh", metavar="data=D,model=M", default=None,
-                   help="device mesh (default: all local devices on data): batches split over data, weights over "
+                   help=f"device mesh (default: {default}): batches split over data, weights over "
                         "model (Megatron: attention heads / MLP columns, o and down by rows); prefixquant_jax/sharding.py")
 
 
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
 
     from prefixquant_jax import cli_quant
-    cli_quant.add_subcommands(sub, _add_model_args, _add_eval_args)
+    cli_quant.add_subcommands(sub, _add_model_args, _add_eval_args, _add_mesh_arg)
     from prefixquant_jax import cli_lm_eval
     cli_lm_eval.add_subcommand(sub, _add_model_args, _add_backend_arg)
     from prefixquant_jax import cli_plan

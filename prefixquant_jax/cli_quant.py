@@ -1,130 +1,13 @@
-"""Subcommands `analyze` (outlier tokens, prefix choice, plot), `quantize` (run a preset, evaluate) and `export-hf`."""
+"""Subcommands `analyze` (outlier tokens, prefix choice, plot), `quantize` (run a preset, evaluate), `export-hf` and
+`export-prefix`; the flags of analyze / quantize and the options built from them: cli_quant_flags.py."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 
+from prefixquant_jax.cli_quant_flags import (FLAGS, _flat_options, _quantize_options, _site_clips,  # noqa: F401
+                                             _train_cfg, add_analyze_parser, add_quantize_parser, flag_error)
 from prefixquant_jax.errors import UserError
-
-
-def _add_calib_args(p):
-    p.add_argument("--calib-data", default="wikitext2-valid", help="wikitext2-valid (bundled) or a UTF-8 text file")
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--outlier-samples", type=int, default=8, help="calibration samples scanned for outlier tokens")
-    p.add_argument("--eta", type=float, default=64.0, help="outlier threshold: max|x| > eta * median over the sample's tokens")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def _add_rule_args(p):
-    g = p.add_argument_group("PrefixQuant initialisation rules (defaults chosen on calibration data; see RESULTS.md)")
-    g.add_argument("--weight-clip", choices=("output", "mse"), default="output",
-                   help="per-channel weight clip: output-aware ||XW - XQ(W)|| on the calibration inputs, or data-free ||W - Q(W)||")
-    g.add_argument("--kv-clip", choices=("head", "site"), default="head",
-                   help="static KV clip: per head (K by attention error, V by reconstruction) or one searched ratio per site")
-    g.add_argument("--clip-search", choices=("greedy", "alone"), default="greedy",
-                   help="activation clip search: sites one after another with the others on, or each site alone")
-    g.add_argument("--clip-target", choices=("local", "fp"), default="local",
-                   help="search target: the FP block on the quantized model's inputs, or on the FP model's inputs")
-    g.add_argument("--grid", choices=("full", "narrow"), default="full",
-                   help="symmetric grid (PrefixQuant presets): 2 amax / (2^b - 1), or amax / (2^(b-1) - 1)")
-
-
-def _add_train_args(p):
-    g = p.add_argument_group("block-wise fine-tuning (PrefixQuant FT)")
-    g.add_argument("--train", action="store_true", help="fine-tune scales and weights block by block after calibration")
-    g.add_argument("--train-preset", default="fast", help="fast (CPU-sized, default) or paper (512 x 1024, batch 4, 20 epochs)")
-    g.add_argument("--train-samples", type=int)
-    g.add_argument("--train-seqlen", type=int)
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--train-batch-size", type=int, help="samples per step (sharded over the devices)")
-    g.add_argument("--lr-quant", type=float, help="learning rate of scales / zero points (default 5e-5)")
-    g.add_argument("--lr-weight", type=float, help="learning rate of the linear weights (default 5e-6)")
-    g.add_argument("--no-train-weights", action="store_true", help="train the quantizer parameters only")
-    g.add_argument("--train-dir", metavar="DIR", help="checkpoint the run here (after calibration, every block, every --ckpt-every steps)")
-    g.add_argument("--ckpt-every", type=int, default=0, help="in-block checkpoint period in steps (0: after each block only)")
-    g.add_argument("--resume", metavar="DIR", help="continue the fine-tuning run checkpointed in DIR (implies --train)")
-
-
-def _add_distributed_args(p):
-    g = p.add_argument_group("several processes (jax.distributed; prefixquant_jax/distributed.py)")
-    g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (or auto: JAX's cluster detection); "
-                   "default: JAX_COORDINATOR_ADDRESS, if set")
-    g.add_argument("--num-processes", type=int, help="default: JAX_NUM_PROCESSES")
-    g.add_argument("--process-id", type=int, help="default: JAX_PROCESS_ID; process 0 alone writes files")
-
-
-def _add_flat_args(p):
-    g = p.add_argument_group("FlatQuant (presets flatquant-*: always trained with the --train flags, then merged)")
-    g.add_argument("--flat-lr", type=float, default=5e-3, help="learning rate of the transforms (clip logits: 10x)")
-    g.add_argument("--flat-param", choices=("inverse", "orthogonal"), default="inverse",
-                   help="inverse: P learned directly, P^-1 = inv(P); orthogonal: P = U diag(s) V^T (Cayley)")
-    g.add_argument("--flat-alpha", type=float, default=0.3, help="SmoothQuant-style init of the per-channel scales")
-
-
-def _site_clips(text: str):
-    """'R' or 'R,SITE=R,...' or 'SITE=R,...' -> (R or None, ((SITE, R), ...) or None), for argparse."""
-    default, sites = None, []
-    for part in text.split(","):
-        site, _, r = part.rpartition("=")
-        try:
-            r = float(r)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a clip ratio: {part.strip()!r} (R or SITE=R)") from None
-        if site:
-            sites.append((site.strip(), r))
-        elif default is None:
-            default = r
-        else:
-            raise argparse.ArgumentTypeError(f"two default clip ratios in {text!r}")
-    return default, tuple(sites) or None
-
-
-# option fields named in library errors (UserError.fields) -> the flags that set them
-FLAGS = {
-    "QuantizeOptions.calib_samples": "--calib-samples", "QuantizeOptions.calib_seqlen": "--calib-seqlen",
-    "QuantizeOptions.outlier_samples": "--outlier-samples", "QuantizeOptions.grid_samples": "--grid-samples",
-    "QuantizeOptions.eta": "--eta", "QuantizeOptions.seed": "--seed", "QuantizeOptions.prefix_ids": "--prefix-ids",
-    "QuantizeOptions.prefix_kv": "--import-prefix", "QuantizeOptions.gptq": "--gptq",
-    "QuantizeOptions.gptq_damp": "--gptq-damp", "QuantizeOptions.gptq_act_order": "--gptq-order",
-    "QuantizeOptions.gptq_inputs": "--gptq-inputs",
-    "QuantizeOptions.weight_clip": "--weight-clip", "QuantizeOptions.kv_rule": "--kv-clip",
-    "QuantizeOptions.search": "--clip-search", "QuantizeOptions.target": "--clip-target",
-    "TrainConfig.samples": "--train-samples", "TrainConfig.seqlen": "--train-seqlen", "TrainConfig.epochs": "--epochs",
-    "TrainConfig.batch_size": "--train-batch-size", "TrainConfig.lr_quant": "--lr-quant",
-    "TrainConfig.lr_weight": "--lr-weight", "TrainConfig.ckpt_every": "--ckpt-every", "TrainConfig.seed": "--seed",
-    "TrainCheckpoint.dir": "--train-dir", "TrainCheckpoint.resume": "--resume", "TrainCheckpoint.overwrite": "--overwrite",
-    "FlatOptions.lr": "--flat-lr", "FlatOptions.param": "--flat-param", "FlatOptions.alpha": "--flat-alpha",
-    # arguments of the evaluation, runtime and checkpoint functions (every subcommand: cli.main)
-    "log_path": "--eval-log", "max_windows": "--max-windows", "RuntimeSpec.kernels": "--kernels",
-    "backend 'fake'": "--backend fake", "backend 'real'": "--backend real", "pq.save": "`prefixquant quantize --save DIR`",
-    "overwrite=True": "--overwrite", "Preset.act_clip": "--dynamic-act-clip",
-    "Preset.act_site_clips": "--dynamic-act-clip SITE=R", "Preset.kv_clip": "--dynamic-kv-clip",
-}
-
-
-def flag_error(e: UserError) -> UserError:
-    """The library's error with our flag names in place of the option fields it names."""
-    msg = str(e)
-    for f in sorted(e.fields, key=len, reverse=True):
-        msg = msg.replace(f, FLAGS.get(f, f))
-    return UserError(msg)
-
-
-def _flat_options(args):
-    from prefixquant_jax.flatquant import FlatOptions
-    return FlatOptions(param=args.flat_param, lr=args.flat_lr, alpha=args.flat_alpha)
-
-
-def _train_cfg(args, preset):
-    from prefixquant_jax.train import train_config
-
-    name = "flatquant-paper" if preset.method == "flatquant" and args.train_preset == "paper" else args.train_preset
-    return train_config(name, preset.a_bits, samples=args.train_samples, seqlen=args.train_seqlen,
-                        epochs=args.epochs, batch_size=args.train_batch_size, lr_quant=args.lr_quant,
-                        lr_weight=args.lr_weight, ckpt_every=args.ckpt_every, seed=args.seed,
-                        train_weights=False if args.no_train_weights else None)
 
 
 def _print_train(r: dict) -> None:
@@ -133,46 +16,9 @@ def _print_train(r: dict) -> None:
           f"{sum(b['loss_before'] for b in blocks) / len(blocks):.3e} -> {sum(b['loss_after'] for b in blocks) / len(blocks):.3e}")
 
 
-def add_subcommands(sub, add_model_args, add_eval_args) -> None:
-    p = sub.add_parser("analyze", help="find the outlier tokens and the prefix; plot activations before/after it")
-    add_model_args(p, dtype=False)
-    _add_calib_args(p)
-    p.add_argument("--no-rotate", action="store_true", help="analyze the unrotated model")
-    p.add_argument("--plot", metavar="OUT.png", help="write the outlier plot")
-
-    from prefixquant_jax.quant.presets import PRESETS
-    p = sub.add_parser("quantize", help="quantize with a preset, evaluate perplexity, print a table")
-    add_model_args(p, dtype=False)
-    p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
-    _add_calib_args(p)
-    p.add_argument("--grid-samples", type=int, default=2, help="calibration samples used inside the clip grid search")
-    p.add_argument("--w-bits", type=int)
-    p.add_argument("--a-bits", type=int)
-    p.add_argument("--kv-bits", type=int)
-    p.add_argument("--dynamic-act-clip", type=_site_clips, default=(None, None), metavar="R[,SITE=R...]",
-                   help="clip ratio of per-token dynamic activation quantizers (scale from R x amax; preset default); "
-                        "SITE=R overrides it at one site (qkv_in, o_in, up_gate_in, down_in), e.g. 0.85,down_in=0.8")
-    p.add_argument("--dynamic-kv-clip", type=float, metavar="R", help="the same for dynamic KV quantizers")
-    p.add_argument("--prefix-ids", help="comma-separated token ids to use as the prefix instead of detecting them")
-    p.add_argument("--gptq", action="store_true", help="GPTQ weights on the RTN scales (calibration inputs' Hessians) instead of RTN")
-    p.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ Hessian dampening, fraction of the mean diagonal")
-    p.add_argument("--gptq-order", choices=("act", "natural"), default="act",
-                   help="GPTQ input-channel order: 'act' largest Hessian diagonal first (default), 'natural' as stored")
-    p.add_argument("--gptq-inputs", choices=("fp", "quantized"), default="fp",
-                   help="GPTQ Hessians from the FP block (default) or 'quantized': q|k|v, o, gate|up, down in turn, "
-                        "each from the block with the earlier linears' GPTQ weights and the dynamic quantizers on")
-    _add_rule_args(p)
-    _add_train_args(p)
-    _add_flat_args(p)
-    _add_distributed_args(p)
-    add_eval_args(p, data_flag="--eval-data")
-    p.add_argument("--no-fp", action="store_true", help="skip the FP reference evaluation (no fp_ppl / ratio)")
-    p.add_argument("--no-eval", action="store_true", help="quantize only")
-    p.add_argument("--export-prefix", metavar="FILE.safetensors", help="write the FP prefix KV (layers.{i}.key/value)")
-    p.add_argument("--import-prefix", metavar="FILE.safetensors", help="use this prefix KV (export-prefix) instead of computing one")
-    p.add_argument("--save", metavar="DIR", help="save the quantized model (Orbax state, metadata, tokenizer) to DIR; "
-                   "an existing DIR needs --overwrite")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --export-prefix file or --train-dir")
+def add_subcommands(sub, add_model_args, add_eval_args, add_mesh_arg) -> None:
+    add_analyze_parser(sub, add_model_args)
+    add_quantize_parser(sub, add_model_args, add_eval_args, add_mesh_arg)
     add_export_hf(sub, add_model_args)
     add_export_prefix(sub)
 
@@ -244,18 +90,6 @@ def _import_prefix(args, config, preset):
     return pkv
 
 
-def _quantize_options(args, **kw):
-    """QuantizeOptions of the calibration and rule flags (`analyze` has only the calibration ones)."""
-    from prefixquant_jax.options import QuantizeOptions
-
-    rules = {} if not hasattr(args, "weight_clip") else dict(
-        grid_samples=args.grid_samples, gptq=args.gptq, gptq_damp=args.gptq_damp, gptq_act_order=args.gptq_order == "act",
-        gptq_inputs=args.gptq_inputs,
-        weight_clip=args.weight_clip, kv_rule=args.kv_clip, search=args.clip_search, target=args.clip_target)
-    return QuantizeOptions(calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                           outlier_samples=args.outlier_samples, eta=args.eta, seed=args.seed, **rules, **kw)
-
-
 def cmd_analyze(args) -> dict:
     try:
         return _analyze(args)
@@ -313,6 +147,21 @@ def _analyze(args) -> dict:
     return res
 
 
+def _mesh(args, several: bool):
+    """--mesh as a sharding.MeshSpec, its device count checked now (before loading); None without the flag: the
+    library's default (calibration on one device, training's batches over every process's devices)."""
+    from prefixquant_jax.sharding import MeshSpec
+
+    if not args.mesh:
+        return None
+    if several:
+        raise UserError("--mesh with several processes is not supported yet (a mesh spans one process's devices); "
+                        "leave it out: training's batches then go over every process's devices on data")
+    spec = MeshSpec.parse(args.mesh)
+    spec.make()
+    return spec
+
+
 def cmd_quantize(args) -> dict:
     try:
         return _quantize_cmd(args)
@@ -332,7 +181,10 @@ def _quantize_cmd(args) -> dict:
     from prefixquant_jax.pipeline import needs_calibration
     from prefixquant_jax.quant.presets import get_preset
 
+    import jax
+
     from prefixquant_jax.distributed import is_primary, is_several
+    from prefixquant_jax.sharding import shard
 
     primary = is_primary()  # several processes (--coordinator): process 0 alone writes files
     preset = get_preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
@@ -364,6 +216,7 @@ def _quantize_cmd(args) -> dict:
         checkpoint = TrainCheckpoint(dir=args.resume or args.train_dir, resume=bool(args.resume), overwrite=args.overwrite,
                                      identity={"model": args.model, "calib_data": args.calib_data})
         checkpoint.check()  # before the slow stages
+    mesh = _mesh(args, is_several())
     t0 = time.time()
     ck = load_checkpoint(args.model)  # the FP reference model is built only for its evaluation, after quantizing
     if args.import_prefix:
@@ -382,13 +235,14 @@ def _quantize_cmd(args) -> dict:
         if train_cfg is not None:
             train_tokens = calibration_samples(ids, train_cfg.samples, train_cfg.seqlen, train_cfg.seed)
     qm = quantize(ck, calib, preset, options=opts, train=train_cfg, train_tokens=train_tokens, checkpoint=checkpoint,
-                  tokenizer=tok)
+                  tokenizer=tok, mesh=mesh)
     if "train" in qm.report:
         _print_train(qm.report["train"])
     res = {"model": args.model, "preset": preset.name, "prefix_ids": qm.report["prefix_ids"],
            "prefix_tokens": qm.report["prefix_ids"],  # the old name of prefix_ids, for readers of older results
            "prefix_text": qm.report["prefix_text"], "eta": args.eta, "bits": {"w": preset.w_bits, "a": preset.a_bits, "kv": preset.kv_bits},
-           "quantize_seconds": time.time() - t0, "report": qm.report}
+           "quantize_seconds": time.time() - t0, "report": qm.report,
+           "mesh": None if mesh is None else dict(zip(("data", "model"), mesh.resolve(len(jax.local_devices()))))}
     if qm.prefix_kv is not None:
         print(f"prefix: {qm.report['prefix_text']} (ids {qm.report['prefix_ids']})")
     if args.export_prefix and qm.prefix_kv is None:
@@ -404,14 +258,14 @@ def _quantize_cmd(args) -> dict:
     if not args.no_eval and primary:  # the others would compute the same numbers
         win = windows(tokenize(tok, load_text(args.eval_data)), args.seqlen, args.max_windows)
         t = time.time()
-        r = perplexity(qm.compiled(), win, batch_size=args.batch_size, desc=preset.name,  # behind its prefix
+        r = perplexity(shard(qm.compiled(), mesh) if mesh else qm.compiled(), win, batch_size=args.batch_size, desc=preset.name,  # behind its prefix
                        log_path=args.eval_log)
         res.update(ppl=r["ppl"], windows=r["windows"], seqlen=r["seqlen"], tokens=r["tokens"], eval_seconds=time.time() - t)
         rows = [(preset.name, r["ppl"], res["quantize_seconds"] + res["eval_seconds"])]
         if not args.no_fp and preset.name != "fp":
             t = time.time()
             fp_model = Llama.from_params(ck.config, ck.params)  # not held during the pipeline: one model less
-            f = perplexity(Compiled(fp_model), win, None, batch_size=args.batch_size, desc="fp")
+            f = perplexity(shard(Compiled(fp_model), mesh) if mesh else Compiled(fp_model), win, None, batch_size=args.batch_size, desc="fp")
             del fp_model
             res["fp_ppl"] = f["ppl"]
             rows.insert(0, ("fp", f["ppl"], time.time() - t))

@@ -281,7 +281,7 @@ def quantize(ck, tokenizer, preset: Preset, opts: QuantizeOptions = QuantizeOpti
     `checkpoint`: a TrainCheckpoint for the training run (a resume restores the calibrated scales).
     `mesh`: a sharding.MeshSpec that calibration and training run their blocks on (weights split over `model`,
     samples over `data`); None: calibration on one device, training's batch over all jax.devices()."""
-    mesh = None if mesh is None else mesh.make()
+    mesh = None if mesh is None else mesh.make_for(ck.config)  # widths and device count checked now
     train, train_tokens, opts = _training(preset, opts, tokenizer, train, train_tokens, checkpoint)
     if calib_tokens is None and tokenizer is None and needs_calibration(preset, opts):
         raise UserError(f"preset {preset.name!r} needs calibration tokens (int [samples, seqlen])")

@@ -89,6 +89,24 @@ class MeshSpec:
         data, model = self.resolve(len(devices))
         return Mesh(np.array(devices[:data * model], dtype=object).reshape(data, model), AXES)
 
+    def check_model(self, config) -> None:
+        """UserError unless `model` divides every width the Megatron split cuts (weight_spec): q and o's heads x
+        head_dim, k and v's KV heads x head_dim, the MLP width (gate / up columns, down rows)."""
+        m = self.model
+        widths = (("q/o", config.num_heads, config.head_dim), ("k/v", config.num_kv_heads, config.head_dim))
+        for what, heads, hd in widths:
+            if heads * hd % m:
+                raise UserError(f"MeshSpec.model={m} does not divide the {what} width {heads * hd} ({heads} heads x "
+                                f"{hd}); pick a model size dividing the heads and MLP width", "MeshSpec.model")
+        if config.intermediate_size % m:
+            raise UserError(f"MeshSpec.model={m} does not divide the MLP width {config.intermediate_size}; pick a "
+                            "model size dividing the heads and MLP width", "MeshSpec.model")
+
+    def make_for(self, config, devices=None) -> Mesh:
+        """make(devices) for a model of `config`, its widths checked first (check_model)."""
+        self.check_model(config)
+        return self.make(devices)
+
     def __str__(self) -> str:
         return f"data={'all' if self.data is None else self.data},model={self.model}"
 

@@ -13,17 +13,14 @@ start). Measured on the tiny model (2 windows x 16 tokens, one batch of 2):
 Measured: max |logits diff| 1.8e-7 (FP, fake) and 8.9e-8 (real) of max |logits| ~0.69; mean NLL equal to the bit.
 """
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.sharding import MeshSpec, weight_spec
+from tests.four_devices import run_worker
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5
 
 
@@ -92,13 +89,7 @@ def worker(model_dir: str, text: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def mesh_run(tiny_dir, text_file, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("mesh") / "res")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    code = f"from tests.test_sharding import worker; worker({tiny_dir!r}, {text_file!r}, {out!r})"
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    with open(out + ".json") as f:
-        res = json.load(f)
-    return res, dict(np.load(out + ".npz"))
+    return run_worker("tests.test_sharding", (tiny_dir, text_file), out, timeout=600)
 
 
 def test_fp_one_device_in_subprocess_equals_this_process(mesh_run, tiny_dir):

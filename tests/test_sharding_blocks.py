@@ -33,14 +33,12 @@ block 0 before 1.0e-7, after 2.4e-3, block 1 before 3.6e-3, after 3.7e-3; block 
 (tests/test_distributed.py: trained losses within 3 %).
 """
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.four_devices import run_worker
+
 STEPS = 4
 TRAIN = dict(samples=4, seqlen=16, batch_size=2, epochs=2, lr_quant=1e-3, lr_weight=1e-4)
 MESHES = ("data=1,model=1", "data=2,model=2")
@@ -132,13 +130,7 @@ def worker(model_dir: str, text: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def mesh_runs(tiny_dir, text_file, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("mesh-blocks") / "res")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    code = f"from tests.test_sharding_blocks import worker; worker({tiny_dir!r}, {text_file!r}, {out!r})"
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    with open(out + ".json") as f:
-        res = json.load(f)
-    arrays = dict(np.load(out + ".npz"))
+    res, arrays = run_worker("tests.test_sharding_blocks", (tiny_dir, text_file), out, timeout=900)
     return res, {m: {k[len(m) + 1:]: v for k, v in arrays.items() if k.startswith(m + "/")} for m in MESHES}
 
 
