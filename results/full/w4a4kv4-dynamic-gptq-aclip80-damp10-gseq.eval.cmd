@@ -1,0 +1,1 @@
++ .venv/bin/prefixquant eval --model runs/models/w4a4kv4-dynamic-gptq-aclip80-damp10-gseq --eval-log results/full/w4a4kv4-dynamic-gptq-aclip80-damp10-gseq.jsonl --json results/full/w4a4kv4-dynamic-gptq-aclip80-damp10-gseq.json

@@ -1,0 +1,1 @@
++ .venv/bin/prefixquant quantize --model smollm2 --preset w4a4kv4-dynamic --calib-samples 16 --no-eval --save runs/models/w4a4kv4-dynamic-gptq-aclip80-damp10-gseq --dynamic-act-clip 0.8 --gptq-damp 0.1 --gptq-inputs quantized --gptq --json results/full/w4a4kv4-dynamic-gptq-aclip80-damp10-gseq.quantize.json
