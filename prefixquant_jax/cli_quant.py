@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 from prefixquant_jax.cli_quant_flags import (FLAGS, _flat_options, _quantize_options, _site_clips,  # noqa: F401
                                              _train_cfg, add_analyze_parser, add_quantize_parser, flag_error)
 from prefixquant_jax.errors import UserError
+
+
+def _flag_names(cmd):
+    """cmd with the library's UserErrors re-raised under our flag names (flag_error)."""
+    @functools.wraps(cmd)
+    def run(args) -> dict:
+        try:
+            return cmd(args)
+        except UserError as e:
+            raise flag_error(e) from None
+    return run
 
 
 def _print_train(r: dict) -> None:
@@ -90,14 +102,8 @@ def _import_prefix(args, config, preset):
     return pkv
 
 
+@_flag_names
 def cmd_analyze(args) -> dict:
-    try:
-        return _analyze(args)
-    except UserError as e:
-        raise flag_error(e) from None
-
-
-def _analyze(args) -> dict:
     import numpy as np
 
     from prefixquant_jax.eval.data import calibration_samples, load_text, tokenize
@@ -162,14 +168,8 @@ def _mesh(args, several: bool):
     return spec
 
 
+@_flag_names
 def cmd_quantize(args) -> dict:
-    try:
-        return _quantize_cmd(args)
-    except UserError as e:
-        raise flag_error(e) from None
-
-
-def _quantize_cmd(args) -> dict:
     """Flags -> options -> prefixquant_jax.quantize (the whole job, training included) -> save / evaluate / print."""
     from prefixquant_jax.api import quantize
     from prefixquant_jax.compiled import Compiled

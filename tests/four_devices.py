@@ -19,3 +19,10 @@ def run_worker(module: str, args: tuple, out: str, timeout: int) -> tuple[dict, 
     with open(out + ".json") as f:
         res = json.load(f)
     return res, dict(np.load(out + ".npz"))
+
+
+def write_results(out: str, res: dict, arrays: dict) -> None:
+    """The worker's side of run_worker: OUT.npz (arrays) and OUT.json (res)."""
+    np.savez(out + ".npz", **arrays)
+    with open(out + ".json", "w") as f:
+        json.dump(res, f)

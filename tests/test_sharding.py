@@ -12,14 +12,13 @@ start). Measured on the tiny model (2 windows x 16 tokens, one batch of 2):
                                         tokens equal (FP and real; decoding is not rerun for fake, to compile less).
 Measured: max |logits diff| 1.8e-7 (FP, fake) and 8.9e-8 (real) of max |logits| ~0.69; mean NLL equal to the bit.
 """
-import json
 
 import numpy as np
 import pytest
 
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.sharding import MeshSpec, weight_spec
-from tests.four_devices import run_worker
+from tests.four_devices import run_worker, write_results
 
 TOL = 1e-5
 
@@ -81,9 +80,7 @@ def worker(model_dir: str, text: str, out: str) -> None:
             nll, logits, toks = evaluate(c, pkv, win, decode=name != "fake")  # fewer compilations
             res[f"{name}/{m}"] = {"nll": nll, "greedy": toks}
             arrays[f"{name}/{m}"] = logits
-    np.savez(out + ".npz", **arrays)
-    with open(out + ".json", "w") as f:
-        json.dump(res, f)
+    write_results(out, res, arrays)
 
 
 @pytest.fixture(scope="module")

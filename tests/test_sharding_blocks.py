@@ -32,12 +32,11 @@ block 0 before 1.0e-7, after 2.4e-3, block 1 before 3.6e-3, after 3.7e-3; block 
 0.25 lr (0.o's weight scale), yet 122 of block 0's 32768 trained 4-bit codes (round(w / scale)) differ. The same order of differences as two data-parallel devices against one
 (tests/test_distributed.py: trained losses within 3 %).
 """
-import json
 
 import numpy as np
 import pytest
 
-from tests.four_devices import run_worker
+from tests.four_devices import run_worker, write_results
 
 STEPS = 4
 TRAIN = dict(samples=4, seqlen=16, batch_size=2, epochs=2, lr_quant=1e-3, lr_weight=1e-4)
@@ -122,9 +121,7 @@ def worker(model_dir: str, text: str, out: str) -> None:
         r, a = run(model_dir, text, m)
         res[m] = r
         arrays.update({f"{m}/{k}": v for k, v in a.items()})
-    np.savez(out + ".npz", **arrays)
-    with open(out + ".json", "w") as f:
-        json.dump(res, f)
+    write_results(out, res, arrays)
 
 
 @pytest.fixture(scope="module")
