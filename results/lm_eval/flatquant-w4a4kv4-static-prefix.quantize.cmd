@@ -1,0 +1,1 @@
++ .venv/bin/prefixquant quantize --model smollm2 --preset flatquant-w4a4kv4-static-prefix --calib-samples 16 --no-eval --save runs/models/flatquant-w4a4kv4-static-prefix --train --train-dir runs/ft/flatquant-w4a4kv4-static-prefix --json results/lm_eval/flatquant-w4a4kv4-static-prefix.quantize.json
