@@ -8,8 +8,14 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(*args, timeout=300):
+def run_cli(*args, timeout=300, devices=None):
+    """`prefixquant ARGS` in a subprocess; devices=N: on N CPU devices (XLA_FLAGS set, or removed for 1)."""
     env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
+    if devices is not None:
+        env["JAX_PLATFORMS"] = "cpu"
+        env.pop("XLA_FLAGS", None)
+        if devices > 1:
+            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return subprocess.run([sys.executable, "-m", "prefixquant_jax.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
 

@@ -33,12 +33,7 @@ TRAIN = ["--train", "--train-samples", "4", "--train-seqlen", "16", "--epochs", 
 
 
 def cli(args, devices: int, timeout=900):
-    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return subprocess.run([sys.executable, "-m", "prefixquant_jax.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    return run_cli(*args, timeout=timeout, devices=devices)
 
 
 # with --train: about 2 minutes more on the shared 2-core CPU (run with -m slow)

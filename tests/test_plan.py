@@ -4,11 +4,10 @@ KV cache, the packed int4 runtime model and its integer cache, byte for byte on 
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
+from tests.four_devices import run_worker, write_results
 from tests.test_cli import assert_one_line_error, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,19 +53,13 @@ def worker(model_dir: str, out: str) -> None:
     res["runtime_kv"] = _device_bytes(real.cache(2, 1 + 16, qm.prefix_kv))
     p = plan(model_dir, "data=2,model=2", PlanOptions(preset="w4a4kv4-dynamic", prefix_len=1, batch_size=2, seqlen=16))
     res["plan"] = p["stages"]
-    with open(out, "w") as f:
-        json.dump(res, f)
+    write_results(out, res, {})
 
 
 @pytest.fixture(scope="module")
 def measured(tiny_dir, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("plan") / "res.json")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    code = f"from tests.test_plan import worker; worker({tiny_dir!r}, {out!r})"
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    with open(out) as f:
-        return json.load(f)
+    out = str(tmp_path_factory.mktemp("plan") / "res")
+    return run_worker("tests.test_plan", (tiny_dir,), out, timeout=600)[0]
 
 
 @pytest.mark.parametrize("stage,key", [("load", "weights"), ("eval", "weights"), ("eval", "kv_cache"),
