@@ -1,0 +1,1 @@
++ .venv/bin/prefixquant quantize --model smollm2 --preset w4a4kv4-dynamic --calib-samples 16 --no-eval --save runs/models/w4a4kv4-dynamic-gptq-ft --gptq --train --train-dir runs/ft/w4a4kv4-dynamic-gptq-ft --json results/lm_eval/w4a4kv4-dynamic-gptq-ft.quantize.json
