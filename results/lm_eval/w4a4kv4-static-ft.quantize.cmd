@@ -1,0 +1,1 @@
++ .venv/bin/prefixquant quantize --model smollm2 --preset w4a4kv4-static --calib-samples 16 --no-eval --save runs/models/w4a4kv4-static-ft --train --train-dir runs/ft/w4a4kv4-static-ft --json results/lm_eval/w4a4kv4-static-ft.quantize.json
