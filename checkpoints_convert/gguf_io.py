@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from prefixquant_jax.config import ModelConfig
+from prefixquant_jax.nn.config import ModelConfig
 from prefixquant_jax.errors import UserError, describe
 from checkpoints_convert.hf import check_shapes
 
@@ -156,12 +156,12 @@ def read_gguf_config(path: str) -> ModelConfig:
 
 def read_gguf(path: str, lazy: bool = True) -> tuple[ModelConfig, dict]:
     """(config, params) of a GGUF file, float32. lazy (the default): params["layers"] is a
-    prefixquant_jax.lazy_layers.LazyLayers; the file is memory-mapped (gguf.GGUFReader) and layer i's tensors are
+    checkpoints_convert.lazy.LazyLayers; the file is memory-mapped (gguf.GGUFReader) and layer i's tensors are
     dequantized when params["layers"][i] is first asked for (embeddings, final norm and head now), so the host
     holds the blocks being processed, not the model. Names and shapes are checked now, from the tensor infos.
     lazy=False: every layer dequantized now, into plain dicts (the same arrays)."""
     from checkpoints_convert.hf import _Shape
-    from prefixquant_jax.lazy_layers import LazyLayers
+    from checkpoints_convert.lazy import LazyLayers
 
     config, arch, tensors = _gguf_config(path, _open(path))
     deq = _dequantizer(path, tensors)

@@ -14,7 +14,7 @@ import tempfile
 
 import numpy as np
 
-from prefixquant_jax.config import ModelConfig
+from prefixquant_jax.nn.config import ModelConfig
 from prefixquant_jax.errors import UserError, describe
 
 _LAYER_KEYS = {
@@ -139,13 +139,13 @@ class _Shape:
 
 
 def lazy_safetensors_params(files: list[str], config: ModelConfig, source: str, keep_dtype: bool = False) -> dict:
-    """The params of safetensors `files` with the layers read on demand (prefixquant_jax.lazy_layers.LazyLayers):
+    """The params of safetensors `files` with the layers read on demand (checkpoints_convert.lazy.LazyLayers):
     embeddings, final norm and head are read now; layer i is read (memory-mapped, tensor by tensor, the file
     closed after) each time params["layers"][i] is asked for, converted as hf_state_to_params does. Names and
     shapes are checked now, from the headers."""
     from safetensors import safe_open
 
-    from prefixquant_jax.lazy_layers import LazyLayers
+    from checkpoints_convert.lazy import LazyLayers
 
     outer, by_layer = {}, {i: {} for i in range(config.num_layers)}  # layer -> file -> [(name, where)]
     shapes: dict = {"layers": {i: {"attn": {}, "mlp": {}} for i in range(config.num_layers)}}

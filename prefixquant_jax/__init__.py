@@ -6,7 +6,7 @@ quantizer variable types (QuantParam and its kinds Scale, ZeroPoint: nnx filters
 save, load (README "Use it from Python").
 """
 from prefixquant_jax.api import generate, load, load_checkpoint, pack, perplexity, quantize, save
-from prefixquant_jax.config import ModelConfig
+from prefixquant_jax.nn.config import ModelConfig
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.flatquant.pipeline import FlatOptions
 from prefixquant_jax.kv_cache import KVCache

@@ -38,7 +38,7 @@ def load_fp(model_spec: str, dtype=jnp.float32, mesh=None):
     ck = load_checkpoint(model_spec, keep_dtype=jnp.dtype(dtype) == jnp.bfloat16)
     params = ck.params
     if mesh is not None:  # device_put matches the params tree with a tree of shardings: plain dicts
-        from prefixquant_jax.lazy_layers import materialize
+        from checkpoints_convert.lazy import materialize
         from prefixquant_jax.sharding import place_params
         params = place_params(materialize(params), mesh)
     return ck, Llama.from_params(ck.config, params, dtype)

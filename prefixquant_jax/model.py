@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prefixquant_jax.config import ModelConfig
+from prefixquant_jax.nn.config import ModelConfig
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.kv_cache import KVCache
 from prefixquant_jax.quant.int_matmul import exact_in_f32, int_linear

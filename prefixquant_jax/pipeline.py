@@ -20,7 +20,7 @@ from prefixquant_jax.calibrate import CLIP_GRID, CalibConfig, calibrate, calibra
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.eval.data import calibration_samples, load_text, tokenize
 from prefixquant_jax.kv_cache import Cache, behind_prefix, prefix_len
-from prefixquant_jax.lazy_layers import streamed
+from checkpoints_convert.lazy import streamed
 from prefixquant_jax.model import Block, Llama, with_recipe
 from prefixquant_jax.options import QuantizeOptions, TrainCheckpoint, TrainConfig, train_config
 from prefixquant_jax.prefix.outliers import capture_token_ranges, choose_prefix, outlier_ratios, token_absmax

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, NamedSharding
 
-from prefixquant_jax.config import ModelConfig
+from prefixquant_jax.nn.config import ModelConfig
 from prefixquant_jax.errors import UserError
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -16,7 +16,7 @@ import torch
 
 from checkpoints_convert import load_checkpoint
 from checkpoints_convert.hf import export_hf, export_rotated_hf
-from prefixquant_jax.config import ModelConfig
+from prefixquant_jax.nn.config import ModelConfig
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.model import Llama
 from prefixquant_jax.quant.recipe import QuantRecipe

@@ -7,7 +7,7 @@ import numpy as np
 
 from checkpoints_convert import Checkpoint, load_checkpoint
 from checkpoints_convert.hf import _read_safetensors, hf_state_to_params
-from prefixquant_jax.lazy_layers import LazyLayers, materialize, streamed
+from checkpoints_convert.lazy import LazyLayers, materialize, streamed
 from prefixquant_jax.rotate.fuse import LazyRotation, RotationConfig, rotate_params
 from tests.conftest import rng_tokens
 

@@ -193,7 +193,7 @@ def load_quantized(path: str, dtype=None):
     `dtype` (default: the saved one) is the dtype of the base parameters; qparams keep theirs."""
     import jax.numpy as jnp
 
-    from prefixquant_jax.config import ModelConfig
+    from prefixquant_jax.nn.config import ModelConfig
     from prefixquant_jax.kv_cache import prefix_len
     from prefixquant_jax.quant.presets import Preset
     from prefixquant_jax.pipeline import QuantizedModel

@@ -24,7 +24,7 @@ import dataclasses
 
 import numpy as np
 
-from prefixquant_jax.config import ModelConfig
+from prefixquant_jax.nn.config import ModelConfig
 from prefixquant_jax.rotate.hadamard import hadamard_matrix, random_hadamard
 
 
@@ -150,7 +150,7 @@ class LazyRotation:
     for again."""
 
     def __init__(self, params: dict, config: ModelConfig, rot: RotationConfig):
-        from prefixquant_jax.lazy_layers import LazyLayers, streamed
+        from checkpoints_convert.lazy import LazyLayers, streamed
 
         self._source, self._config, self._rot, self._mats = streamed(params), config, rot, None
         self.params, self.config = _rotate_outer(params, config, self.matrices()[0])

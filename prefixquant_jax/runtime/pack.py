@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefixquant_jax.config import ModelConfig
+from prefixquant_jax.nn.config import ModelConfig
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.quant.qarray import EPS, QArray, concatenate, quantize
 from prefixquant_jax.quant.recipe import ACT_SITES, QuantRecipe, static_qparams

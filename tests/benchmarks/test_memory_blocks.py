@@ -13,7 +13,7 @@ import memory_blocks  # noqa: E402
 
 def test_block_params_are_a_llama3_8b_block():
     from checkpoints_convert.hf import expected_shapes
-    from prefixquant_jax.config import ModelConfig
+    from prefixquant_jax.nn.config import ModelConfig
 
     c = memory_blocks.hf_config(1, 4096)
     layer = expected_shapes(ModelConfig.from_hf_dict(c))["layers"][0]

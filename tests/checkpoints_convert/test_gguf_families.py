@@ -9,7 +9,7 @@ import pytest
 
 from checkpoints_convert import load_checkpoint
 from checkpoints_convert.gguf_io import llama3_scaling
-from prefixquant_jax.config import ModelConfig
+from prefixquant_jax.nn.config import ModelConfig
 from prefixquant_jax.errors import UserError
 from tests.checkpoints_convert.test_gguf import llamacpp_permute
 from tests.conftest import FAMILIES, make_tiny_family, rng_tokens

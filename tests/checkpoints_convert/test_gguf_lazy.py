@@ -6,7 +6,7 @@ import pytest
 from checkpoints_convert import load_checkpoint
 from checkpoints_convert.gguf_io import read_gguf
 from prefixquant_jax.errors import UserError
-from prefixquant_jax.lazy_layers import LazyLayers, materialize
+from checkpoints_convert.lazy import LazyLayers, materialize
 from tests.checkpoints_convert.test_gguf import write_gguf
 from tests.conftest import make_tiny_hf, needs_smollm2, smollm2_path
 

@@ -1,0 +1,1 @@
+"""The decoder: its config, modules and KV cache."""
