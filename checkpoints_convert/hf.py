@@ -1,10 +1,13 @@
 """Hugging Face checkpoints: `config.json` + `*.safetensors` (sharded or not) or `pytorch_model*.bin`.
 
-Import returns (ModelConfig, params) in the layout of `prefixquant_jax.model`; `export_hf` writes the
-same params back as `config.json` + `model.safetensors` that transformers loads.
+Import returns (HF config dict, params) with params in prefixquant_jax's layout (see prefixquant_jax/nn/decoder.py:
+kernels [in, out], layers by index); `export_hf` writes such params back as `config.json` + `model.safetensors`
+that transformers loads. What the tensor names and shapes must be follows from the config dict alone (`Layout`):
+the converter knows the HF Llama-family layout, not the model code.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -14,8 +17,11 @@ import tempfile
 
 import numpy as np
 
-from prefixquant_jax.nn.config import ModelConfig
-from prefixquant_jax.errors import UserError, describe
+from checkpoints_convert.errors import FormatError, describe
+from checkpoints_convert.lazy import LazyLayers
+
+# HF model_type of the families whose tensors this converter maps (Qwen2: q/k/v biases, Qwen3: q/k norms)
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 _LAYER_KEYS = {
     "input_layernorm.weight": ("input_norm",),
@@ -27,23 +33,61 @@ _LAYER_KEYS = {
     "mlp.gate_proj.weight": ("mlp", "gate"),
     "mlp.up_proj.weight": ("mlp", "up"),
     "mlp.down_proj.weight": ("mlp", "down"),
-    "self_attn.q_proj.bias": ("attn", "q_bias"),  # Qwen2 (config.attention_bias)
+    "self_attn.q_proj.bias": ("attn", "q_bias"),  # Qwen2
     "self_attn.k_proj.bias": ("attn", "k_bias"),
     "self_attn.v_proj.bias": ("attn", "v_bias"),
-    "self_attn.q_norm.weight": ("attn", "q_norm"),  # Qwen3 (config.qk_norm)
+    "self_attn.q_norm.weight": ("attn", "q_norm"),  # Qwen3
     "self_attn.k_norm.weight": ("attn", "k_norm"),
 }
 _FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")  # ml_dtypes' bfloat16 is no np.floating subtype
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
-def expected_shapes(c: ModelConfig) -> dict:
-    """Shapes of our params (kernels are [in, out])."""
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The sizes and per-family extras that a Llama-family checkpoint's tensor names and shapes follow from."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tie_word_embeddings: bool
+    qkv_bias: bool  # Qwen2: biases on q, k, v (never on o)
+    qk_norm: bool  # Qwen3: per-head RMSNorm weights [head_dim] on q and k
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, source: str) -> "Layout":
+        model_type = d.get("model_type")
+        if model_type not in MODEL_TYPES:
+            archs = ", ".join(d.get("architectures") or []) or "no architectures"
+            raise FormatError(f"{source}: model_type {model_type!r} ({archs}) is not a Llama-architecture model "
+                              f"(supported model_type: {', '.join(MODEL_TYPES)})")
+        try:
+            hidden, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
+            return cls(model_type=model_type, vocab_size=int(d["vocab_size"]), hidden_size=hidden,
+                       intermediate_size=int(d["intermediate_size"]), num_layers=int(d["num_hidden_layers"]),
+                       num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads),
+                       head_dim=int(d.get("head_dim") or hidden // heads),
+                       tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                       qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3")
+        except KeyError as e:
+            raise FormatError(f"{source}: missing key {e.args[0]!r}") from None
+        except (TypeError, ValueError, ZeroDivisionError) as e:
+            raise FormatError(f"{source}: bad model sizes ({describe(e)})") from None
+
+
+def expected_shapes(hf_config: dict, source: str = "config") -> dict:
+    """Shapes of our params (kernels are [in, out]) for the model `hf_config` describes."""
+    c = Layout.from_hf_dict(hf_config, source)
     D, F, q, kv = c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     layer = {"input_norm": (D,), "post_norm": (D,),
              "attn": {"q": (D, q), "k": (D, kv), "v": (D, kv), "o": (q, D)},
              "mlp": {"gate": (D, F), "up": (D, F), "down": (F, D)}}
-    if c.attention_bias:
+    if c.qkv_bias:
         layer["attn"].update(q_bias=(q,), k_bias=(kv,), v_bias=(kv,))
     if c.qk_norm:
         layer["attn"].update(q_norm=(c.head_dim,), k_norm=(c.head_dim,))
@@ -53,21 +97,24 @@ def expected_shapes(c: ModelConfig) -> dict:
     return shapes
 
 
-def check_shapes(params: dict, config: ModelConfig, source: str) -> None:
-    """Raise UserError naming the first missing or unexpected tensor or shape mismatch."""
+def check_shapes(params: dict, hf_config: dict, source: str) -> None:
+    """FormatError naming the first missing or unexpected tensor or shape mismatch (params in our layout)."""
+    model_type = hf_config.get("model_type")
+
     def walk(exp, got, path):
         if isinstance(exp, dict):
             for k, e in exp.items():
                 if not isinstance(got, dict) or k not in got:
-                    raise UserError(f"{source}: missing tensor {'.'.join(map(str, path + (k,)))}")
+                    raise FormatError(f"{source}: missing tensor {'.'.join(map(str, path + (k,)))}")
                 walk(e, got[k], path + (k,))
             extra = sorted(set(got) - set(exp), key=str)
             if extra:
-                raise UserError(f"{source}: unexpected tensor {'.'.join(map(str, path + (extra[0],)))} "
-                                f"(model_type {config.model_type!r} has no such parameter)")
+                raise FormatError(f"{source}: unexpected tensor {'.'.join(map(str, path + (extra[0],)))} "
+                                  f"(model_type {model_type!r} has no such parameter)")
         elif tuple(np.shape(got)) != tuple(exp):
-            raise UserError(f"{source}: shape mismatch for {'.'.join(map(str, path))}: got {tuple(np.shape(got))}, config says {tuple(exp)}")
-    walk(expected_shapes(config), params, ())
+            raise FormatError(f"{source}: shape mismatch for {'.'.join(map(str, path))}: got {tuple(np.shape(got))}, "
+                              f"config says {tuple(exp)}")
+    walk(expected_shapes(hf_config, source), params, ())
 
 
 def _convert(t, keep_dtype: bool):
@@ -77,22 +124,22 @@ def _convert(t, keep_dtype: bool):
     return a
 
 
-def _where(name: str, config: ModelConfig, source: str):
-    """Where HF tensor `name` goes: ("outer", key), ("layer", i, path), or None (skipped); UserError if unknown."""
+def _where(name: str, c: Layout, source: str):
+    """Where HF tensor `name` goes: ("outer", key), ("layer", i, path), or None (skipped); FormatError if unknown."""
     if name == "model.embed_tokens.weight":
         return ("outer", "embed")
     if name == "model.norm.weight":
         return ("outer", "final_norm")
     if name == "lm_head.weight":
-        return None if config.tie_word_embeddings else ("outer", "lm_head")
+        return None if c.tie_word_embeddings else ("outer", "lm_head")
     if (m := _LAYER_RE.match(name)) and m.group(2) in _LAYER_KEYS:
         i = int(m.group(1))
-        if i >= config.num_layers:
-            raise UserError(f"{source}: tensor {name} is beyond num_hidden_layers={config.num_layers}")
+        if i >= c.num_layers:
+            raise FormatError(f"{source}: tensor {name} is beyond num_hidden_layers={c.num_layers}")
         return ("layer", i, _LAYER_KEYS[m.group(2)])
     if name.endswith("rotary_emb.inv_freq"):
         return None  # derived from the config
-    raise UserError(f"{source}: unexpected tensor {name!r} (o/MLP biases and non-Llama layers are not supported)")
+    raise FormatError(f"{source}: unexpected tensor {name!r} (o/MLP biases and non-Llama layers are not supported)")
 
 
 def _put(params: dict, where, a) -> None:
@@ -108,66 +155,70 @@ def _put(params: dict, where, a) -> None:
         lp[path[0]][path[1]] = a.T if a.ndim == 2 else a
 
 
-def hf_state_to_params(state, config: ModelConfig, source: str, keep_dtype: bool = False) -> dict:
+def _empty_layers(n: int) -> dict:
+    return {"layers": {i: {"attn": {}, "mlp": {}} for i in range(n)}}
+
+
+def hf_state_to_params(state, hf_config: dict, source: str, keep_dtype: bool = False) -> dict:
     """Map HF tensor names ([out, in] weights) to our params ([in, out] kernels), float32.
 
     `state`: a dict, or an iterable of (name, tensor) pairs consumed one at a time (a stream: only the params
     and one tensor are held). keep_dtype: floating tensors keep their checkpoint dtype (bf16 as ml_dtypes
     numpy, half the host memory of float32) instead of float32."""
-    params: dict = {"layers": {i: {"attn": {}, "mlp": {}} for i in range(config.num_layers)}}
+    layout = Layout.from_hf_dict(hf_config, source)
+    params = _empty_layers(layout.num_layers)
     for name, t in (state.items() if isinstance(state, dict) else state):
-        where = _where(name, config, source)
+        where = _where(name, layout, source)
         if where is not None:
             _put(params, where, _convert(t, keep_dtype))
-    check_shapes(params, config, source)
+    check_shapes(params, hf_config, source)
     return params
 
 
-class _Shape:
-    """A tensor's shape only (check_shapes reads np.shape)."""
+class ShapeOnly:
+    """A tensor's shape only, to check names and shapes (check_shapes reads np.shape) before reading any data."""
 
     def __init__(self, shape):
         self.shape = tuple(shape)
 
     @property
     def T(self):
-        return _Shape(self.shape[::-1])
+        return ShapeOnly(self.shape[::-1])
 
     @property
     def ndim(self):
         return len(self.shape)
 
 
-def lazy_safetensors_params(files: list[str], config: ModelConfig, source: str, keep_dtype: bool = False) -> dict:
+def lazy_safetensors_params(files: list[str], hf_config: dict, source: str, keep_dtype: bool = False) -> dict:
     """The params of safetensors `files` with the layers read on demand (checkpoints_convert.lazy.LazyLayers):
     embeddings, final norm and head are read now; layer i is read (memory-mapped, tensor by tensor, the file
     closed after) each time params["layers"][i] is asked for, converted as hf_state_to_params does. Names and
     shapes are checked now, from the headers."""
     from safetensors import safe_open
 
-    from checkpoints_convert.lazy import LazyLayers
-
-    outer, by_layer = {}, {i: {} for i in range(config.num_layers)}  # layer -> file -> [(name, where)]
-    shapes: dict = {"layers": {i: {"attn": {}, "mlp": {}} for i in range(config.num_layers)}}
+    layout = Layout.from_hf_dict(hf_config, source)
+    outer, by_layer = {}, {i: {} for i in range(layout.num_layers)}  # layer -> file -> [(name, where)]
+    shapes = _empty_layers(layout.num_layers)
     for f in files:
         try:
             with safe_open(f, framework="numpy") as st:
                 entries = [(k, st.get_slice(k).get_shape()) for k in st.keys()]
         except Exception as e:  # safetensors raises its own error types for bad headers/truncation
-            raise UserError(f"{f}: cannot read safetensors file ({describe(e)})") from None
+            raise FormatError(f"{f}: cannot read safetensors file ({describe(e)})") from None
         for name, shape in entries:
-            where = _where(name, config, source)
+            where = _where(name, layout, source)
             if where is None:
                 continue
             if where[0] == "outer":
                 outer[name] = (f, where)
             else:
                 by_layer[where[1]].setdefault(f, []).append((name, where))
-            _put(shapes, where, _Shape(shape))
+            _put(shapes, where, ShapeOnly(shape))
     for name, (f, where) in outer.items():
         [a] = _read_tensors(f, [name], keep_dtype)
         _put(shapes, where, a)
-    check_shapes(shapes, config, source)
+    check_shapes(shapes, hf_config, source)
 
     def load(i: int) -> dict:
         params = {"layers": {i: {"attn": {}, "mlp": {}}}}
@@ -177,7 +228,7 @@ def lazy_safetensors_params(files: list[str], config: ModelConfig, source: str, 
         return params["layers"][i]
 
     params = {k: v for k, v in shapes.items() if k != "layers"}
-    params["layers"] = LazyLayers(config.num_layers, load)
+    params["layers"] = LazyLayers(layout.num_layers, load)
     return params
 
 
@@ -188,26 +239,29 @@ def _read_tensors(f: str, names, keep_dtype: bool):
     try:
         st = safe_open(f, framework="numpy")
     except Exception as e:
-        raise UserError(f"{f}: cannot read safetensors file ({describe(e)})") from None
+        raise FormatError(f"{f}: cannot read safetensors file ({describe(e)})") from None
     with st:
         for name in names:
             try:
                 t = st.get_tensor(name)
             except Exception as e:
-                raise UserError(f"{f}: cannot read tensor {name!r} ({describe(e)})") from None
+                raise FormatError(f"{f}: cannot read tensor {name!r} ({describe(e)})") from None
             yield _convert(t, keep_dtype)
 
 
-def read_config(directory: str) -> ModelConfig:
+def read_config(directory: str) -> dict:
+    """The `config.json` of a Hugging Face model directory, as a dict (not checked beyond being a JSON object)."""
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
-        raise UserError(f"{directory}: no config.json (expected a Hugging Face model directory)")
+        raise FormatError(f"{directory}: no config.json (expected a Hugging Face model directory)")
     try:
         with open(path) as f:
             d = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    return ModelConfig.from_hf_dict(d, source=path)
+        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise FormatError(f"{path}: expected a JSON object, found {type(d).__name__}")
+    return d
 
 
 def _read_safetensors(files: list[str]):
@@ -222,13 +276,13 @@ def _read_safetensors(files: list[str]):
             with safe_open(f, framework="numpy") as st:
                 names = list(st.keys())
         except Exception as e:  # safetensors raises its own error types for bad headers/truncation
-            raise UserError(f"{f}: cannot read safetensors file ({describe(e)})") from None
+            raise FormatError(f"{f}: cannot read safetensors file ({describe(e)})") from None
         with safe_open(f, framework="numpy") as st:
             for k in names:
                 try:
                     t = st.get_tensor(k)
                 except Exception as e:
-                    raise UserError(f"{f}: cannot read tensor {k!r} ({describe(e)})") from None
+                    raise FormatError(f"{f}: cannot read tensor {k!r} ({describe(e)})") from None
                 yield k, t
 
 
@@ -236,43 +290,46 @@ def _read_torch_bins(files: list[str]) -> dict:
     try:
         import torch
     except ImportError:
-        raise UserError(f"{files[0]}: reading pytorch_model.bin needs torch (pip install torch)") from None
+        raise FormatError(f"{files[0]}: reading pytorch_model.bin needs torch (pip install torch)") from None
     state = {}
     for f in files:
         try:
             sd = torch.load(f, map_location="cpu", weights_only=True)  # never plain pickle
         except Exception as e:
-            raise UserError(f"{f}: cannot read torch checkpoint ({describe(e)})") from None
+            raise FormatError(f"{f}: cannot read torch checkpoint ({describe(e)})") from None
         if not isinstance(sd, dict):
-            raise UserError(f"{f}: expected a state dict, found {type(sd).__name__}")
+            raise FormatError(f"{f}: expected a state dict, found {type(sd).__name__}")
         state.update({k: v.float().numpy() for k, v in sd.items()})
     return state
 
 
-def load_hf_dir(directory: str, keep_dtype: bool = False) -> tuple[ModelConfig, dict]:
-    """(config, params): float32, or with keep_dtype safetensors tensors in their checkpoint dtype
+def load_hf_dir(directory: str, keep_dtype: bool = False, check_config=None) -> tuple[dict, dict]:
+    """(HF config dict, params): float32, or with keep_dtype safetensors tensors in their checkpoint dtype
     (hf_state_to_params); safetensors layers are read when asked for (lazy_safetensors_params: the host holds
-    embeddings and head, not the model), torch .bin files whole."""
-    config = read_config(directory)
+    embeddings and head, not the model), torch .bin files whole. check_config(hf_config, source), when given,
+    runs before any tensor is read: the caller's own config checks explain a bad config better than a shape check."""
+    config, config_path = read_config(directory), os.path.join(directory, "config.json")
+    if check_config is not None:
+        check_config(config, config_path)
+    Layout.from_hf_dict(config, config_path)  # a config error names config.json, not a weights file
     st = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     bins = sorted(glob.glob(os.path.join(directory, "pytorch_model*.bin")))
     if st:
         source = st[0] if len(st) == 1 else os.path.join(directory, "*.safetensors")
         return config, lazy_safetensors_params(st, config, source, keep_dtype=keep_dtype)
-    if bins:
-        state = _read_torch_bins(bins)
-        source = bins[0] if len(bins) == 1 else os.path.join(directory, "pytorch_model*.bin")
-    else:
-        raise UserError(f"{directory}: no *.safetensors or pytorch_model*.bin weights found")
-    return config, hf_state_to_params(state, config, source, keep_dtype=keep_dtype and bool(st))
+    if not bins:
+        raise FormatError(f"{directory}: no *.safetensors or pytorch_model*.bin weights found")
+    source = bins[0] if len(bins) == 1 else os.path.join(directory, "pytorch_model*.bin")
+    return config, hf_state_to_params(_read_torch_bins(bins), config, source)
 
 
-def params_to_hf_state(params: dict, config: ModelConfig) -> dict:
+def params_to_hf_state(params: dict, hf_config: dict) -> dict:
     """Inverse of `hf_state_to_params`: HF names, [out, in] weights, float32 contiguous arrays."""
+    layout = Layout.from_hf_dict(hf_config, "hf_config")
     state = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["final_norm"]}
-    if not config.tie_word_embeddings:
+    if not layout.tie_word_embeddings:
         state["lm_head.weight"] = np.asarray(params["lm_head"]).T
-    for i in range(config.num_layers):
+    for i in range(layout.num_layers):
         p = params["layers"][i]
         for hf_name, path in _LAYER_KEYS.items():
             if len(path) == 2 and path[1] not in p[path[0]]:
@@ -282,22 +339,22 @@ def params_to_hf_state(params: dict, config: ModelConfig) -> dict:
     return {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in state.items()}
 
 
-def export_hf(params: dict, config: ModelConfig, out_dir: str, overwrite: bool = False, extra_config: dict | None = None) -> str:
-    """Write config.json + model.safetensors atomically (temp dir, then rename). Returns out_dir."""
+def export_hf(params: dict, hf_config: dict, out_dir: str, overwrite: bool = False) -> str:
+    """Write `hf_config` as config.json and `params` (our layout) as model.safetensors, float32, atomically (a
+    temp dir, then a rename). Returns out_dir."""
     from safetensors.numpy import save_file
 
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
-        raise UserError(f"{out_dir} already exists (pass --overwrite to replace it)")
+        raise FormatError(f"{out_dir} already exists (pass --overwrite to replace it)")
+    state = params_to_hf_state(params, hf_config)  # a bad config or params fail before anything is written
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
     try:
-        cfg = config.to_hf_dict()
-        cfg.update(extra_config or {})
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-        save_file(params_to_hf_state(params, config), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            json.dump(hf_config, f, indent=2)
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)
@@ -305,19 +362,3 @@ def export_hf(params: dict, config: ModelConfig, out_dir: str, overwrite: bool =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def export_rotated_hf(params: dict, config: ModelConfig, out_dir: str, seed: int = 0, overwrite: bool = False) -> str:
-    """Fold norms and fuse R1/R2 (the offline rotations), then export as a plain HF Llama.
-
-    R3 (Q/K after RoPE) and R4 (down_proj input) need an online Hadamard that a stock
-    transformers Llama cannot run, so they are not applied here; the exported model computes the
-    same function as the original. The rotation is recorded in config.json under `prefixquant`.
-    """
-    from prefixquant_jax.rotate.fuse import RotationConfig, rotate_params
-
-    rot = RotationConfig(r1=True, r2=True, r3=False, r4=False, seed=seed)
-    rparams, rconfig = rotate_params(params, config, rot)
-    note = {"prefixquant": {"rotation": "norms folded, R1 and R2 random Hadamard fused", "seed": seed,
-                            "online_not_representable": ["R3 (Q/K after RoPE)", "R4 (down_proj input)"]}}
-    return export_hf(rparams, rconfig, out_dir, overwrite=overwrite, extra_config=note)

@@ -1,6 +1,7 @@
 """The options of `quantize` (api.py): frozen dataclasses that check themselves when built.
 
-    QuantizeOptions   calibration sizes, outlier threshold, prefix, GPTQ, the PrefixQuant initialisation rules
+    QuantizeOptions   outlier threshold, prefix, GPTQ, the initialisation rules (one set of calibration defaults)
+    FlatOptions       FlatQuant's own: parameterization, smoothing init, learning rates, LWC/LAC
     TrainConfig       block-wise fine-tuning (PrefixQuant FT; FlatQuant trains its transforms with it)
     TrainCheckpoint   where the fine-tuning run is checkpointed, and whether it resumes one
 
@@ -13,7 +14,10 @@ import dataclasses
 import math
 import os
 
+from typing import Any
+
 from prefixquant_jax.errors import UserError
+from prefixquant_jax.flatquant.transforms import COND_MAX, PARAMS
 
 
 def require_int(obj, names, low: int) -> None:
@@ -46,10 +50,7 @@ GPTQ_INPUTS = ("fp", "quantized")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantizeOptions:
-    calib_data: str = "wikitext2-valid"  # text the samples are drawn from when no calibration tokens are given
-    calib_samples: int = 32
-    calib_seqlen: int = 512
-    outlier_samples: int = 8  # samples used to find the outlier tokens
+    outlier_samples: int = 8  # calibration samples scanned for outlier tokens
     grid_samples: int = 2
     eta: float = 64.0
     seed: int = 0
@@ -57,7 +58,7 @@ class QuantizeOptions:
     progress: bool = True
     calibrate: bool = True  # False: leave static scales unset (a resumed training run restores them)
     prefix_kv: object = None  # a PrefixKV to use (e.g. imported from a prefix file) instead of computing one
-    flatquant: object = None  # flatquant.FlatOptions for method "flatquant" presets (None: defaults)
+    flatquant: object = None  # FlatOptions for FlatQuant recipes (None: defaults)
     gptq: bool = False  # GPTQ weights (quant/gptq.py) instead of RTN, on the same per-channel scales
     gptq_damp: float = 0.01  # Hessian dampening, fraction of its mean diagonal
     gptq_act_order: bool = True  # quantize input channels by decreasing Hessian diagonal (quant/gptq.py)
@@ -69,7 +70,7 @@ class QuantizeOptions:
     target: str = "local"  # search target: "local" (FP block on quantized inputs) or "fp" (FP block on FP inputs)
 
     def __post_init__(self):
-        require_int(self, ("calib_samples", "calib_seqlen", "outlier_samples", "grid_samples"), 1)
+        require_int(self, ("outlier_samples", "grid_samples"), 1)
         require_int(self, ("seed",), 0)
         require_number(self, "eta", 1.0, strict=True)
         require_number(self, "gptq_damp", 0.0, strict=True)
@@ -89,6 +90,36 @@ class QuantizeOptions:
             if self.prefix_kv is not None and self.prefix_ids:
                 raise UserError("QuantizeOptions.prefix_ids and QuantizeOptions.prefix_kv exclude each other",
                                 "QuantizeOptions.prefix_ids", "QuantizeOptions.prefix_kv")
+        if self.flatquant is not None and not isinstance(self.flatquant, FlatOptions):
+            raise UserError(f"QuantizeOptions.flatquant must be a FlatOptions, got {type(self.flatquant).__name__}",
+                            "QuantizeOptions.flatquant")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FlatOptions:
+    """FlatQuant's own options (how long and on what it trains: quantize's TrainConfig and tokens).
+    `train`: None, or a callable (qm, groups) -> report that runs the training step instead (to watch it)."""
+
+    param: str = "inverse"  # or "orthogonal"
+    alpha: float = 0.3  # SmoothQuant-style init of the per-channel scales
+    lr: float = 5e-3
+    clip_lr: float | None = None  # None: 10 x lr
+    lwc: bool = True
+    lac: bool = True
+    cond_max: float = COND_MAX
+    train: Any = None
+    merge: bool = True
+
+    def __post_init__(self):
+        require_choice(self, "param", PARAMS)
+        require_number(self, "lr", 0.0, strict=True)
+        if self.clip_lr is not None:
+            require_number(self, "clip_lr", 0.0, strict=True)
+        require_number(self, "alpha", 0.0, strict=False, high=1.0)
+        require_number(self, "cond_max", 1.0, strict=True)
+        if self.train is not None and not callable(self.train):
+            raise UserError(f"FlatOptions.train must be None or a callable (qm, groups) -> report, got "
+                            f"{type(self.train).__name__} (a TrainConfig goes to quantize(train=...))", "FlatOptions.train")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

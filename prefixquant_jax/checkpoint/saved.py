@@ -1,44 +1,51 @@
-"""Saved quantized models: the model's full NNX state as an Orbax checkpoint plus JSON metadata.
+"""Saved quantized models: the model's NNX state as an Orbax checkpoint plus JSON metadata.
 
-Directory layout (format `prefixquant-quantized/1`):
+Directory layout (format `prefixquant-quantized/2`):
   DIR/prefixquant.json        metadata, written last: its presence marks a complete checkpoint
-  DIR/state/                  Orbax PyTree checkpoint: a nested dict of numpy arrays, one leaf per NNX
-                              variable, at the variable's path with string keys (layers -> "3" -> qparams -> q -> scale)
-  DIR/prefix_kv.safetensors   the FP prefix KV in the `prefix_io` format (presets with a prefix)
+  DIR/state/                  Orbax PyTree checkpoint: a nested dict of numpy arrays, one leaf per NNX variable, at
+                              the variable's path with string keys (layers -> "3" -> qparams -> q -> scale)
+  DIR/prefix_kv.safetensors   the FP prefix's K/V rows (the model's Prefix variables) in the prefix-file format of
+                              checkpoints_convert.prefix_io (recipes with a prefix)
   DIR/tokenizer/              the tokenizer (`save_pretrained`), when one was given
+The whole directory is written under a temporary name beside DIR and renamed when complete.
 
-Weights: a kernel whose block has a weight scale qparams[<name>]["scale"] (symmetric, [1, out]) is stored as
-its integer codes: int4 packed two per int8 byte along the input axis (`pallas_kernels.int4` layout)
-for 4-bit weight specs, int8 for 8-bit ones; the load rebuilds kernel = codes * scale in float32, which
-the forward's fake-quantizer maps to itself, so logits are bit-identical. A kernel whose codes would
-not reproduce the forward's value exactly (checked at save time) is stored in float, like every other
-variable. Each stored leaf carries a CRC32 in the metadata, checked on load.
+Weights: a kernel whose block has a weight scale qparams[<name>]["scale"] (symmetric, [1, out]) is stored as its
+integer codes: int4 packed two per int8 byte along the input axis (`pallas_kernels.int4` layout) for 4-bit weight
+specs, int8 for 8-bit ones; the load rebuilds kernel = codes * scale in float32, which the forward's fake
+quantizer maps to itself, so logits are bit-identical. A kernel whose codes would not reproduce the forward's
+value exactly (checked at save time) is stored in float, like every other variable. Each stored leaf carries a
+CRC32 in the metadata, checked on load.
 
-Metadata keys: format, method, preset (every Preset field), bits {w, a, kv}, quantizers (site ->
-QuantSpec fields, plus "weight"), rotation {rotated, r3, r4, seed, hadamard sizes}, eta, prefix
-{prefix_ids, token_ids (the same ids, its old name), text, length, k_rotated, file, crc32} or null, config (HF config.json dict), model {dtype,
-recipe}, qparams {layer: {where: {scale | zero: {shape, dtype, type}}}}, variables [{path, type, shape, dtype, stored,
-scale?, crc32}], tokenizer, sizes {disk_bytes, fp32_params_bytes}, report, versions.
-The module skeleton is rebuilt from `config` + `recipe` + `variables`: nothing about the qparams keys
-(or other variable types) is hard-coded here. Checkpoints written before the quantizer variables were typed
-(a flat qparams dict of QuantParam: "<site>", "<site>_zero", "w_<linear>") load through codec.upgrade_qparams.
+Metadata keys: format, recipe (quant.serial.encode: the QuantRecipe, FlatQuant's included), summary {name, method,
+bits, rotated, prefix}, prefix {prefix_ids, text, length, k_rotated, file, crc32} or null, config (HF config.json
+dict), dtype, variables [{path, type, shape, dtype, stored, scale?, crc32}], tokenizer, sizes {disk_bytes,
+fp32_params_bytes}, report, versions. The module skeleton is rebuilt from `config` + `recipe` + `variables`:
+nothing about the qparams or transforms keys (or other variable types) is hard-coded here.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
 import tempfile
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from prefixquant_jax.checkpoint import codec
+from prefixquant_jax.checkpoint.fp import load_prefix_kv, load_tokenizer, save_prefix_kv
 from prefixquant_jax.errors import UserError, describe
+from prefixquant_jax.nn.config import ModelConfig
+from prefixquant_jax.nn.decoder import with_prefix
+from prefixquant_jax.pipeline.result import QuantizedModel
+from prefixquant_jax.quant.qarray import EPS, QArray
+from prefixquant_jax.quant.serial import decode
 
 FORMAT_NAME = "prefixquant-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the recipe (no separate preset), FlatQuant's typed transforms, the prefix as model state
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 META = "prefixquant.json"
 STATE, PREFIX, TOKENIZER = "state", "prefix_kv.safetensors", "tokenizer"
@@ -89,11 +96,11 @@ def _atomic_dir(path: str, overwrite: bool):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_quantized(qm, path: str, overwrite: bool = False, tokenizer=None) -> str:
-    """Write `qm` (a QuantizedModel) to directory `path` atomically; returns the absolute path."""
+def save_quantized(qm: QuantizedModel, path: str, overwrite: bool = False, tokenizer=None) -> str:
+    """Write `qm` to directory `path` atomically; returns the absolute path."""
     check_save_target(path, overwrite)  # before any work
     leaves = codec.stored_leaves(qm)
-    tree, variables, qparams = {}, [], {}
+    tree, variables = {}, []
     for p, cls, a, stored, enc, sp in leaves:
         node = tree
         for k in p[:-1]:
@@ -104,30 +111,25 @@ def save_quantized(qm, path: str, overwrite: bool = False, tokenizer=None) -> st
         if sp is not None:
             entry["scale"] = list(sp)
         variables.append(entry)
-        if len(p) == 5 and p[0] == "layers" and p[2] == "qparams":
-            qparams.setdefault(str(p[1]), {}).setdefault(p[3], {})[p[4]] = {
-                "shape": list(a.shape), "dtype": str(a.dtype), "type": codec.type_name(cls)}
     try:
         with _atomic_dir(path, overwrite) as tmp:
-            _fill(tmp, qm, tokenizer, tree, variables, qparams, leaves)
+            _fill(tmp, qm, tokenizer, tree, variables, leaves)
     except OSError as e:  # disk full, permissions, a name taken meanwhile
         raise UserError(f"{os.path.abspath(path)}: cannot write the checkpoint ({describe(e)})") from None
     return os.path.abspath(path)
 
 
-def _fill(tmp, qm, tokenizer, tree, variables, qparams, leaves) -> None:
+def _fill(tmp, qm, tokenizer, tree, variables, leaves) -> None:
     """Write tokenizer, prefix KV, Orbax state and (last) the metadata into the temp dir `tmp`."""
-    from checkpoints_convert.prefix_io import save_prefix_kv
-
     tok = _save_tokenizer(qm, tokenizer, tmp)
     prefix = None
-    if qm.prefix_kv is not None:
-        f = save_prefix_kv(qm.prefix_kv, os.path.join(tmp, PREFIX))
-        ids = list(qm.prefix_kv.prefix_ids)  # "token_ids": the key older readers of the format know
-        prefix = {"prefix_ids": ids, "token_ids": ids, "text": qm.prefix_kv.text, "length": qm.prefix_kv.length,
-                  "k_rotated": bool(qm.prefix_kv.k_rotated), "file": PREFIX, "crc32": codec.file_crc(f)}
+    pkv = qm.prefix_kv
+    if pkv is not None:
+        f = save_prefix_kv(pkv, os.path.join(tmp, PREFIX))
+        prefix = {"prefix_ids": list(pkv.prefix_ids), "text": pkv.text, "length": pkv.length,
+                  "k_rotated": bool(pkv.k_rotated), "file": PREFIX, "crc32": codec.file_crc(f)}
     _write_state(os.path.join(tmp, STATE), tree)
-    meta = {"format": FORMAT, **codec.metadata(qm, variables, qparams, prefix, tok)}
+    meta = {"format": FORMAT, **codec.metadata(qm, variables, prefix, tok)}
     meta["sizes"] = {"disk_bytes": codec.dir_bytes(tmp),
                      "fp32_params_bytes": sum(4 * a.size for p, cls, a, *_ in leaves if codec.type_name(cls) == "flax.nnx:Param")}
     with open(os.path.join(tmp, META), "w") as fh:
@@ -135,8 +137,6 @@ def _fill(tmp, qm, tokenizer, tree, variables, qparams, leaves) -> None:
 
 
 def _write_state(directory: str, tree: dict) -> None:
-    import jax
-    import orbax.checkpoint as ocp
     try:
         if jax.process_count() > 1:  # several processes (quantize --coordinator): the caller alone writes host values
             me = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
@@ -180,61 +180,40 @@ def read_metadata(path: str) -> dict:
     if name != FORMAT_NAME:
         raise UserError(f"{mpath}: not a prefixquant checkpoint (format {fmt!r}, expected {FORMAT!r})")
     if version != str(FORMAT_VERSION):
-        raise UserError(f"{mpath}: format version {version!r} is not supported (this version reads {FORMAT!r})")
-    for key in ("preset", "config", "model", "variables"):
+        raise UserError(f"{mpath}: format version {version!r} is not supported (this version reads {FORMAT!r}; "
+                        "quantize the model again)")
+    for key in ("recipe", "config", "dtype", "variables"):
         if key not in meta:
             raise UserError(f"{mpath}: metadata has no {key!r}")
     return meta
 
 
-def load_quantized(path: str, dtype=None):
-    """Rebuild the QuantizedModel saved in directory `path` (fp_model None, report["loaded_from"] = path).
-
-    `dtype` (default: the saved one) is the dtype of the base parameters; qparams keep theirs."""
-    import jax.numpy as jnp
-
-    from prefixquant_jax.nn.config import ModelConfig
-    from prefixquant_jax.kv_cache import prefix_len
-    from prefixquant_jax.quant.presets import Preset
-    from prefixquant_jax.pipeline import QuantizedModel
-
+def load_quantized(path: str, dtype=None) -> QuantizedModel:
+    """Rebuild the QuantizedModel saved in directory `path` (report["loaded_from"] = path). `dtype` (default: the
+    saved one) is the dtype of the base parameters; qparams keep theirs."""
     path = os.path.abspath(path)
     meta = read_metadata(path)
     src = os.path.join(path, META)
     try:
         config = ModelConfig.from_hf_dict(meta["config"], source=src)
-        names = {f.name for f in dataclasses.fields(Preset)}
-        fields = {k: _tuples(v) for k, v in meta["preset"].items() if k in names}
-        recipe = codec.decode(meta["model"].get("recipe"), src)
-        if fields.get("custom_recipe") is not None:  # a raw QuantRecipe's preset: the recipe the model runs
-            fields["custom_recipe"] = recipe
-        preset = Preset(**fields)
-        values, weights = _restore_values(path, meta)
-        model = codec.rebuild(config, values, meta, dtype or jnp.dtype(meta["model"]["dtype"]), recipe, src)
+        recipe = decode(meta["recipe"], src)
+        values = _restore_values(path, meta)
+        model = codec.rebuild(config, values, meta, dtype or jnp.dtype(meta["dtype"]), recipe, src)
     except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
         raise UserError(f"{src}: malformed metadata ({describe(e)})") from None
+    prefix = load_saved_prefix(path, meta, config)
+    if prefix is not None:
+        model = with_prefix(model, prefix)
     report = dict(meta.get("report") or {})
-    if "prefix_tokens" in report:  # the old name of prefix_ids (models saved before the rename)
-        report.setdefault("prefix_ids", report.pop("prefix_tokens"))
     report["loaded_from"] = path
-    prefix_kv = load_saved_prefix(path, meta, config)
-    model.prefix_len = prefix_len(prefix_kv)  # calibrated behind it: a call without the prefix raises
-    return QuantizedModel(config=config, model=model, fp_model=None, prefix_kv=prefix_kv, preset=preset,
-                          report=report, weights=weights)
+    return QuantizedModel(model=model, report=report)
 
 
-def _tuples(v):
-    """JSON lists back as the tuples a frozen Preset holds (e.g. act_site_clips)."""
-    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
-
-
-def _restore_values(path: str, meta: dict) -> tuple[dict, dict]:
-    """({variable path: float array as the model holds it}, {(layer, linear name): its stored QArray}),
-    after the CRC check; a kernel stored as codes is the dequantized QArray (quant/qarray.py)."""
-    import orbax.checkpoint as ocp
-
-    from prefixquant_jax.quant.qarray import EPS, QArray
-
+def _restore_values(path: str, meta: dict) -> dict:
+    """{variable path: float array as the model holds it}, after the CRC check; a kernel stored as codes comes back
+    dequantized (quant/qarray.py)."""
     sdir = os.path.join(path, STATE)
     if not os.path.isdir(sdir):
         raise UserError(f"{sdir}: missing (incomplete checkpoint)")
@@ -252,27 +231,24 @@ def _restore_values(path: str, meta: dict) -> tuple[dict, dict]:
         stored[p] = np.asarray(node)
         if codec.crc(stored[p]) != e["crc32"]:
             raise UserError(f"{sdir}: checksum mismatch for {codec.dotted(p)} (corrupted checkpoint)")
-    values, weights = {}, {}
+    values = {}
     for e in meta["variables"]:
         p, a = tuple(e["path"]), stored[tuple(e["path"])]
         if e["stored"] in ("int4", "int8"):
             scale = np.maximum(np.asarray(stored[tuple(e["scale"])], np.float32), np.float32(EPS))
             q = QArray(qvalue=a, scale=scale, zero_point=None, bits=4 if e["stored"] == "int4" else 8,
                        granularity="channel", packed_axis=0 if e["stored"] == "int4" else None)
-            weights[(int(p[1]), p[3])] = q  # kernel path ("layers", i, "attn" | "mlp", name, "kernel")
             a = np.asarray(q.dequantize())
         elif e["stored"] != "raw":
             raise UserError(f"{sdir}: unknown encoding {e['stored']!r} of {codec.dotted(p)}")
         if list(a.shape) != list(e["shape"]) or str(a.dtype) != e["dtype"]:
             raise UserError(f"{sdir}: {codec.dotted(p)} is {a.dtype}{list(a.shape)}, metadata says {e['dtype']}{e['shape']}")
         values[p] = a
-    return values, weights
+    return values
 
 
 def load_saved_prefix(path: str, meta: dict | None = None, config=None):
-    """The checkpoint's FP prefix KV (None when its preset has no prefix), CRC-checked."""
-    from checkpoints_convert.prefix_io import load_prefix_kv
-
+    """The checkpoint's FP prefix (a PrefixKV; None when its recipe has no prefix), CRC-checked."""
     meta = read_metadata(path) if meta is None else meta
     info = meta.get("prefix")
     if not info:
@@ -287,8 +263,6 @@ def load_saved_prefix(path: str, meta: dict | None = None, config=None):
 
 def saved_tokenizer(path: str, meta: dict | None = None):
     """The tokenizer saved with the checkpoint (UserError when there is none)."""
-    from checkpoints_convert import load_tokenizer
-
     meta = read_metadata(path) if meta is None else meta
     if not meta.get("tokenizer"):
         raise UserError(f"{path}: no tokenizer was saved with this checkpoint (save it with tokenizer=...)")

@@ -1,34 +1,34 @@
-"""Greedy decoding with the KV cache."""
+"""Greedy decoding with the KV cache, behind the model's FP prefix."""
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from prefixquant_jax.errors import UserError
-from prefixquant_jax.compiled import Compiled
-from prefixquant_jax.kv_cache import prefix_len
+from prefixquant_jax.eval.forward import step
+from prefixquant_jax.parallel.sharding import place_batch
 
 
-def greedy(compiled: Compiled, prompt_ids, max_new_tokens: int, eos_id: int | None = None, prefix_kv=None) -> list[int]:
-    """Greedy-decode up to `max_new_tokens` after `prompt_ids` behind `prefix_kv` (default: the one `compiled`
-    runs behind)."""
-    config = compiled.model.config
-    prefix_kv = getattr(compiled, "prefix_kv", None) if prefix_kv is None else prefix_kv
-    P = prefix_len(prefix_kv)
+def greedy(model, prompt_ids, max_new_tokens: int, eos_id: int | None = None, mesh=None) -> list[int]:
+    """Greedy-decode up to `max_new_tokens` after `prompt_ids` (any Decoder; `mesh`: the mesh its state was put
+    on by parallel.sharding.shard, None: one device)."""
+    P = model.prefix_len
     prompt = np.asarray(prompt_ids, np.int32)[None]
     total = P + prompt.shape[1] + max_new_tokens
-    if total > config.max_position_embeddings:
-        raise UserError(f"prompt ({prompt.shape[1]}) + prefix ({P}) + max new tokens ({max_new_tokens}) exceeds max positions {config.max_position_embeddings}")
-    cache = compiled.cache(1, total, prefix_kv)
-    nxt, cache = compiled.step(compiled.state, jnp.asarray(prompt), cache, P)
-    out, pos = [], P + prompt.shape[1]
+    if total > model.config.max_position_embeddings:
+        raise UserError(f"prompt ({prompt.shape[1]}) + prefix ({P}) + max new tokens ({max_new_tokens}) exceeds max "
+                        f"positions {model.config.max_position_embeddings}")
+    graphdef, state = nnx.split(model)
+    cache = place_batch(mesh, model.init_cache(1, prompt.shape[1] + max_new_tokens))
+    nxt, cache = step(graphdef, state, place_batch(mesh, jnp.asarray(prompt)), cache)
+    out = []
     for _ in range(max_new_tokens):
         t = int(nxt[0])
         out.append(t)
         if eos_id is not None and t == eos_id:
             break
-        nxt, cache = compiled.step(compiled.state, jnp.asarray([[t]], jnp.int32), cache, pos)
-        pos += 1
+        nxt, cache = step(graphdef, state, place_batch(mesh, jnp.asarray([[t]], jnp.int32)), cache)
     return out
 
 

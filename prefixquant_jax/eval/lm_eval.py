@@ -35,11 +35,13 @@ Static shapes, so nothing is recompiled per request:
 """
 from __future__ import annotations
 
-import types
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 import lm_eval.models  # noqa: F401  before registering ours: lm-eval fills its registry lazily only while it is empty
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
@@ -47,6 +49,8 @@ from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from prefixquant_jax.errors import UserError
+from prefixquant_jax.eval import forward
+from prefixquant_jax.eval.models import load_for_eval
 
 BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 32768)
 
@@ -80,50 +84,13 @@ def _gathered_scores(head, h, pos, tgts, mask):
     return shared, greedy, logp[:, 0], jnp.argmax(logits[:, 0], axis=-1)
 
 
-@jax.jit
-def _scores_of_logits(logits, pos, tgts, mask):
-    """_gathered_scores on full logits [R, L, V] (a compiled object without a hidden/head split)."""
-    return _gathered_scores(lambda x: x, logits, pos, tgts, mask)
-
-
-def _scorer(compiled):
-    """(state, tokens [R, L], cache, offset, pos, tgts, mask) -> _gathered_scores, one jitted forward that
-    computes the head on the scored positions only (the fake Compiled, or the real runtime's RealCompiled);
-    other compiled objects: their full logits, then the gather."""
-    from prefixquant_jax.compiled import Compiled
-
-    if isinstance(compiled, Compiled):
-        from flax import nnx
-
-        gd = compiled.graphdef
-
-        def fake(state, tokens, cache, offset, pos, tgts, mask):
-            m = nnx.merge(gd, state)
-            h, _ = m.hidden(tokens, cache, offset)
-            return _gathered_scores(m.head, h, pos, tgts, mask)
-
-        return jax.jit(fake)
-    try:
-        from prefixquant_jax.runtime import RealCompiled
-    except ImportError:  # pragma: no cover - the runtime always imports where the real backend loads
-        RealCompiled = ()
-    if isinstance(compiled, RealCompiled):
-        from prefixquant_jax.runtime.model import head, hidden_jit
-
-        real_scores = jax.jit(lambda pm, h, pos, tgts, mask: _gathered_scores(lambda x: head(pm, x), h, pos, tgts,
-                                                                               mask))
-
-        def real(state, tokens, cache, offset, pos, tgts, mask):
-            h, _ = hidden_jit(state, tokens, cache, offset)  # the runtime's shared jitted pieces
-            return real_scores(state, h, pos, tgts, mask)
-
-        return real
-
-    def generic(state, tokens, cache, offset, pos, tgts, mask):
-        logits, _ = compiled.logits(state, tokens, cache, offset)
-        return _scores_of_logits(logits, pos, tgts, mask)
-
-    return generic
+@functools.partial(jax.jit, static_argnums=0)
+def _score(graphdef, state, tokens, cache, pos, tgts, mask):
+    """_gathered_scores of tokens [R, L] at cache.pos..: one jitted forward that computes the head on the scored
+    positions only."""
+    m = nnx.merge(graphdef, state)
+    h, _ = m.hidden(tokens, cache)
+    return _gathered_scores(m.head, h, pos, tgts, mask)
 
 
 def _as_bool(v):
@@ -156,7 +123,7 @@ class PrefixQuantLM(TemplateLM):
     def __init__(self, pretrained: str = "smollm2", backend: str = "fake", fake_matmul: str = "float",
                  dtype: str = "float32", batch_size=8, max_batch_tokens=4096, max_length=None, max_gen_toks=256,
                  add_bos_token=None, prefix_token_id=None, import_prefix: str | None = None,
-                 kernels: str = "auto", loaded=None, compiled=None, device=None, max_batch_size=None, **unknown):
+                 kernels: str = "auto", loaded=None, device=None, max_batch_size=None, **unknown):
         super().__init__()
         if unknown:
             raise UserError(f"unknown prefixquant-jax model arg(s): {', '.join(sorted(unknown))}")
@@ -168,30 +135,25 @@ class PrefixQuantLM(TemplateLM):
             raise UserError(f"kernels must be auto, mosaic or triton, got {kernels!r}")
         if dtype not in ("float32", "bfloat16"):
             raise UserError(f"dtype must be float32 or bfloat16, got {dtype!r}")
-        if loaded is None:
-            from prefixquant_jax.loading import load_for_inference
-            loaded = load_for_inference(str(pretrained), getattr(jnp, dtype), import_prefix=import_prefix)
-        if compiled is None:
-            from prefixquant_jax.cli import _compiled
-            compiled = _compiled(loaded, types.SimpleNamespace(backend=backend, fake_matmul=fake_matmul,
-                                                               model=str(pretrained), dtype=dtype,
-                                                               kernels=kernels))
-        self.loaded, self.compiled, self.tokenizer = loaded, compiled, loaded.tokenizer
+        if loaded is None:  # an eval.models.EvalModel: the one the CLI loaded, or loaded here
+            loaded = load_for_eval(str(pretrained), getattr(jnp, dtype), import_prefix, backend, fake_matmul, kernels)
+        self.loaded, self.tokenizer = loaded, loaded.tokenizer
+        self.graphdef, self.state = nnx.split(loaded.model)
         self.spec, self.backend_name, self.fake_matmul = str(pretrained), backend, fake_matmul
-        self.P = compiled.prefix_len  # every sequence sits behind the prefix the compiled model carries
-        room = loaded.config.max_position_embeddings - self.P
+        self.P = loaded.model.prefix_len  # every sequence sits behind the model's FP prefix
+        config = loaded.model.config
+        room = config.max_position_embeddings - self.P
         self._max_length = _as_int("max_length", max_length, min(2048, room), minimum=2)
         if self._max_length > room:
             raise UserError(f"max_length {self._max_length} (+ prefix {self.P}) exceeds the model's max positions "
-                            f"{loaded.config.max_position_embeddings}")
+                            f"{config.max_position_embeddings}")
         self._batch_size = _as_int("batch_size", batch_size, 8)
         self.max_batch_tokens = _as_int("max_batch_tokens", max_batch_tokens, 4096)
         self._max_gen_toks = _as_int("max_gen_toks", max_gen_toks, 256)
         self.add_bos_token = _as_bool(add_bos_token)
         self.custom_prefix_token_id = None if prefix_token_id is None else _as_int("prefix_token_id", prefix_token_id, minimum=0)
         self.buckets = buckets_for(self._max_length)
-        self._caches: dict = {}  # (rows, length) -> empty cache (the logits path does not donate it)
-        self._score = None  # the jitted scoring forward (_scorer), made on first use
+        self._caches: dict = {}  # (rows, length) -> empty cache (the scoring path does not donate it)
         self.shapes_run: set = set()  # (rows, length) of every loglikelihood forward (tests check the buckets)
 
     # ----- what lm-eval reads
@@ -229,7 +191,7 @@ class PrefixQuantLM(TemplateLM):
 
     def get_model_info(self) -> dict:
         return {"model_spec": self.spec, "backend": self.backend_name, "fake_matmul": self.fake_matmul,
-                "preset": self.loaded.preset, "prefix_len": self.P, "max_length": self._max_length}
+                "recipe": self.loaded.name, "prefix_len": self.P, "max_length": self._max_length}
 
     def rows_for(self, length: int) -> int:
         """Rows of a batch in the bucket of `length` tokens."""
@@ -256,7 +218,7 @@ class PrefixQuantLM(TemplateLM):
     def _cache(self, rows: int, length: int):
         key = (rows, length)
         if key not in self._caches:
-            self._caches[key] = self.compiled.cache(rows, self.P + length)
+            self._caches[key] = self.loaded.model.init_cache(rows, length)
         return self._caches[key]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -282,8 +244,6 @@ class PrefixQuantLM(TemplateLM):
             K = min(L, bucket_of(max(ncont for _, ncont in uniq[i:k]), KBUCKETS))
             chunks.append((L, R, K, uniq[i:k]))
             i = k
-        if self._score is None:
-            self._score = _scorer(self.compiled)
         out: list = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="prefixquant-jax loglikelihood", disable=disable_tqdm, leave=False)
         for L, R, K, chunk in chunks:
@@ -297,9 +257,9 @@ class PrefixQuantLM(TemplateLM):
                 tgts[r, 1:ncont] = inp[n - ncont + 1:n]
                 mask[r, 1:ncont] = True
             self.shapes_run.add((R, L))
-            shared, greedy, last_logp, last_arg = jax.device_get(self._score(
-                self.compiled.state, jnp.asarray(toks), self._cache(R, L), self.P, jnp.asarray(pos),
-                jnp.asarray(tgts), jnp.asarray(mask)))
+            shared, greedy, last_logp, last_arg = jax.device_get(_score(
+                self.graphdef, self.state, jnp.asarray(toks), self._cache(R, L), jnp.asarray(pos), jnp.asarray(tgts),
+                jnp.asarray(mask)))
             for r, key in enumerate(chunk):
                 for j in rows[key]:
                     t = requests[j][2][-1]
@@ -366,8 +326,8 @@ class PrefixQuantLM(TemplateLM):
         Lb, Tb = bucket_of(n, self.buckets), bucket_of(n + max_new, self.buckets)
         toks = np.zeros((1, Lb), np.int32)
         toks[0, :n] = ids
-        c = self.compiled
-        logits, cache = c.logits(c.state, jnp.asarray(toks), c.cache(1, self.P + Tb), self.P)
+        logits, cache = forward.logits(self.graphdef, self.state, jnp.asarray(toks),
+                                        self.loaded.model.init_cache(1, Tb))
         t = int(jnp.argmax(logits[0, n - 1]))
         out = []
         while True:
@@ -376,7 +336,9 @@ class PrefixQuantLM(TemplateLM):
                 break
             if stop and any(s in self.tok_decode(out, skip_special_tokens=False) for s in stop):
                 break
-            nxt, cache = c.step(c.state, jnp.asarray([[t]], jnp.int32), cache, self.P + n + len(out) - 1)
+            # the next token's position: after the real prompt tokens, over the bucket's padding rows
+            cache = dataclasses.replace(cache, pos=jnp.asarray(self.P + n + len(out) - 1, jnp.int32))
+            nxt, cache = forward.step(self.graphdef, self.state, jnp.asarray([[t]], jnp.int32), cache)
             t = int(nxt[0])
         return out
 

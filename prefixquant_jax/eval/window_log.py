@@ -3,8 +3,8 @@
     line 1   {"format": "prefixquant-ppl-log/1", "fingerprint": <sha256>}
     then     {"start": s, "count": n, "tokens": <hash of the batch>, "nll": x}   one line per finished batch
 
-The fingerprint hashes what every sum depends on (the model state, the prefix KV, the window
-length, the batch size); each line also carries a hash of its own tokens, so a log can be
+The fingerprint hashes what every sum depends on (the model: its structure, its state with the FP
+prefix inside; the window length, the batch size); each line also carries a hash of its own tokens, so a log can be
 continued by the same evaluation over more windows (e.g. the first N windows, then the full
 test) but never mixed with another model's or another text's numbers. A line torn by a kill is
 dropped on reopen.
@@ -20,26 +20,24 @@ import numpy as np
 
 from prefixquant_jax.errors import UserError
 
-FORMAT = "prefixquant-ppl-log/1"
+FORMAT = "prefixquant-ppl-log/2"  # 2: the model structure and its prefix state hashed
 
 
 def batch_hash(batch: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(batch, np.int64).tobytes()).hexdigest()[:16]
 
 
-def eval_fingerprint(state, seqlen: int, prefix_kv, batch_size: int, tag: str = "") -> str:
+def eval_fingerprint(graphdef, state, seqlen: int, batch_size: int, tag: str = "") -> str:
     h = hashlib.sha256()
-    trees = [state] if prefix_kv is None else [state, list(prefix_kv.k), list(prefix_kv.v)]
-    for leaf in jax.tree.leaves(trees):
+    h.update(repr(graphdef).encode())  # the structure: recipe, dtypes, prefix ids
+    for leaf in jax.tree.leaves(state):
         if not isinstance(leaf, (np.ndarray, jax.Array, np.generic, int, float, bool)):
             h.update(repr(leaf).encode())  # static metadata a pytree may carry as a leaf
             continue
         a = np.ascontiguousarray(np.asarray(leaf))
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(a.tobytes())
-    h.update(f"seqlen={seqlen}|batch={batch_size}".encode())
-    if tag:  # only when set, so logs written before tags existed keep their fingerprint
-        h.update(f"|{tag}".encode())
+    h.update(f"seqlen={seqlen}|batch={batch_size}|{tag}".encode())
     return h.hexdigest()
 
 
@@ -66,9 +64,12 @@ class WindowLog:
             rows = [json.loads(x) for x in lines[1:]]
         except (IndexError, ValueError):
             raise UserError(f"log_path {self.path}: not a perplexity log (unreadable JSON lines)", "log_path") from None
-        if not isinstance(head, dict) or head.get("format") != FORMAT:
+        if not isinstance(head, dict) or not str(head.get("format", "")).startswith("prefixquant-ppl-log/"):
             raise UserError(f"log_path {self.path}: not a perplexity log (format "
                             f"{head.get('format') if isinstance(head, dict) else None!r})", "log_path")
+        if head["format"] != FORMAT:
+            raise UserError(f"log_path {self.path} was written in format {head['format']!r}; this version writes "
+                            f"{FORMAT!r}: give a new file", "log_path")
         if head.get("fingerprint") != fingerprint:
             raise UserError(f"log_path {self.path} belongs to another evaluation (model, prefix, seqlen or batch size "
                             "differ); give a new file", "log_path")

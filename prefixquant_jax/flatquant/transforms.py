@@ -1,19 +1,21 @@
 """FlatQuant's learnable affine transforms: Kronecker factors, their two parameterizations, init, checks.
 
-Per decoder layer, stored as variables in `block.transforms` (an nnx.Dict):
+Per decoder layer, typed variables in `block.transforms`, keyed like `block.qparams` by where they act:
 
-  transform  size             where it acts (online)                              absorbed into (offline)
-  qkv        D = n1*n2        x_norm -> (x * s) (P1 kron P2) before q/k/v         s: input RMSNorm; P^-1: q, k, v kernels
-  ug         D                before gate/up                                      s: post RMSNorm;  P^-1: gate, up kernels
-  down       F = n1*n2        before down_proj                                    s: up kernel columns; P^-1: down kernel
-  o          H (heads)        head mixing of the attention output                 (P_o kron P_v)^-1: o kernel
-  k          head_dim         k -> k P_k after RoPE (q -> q P_k^-T)               online only (RoPE sits in between)
-  v          head_dim         v -> v P_v per KV head                              P_v: v kernel columns; P_v^-1: o kernel
+  transforms[site]   site         size            online                                 offline (merge.py)
+  "left", "right",   qkv_in       D = n1*n2       x_norm -> (x * s) (P1 kron P2)         s: input RMSNorm; P^-1: q/k/v
+  "smooth"           up_gate_in   D               before gate/up                         s: post RMSNorm;  P^-1: gate/up
+                     down_in      F = n1*n2       before down_proj                       s: up columns;    P^-1: down
+  "left"             o_in         H (heads)       head mixing of the attention output    (P_o kron P_v)^-1: o kernel
+                     k_cache      head_dim        k -> k P_k after RoPE (q -> q P_k^-T)  online only (RoPE in between)
+                     v_cache      head_dim        v -> v P_v per KV head                 P_v: v columns; P_v^-1: o kernel
+  "clip_min",        a dynamic site: LAC, the per-token range shrunk by sigmoid(logit) ([1])
+  "clip_max"
+  transforms[linear] "clip_min", "clip_max": LWC of linear q k v o gate up down ([1, out] sigmoid logits)
 
-Keys: `<t>_1`, `<t>_2` (Kronecker factors; o/k/v have only `_1`), `<t>_s` (per-channel scale, qkv/ug/down),
-`lwc_<linear>_max|min` ([1, out] sigmoid logits), `lac_<site>_max|min` ([1] sigmoid logits). With the
-orthogonal parameterization a factor `<f>` is U diag(sigma) V^T with U = U0 cayley(A_u), V = cayley(A_v):
-keys `<f>_base` (U0, frozen), `<f>_u`, `<f>_v` (A, skew part used), `<f>_sigma`.
+A factor ("left" / "right") is a Factor P ("inverse" parameterization: P^-1 = inv(P)), or ("orthogonal") an
+nnx.Dict U diag(sigma) V^T with U = base cayley(u), V = cayley(v): base (FactorBase, frozen), u, v (Factor, the
+skew part used), sigma (SingularValues).
 """
 from __future__ import annotations
 
@@ -28,22 +30,35 @@ from prefixquant_jax.errors import UserError
 
 
 class TransformParam(nnx.Variable):
-    """A learnable FlatQuant transform entry (Kronecker factor, per-channel scale, clip logit)."""
+    """A learnable FlatQuant entry: the transforms' group of the trainer (ClipLogit has its own)."""
 
 
-class ClipParam(TransformParam):
-    """LWC / LAC clip logits: a TransformParam (selected with the transforms) with its own learning rate."""
+class Factor(TransformParam):
+    """A Kronecker factor P, or a Cayley generator of the orthogonal parameterization."""
 
 
-class TransformBase(nnx.Variable):
-    """Frozen part of a transform (the orthogonal parameterization's initial rotation U0): never trained."""
+class SmoothScale(TransformParam):
+    """The per-channel scale s of a Kronecker site (x * s), folded into a norm or the up kernel by the merge."""
+
+
+class SingularValues(TransformParam):
+    """sigma of an orthogonally parameterized factor U diag(sigma) V^T."""
+
+
+class ClipLogit(TransformParam):
+    """LWC / LAC sigmoid logits: selected with the transforms, trained at their own learning rate."""
+
+
+class FactorBase(nnx.Variable):
+    """Frozen part of a factor (the orthogonal parameterization's initial rotation U0): never trained."""
 
 
 PARAMS = ("inverse", "orthogonal")
-KRON = ("qkv", "ug", "down")  # two-factor transforms with a per-channel scale
-SITE_OF = {"qkv": "qkv_in", "ug": "up_gate_in", "down": "down_in", "o": "o_in", "k": "k_cache", "v": "v_cache"}
+KRON_SITES = ("qkv_in", "up_gate_in", "down_in")  # two-factor transforms with a per-channel scale
+HEAD_SITES = ("o_in", "k_cache", "v_cache")  # one factor
 CLIP_INIT = 4.0  # sigmoid(4) = 0.982
 COND_MAX = 1e5  # condition number above which an fp32 inverse is not trusted
+POSITIVE_MIN = 1e-5
 
 
 def kron_sizes(n: int) -> tuple[int, int]:
@@ -80,20 +95,26 @@ def cayley(w):
     return jnp.linalg.solve(eye - a, eye + a)
 
 
-def factor(t, key: str, param: str):
-    """(P, P^-1) in fp32 of factor `key` of the transforms dict `t`."""
+def factor(f, param: str):
+    """(P, P^-1) in fp32 of the factor `f` (a Factor, or an orthogonal parameterization's nnx.Dict)."""
     if param == "inverse":
-        p = t[key][...].astype(jnp.float32)
+        p = f[...].astype(jnp.float32)
         return p, jnp.linalg.inv(p)
-    u = t[key + "_base"][...] @ cayley(t[key + "_u"][...])
-    v = cayley(t[key + "_v"][...])
-    s = t[key + "_sigma"][...]
+    u = f["base"][...] @ cayley(f["u"][...])
+    v = cayley(f["v"][...])
+    s = f["sigma"][...]
     return (u * s[None, :]) @ v.T, (v / s[None, :]) @ u.T
 
 
-def factors(t, name: str, param: str):
-    """[(P, P^-1)] of every Kronecker factor of transform `name` (o, k, v: a single factor)."""
-    return [factor(t, f"{name}_{i}", param) for i in (1, 2) if f"{name}_{i}" in t or f"{name}_{i}_base" in t]
+def has_transform(t, site: str) -> bool:
+    return site in t and "left" in t[site]
+
+
+def factors(t, site: str, param: str):
+    """[(P, P^-1)] of every factor of the transform at `site` ([] without one; o, k, v: a single factor)."""
+    if site not in t:
+        return []
+    return [factor(t[site][side], param) for side in ("left", "right") if side in t[site]]
 
 
 def random_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -101,15 +122,12 @@ def random_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
     return (q * np.sign(np.diag(r))[None, :]).astype(np.float32)
 
 
-def _add_factor(t, key: str, n: int, param: str, rng) -> None:
+def _new_factor(n: int, param: str, rng):
     q = random_orthogonal(n, rng)
     if param == "inverse":
-        t[key] = TransformParam(jnp.asarray(q))
-    else:
-        t[key + "_base"] = TransformBase(jnp.asarray(q))
-        t[key + "_u"] = TransformParam(jnp.zeros((n, n), jnp.float32))
-        t[key + "_v"] = TransformParam(jnp.zeros((n, n), jnp.float32))
-        t[key + "_sigma"] = TransformParam(jnp.ones((n,), jnp.float32))
+        return Factor(jnp.asarray(q))
+    return nnx.Dict(base=FactorBase(jnp.asarray(q)), u=Factor(jnp.zeros((n, n), jnp.float32)),
+                    v=Factor(jnp.zeros((n, n), jnp.float32)), sigma=SingularValues(jnp.ones((n,), jnp.float32)))
 
 
 def smooth_scale(w_absmax, x_absmax, alpha: float):
@@ -119,47 +137,49 @@ def smooth_scale(w_absmax, x_absmax, alpha: float):
     return np.maximum(w ** (1 - alpha) / x ** alpha, 1e-5).astype(np.float32)
 
 
+def _clip_pair(shape) -> nnx.Dict:
+    return nnx.Dict(clip_max=ClipLogit(jnp.full(shape, CLIP_INIT, jnp.float32)),
+                    clip_min=ClipLogit(jnp.full(shape, CLIP_INIT, jnp.float32)))
+
+
 def init_block(block, config, seed, param: str = "inverse", act_absmax: dict | None = None, alpha: float = 0.3,
                lwc: bool = True, lac_sites=()) -> None:
-    """Fill `block.transforms`: random orthogonal factors (seeded), SmoothQuant-style scales from the
-    calibration activation maxima `act_absmax` {site: [n]} (ones without them), LWC logits for every linear
+    """Fill `block.transforms` (module docstring): random orthogonal factors (seeded), SmoothQuant-style scales from
+    the calibration activation maxima `act_absmax` {site: [n]} (ones without them), LWC logits for every linear
     (when `lwc`) and LAC logits for `lac_sites`."""
     if param not in PARAMS:
         raise UserError(f"unknown FlatQuant parameterization {param!r} (one of {', '.join(PARAMS)})")
     rng = np.random.default_rng(seed)
     t = block.transforms
     D, F, H, hd = config.hidden_size, config.intermediate_size, config.num_heads, config.head_dim
-    for name, n in (("qkv", D), ("ug", D), ("down", F)):
-        for i, m in enumerate(kron_sizes(n), start=1):
-            _add_factor(t, f"{name}_{i}", m, param, rng)
-    for name, n in (("o", H), ("k", hd), ("v", hd)):
-        _add_factor(t, f"{name}_1", n, param, rng)
+    for site, n in (("qkv_in", D), ("up_gate_in", D), ("down_in", F)):  # the order draws the seeded factors
+        n1, n2 = kron_sizes(n)
+        t[site] = nnx.Dict(left=_new_factor(n1, param, rng))
+        t[site]["right"] = _new_factor(n2, param, rng)
+    for site, n in (("o_in", H), ("k_cache", hd), ("v_cache", hd)):
+        t[site] = nnx.Dict(left=_new_factor(n, param, rng))
     a, m = block.attn, block.mlp
-    w_max = {"qkv": jnp.concatenate([a.q.kernel[...], a.k.kernel[...], a.v.kernel[...]], axis=1),
-             "ug": jnp.concatenate([m.gate.kernel[...], m.up.kernel[...]], axis=1), "down": m.down.kernel[...]}
-    for name in KRON:
-        x = (act_absmax or {}).get(SITE_OF[name])
-        w = np.abs(np.asarray(w_max[name], np.float32)).max(axis=1)
+    w_max = {"qkv_in": jnp.concatenate([a.q.kernel[...], a.k.kernel[...], a.v.kernel[...]], axis=1),
+             "up_gate_in": jnp.concatenate([m.gate.kernel[...], m.up.kernel[...]], axis=1),
+             "down_in": m.down.kernel[...]}
+    for site in KRON_SITES:
+        x = (act_absmax or {}).get(site)
+        w = np.abs(np.asarray(w_max[site], np.float32)).max(axis=1)
         s = np.ones_like(w) if x is None else smooth_scale(w, x, alpha)
-        t[f"{name}_s"] = TransformParam(jnp.asarray(s))
+        t[site]["smooth"] = SmoothScale(jnp.asarray(s))
     if lwc:
-        for lin, mod in (("q", a.q), ("k", a.k), ("v", a.v), ("o", a.o), ("gate", m.gate), ("up", m.up), ("down", m.down)):
-            out = mod.kernel.shape[1]
-            for side in ("max", "min"):
-                t[f"lwc_{lin}_{side}"] = ClipParam(jnp.full((1, out), CLIP_INIT, jnp.float32))
+        for lin, mod in (("q", a.q), ("k", a.k), ("v", a.v), ("o", a.o), ("gate", m.gate), ("up", m.up),
+                         ("down", m.down)):
+            t[lin] = _clip_pair((1, mod.kernel.shape[1]))
     for site in lac_sites:
-        for side in ("max", "min"):
-            t[f"lac_{site}_{side}"] = ClipParam(jnp.full((1,), CLIP_INIT, jnp.float32))
+        pair = _clip_pair((1,))
+        t[site]["clip_max"], t[site]["clip_min"] = pair["clip_max"], pair["clip_min"]
 
 
-def transform_names(t) -> list[str]:
-    return [n for n in ("qkv", "ug", "down", "o", "k", "v") if f"{n}_1" in t or f"{n}_1_base" in t]
-
-
-def condition_number(t, name: str, param: str) -> float:
-    """cond(P) of transform `name` = product of its factors' condition numbers (2-norm, fp64)."""
+def condition_number(t, site: str, param: str) -> float:
+    """cond(P) of the transform at `site` = product of its factors' condition numbers (2-norm, fp64)."""
     c = 1.0
-    for p, _ in factors(t, name, param):
+    for p, _ in factors(t, site, param):
         sv = np.linalg.svd(np.asarray(p, np.float64), compute_uv=False)
         c *= float(sv[0] / sv[-1]) if sv[-1] > 0 and np.isfinite(sv).all() else float("inf")
     return c
@@ -172,26 +192,29 @@ def check_transforms(model, param: str, cond_max: float = COND_MAX) -> dict:
     for i, blk in enumerate(model.layers):
         t = blk.transforms
         out[i] = {}
-        for name in transform_names(t):
-            c = condition_number(t, name, param)
+        for site in KRON_SITES + HEAD_SITES:
+            if not has_transform(t, site):
+                continue
+            c = condition_number(t, site, param)
             if not c <= cond_max:
                 what = "singular" if not np.isfinite(c) else f"ill-conditioned (condition number {c:.3g} > {cond_max:g})"
-                raise UserError(f"FlatQuant transform of layer {i} at site {SITE_OF[name]} is {what}; its inverse is not "
+                raise UserError(f"FlatQuant transform of layer {i} at site {site} is {what}; its inverse is not "
                                 f"reliable in fp32 (retrain with a lower FlatOptions.lr or FlatOptions.param 'orthogonal')",
                                 "FlatOptions.lr", "FlatOptions.param")
-            out[i][SITE_OF[name]] = c
-        if "qkv_s" in t:
-            for name in KRON:
-                s = np.asarray(t[f"{name}_s"][...])
+            out[i][site] = c
+        for site in KRON_SITES:
+            if site in t and "smooth" in t[site]:
+                s = np.asarray(t[site]["smooth"][...])
                 if not (np.isfinite(s).all() and (np.abs(s) > 0).all()):
-                    raise UserError(f"FlatQuant per-channel scale of layer {i} at site {SITE_OF[name]} has a zero or "
+                    raise UserError(f"FlatQuant per-channel scale of layer {i} at site {site} has a zero or "
                                     f"non-finite entry; it cannot be inverted")
     return out
 
 
 def positive_scales(state):
-    """Trainer projection: keep the per-channel scales (`*_s`) and orthogonal sigmas >= 1e-5."""
-    def f(path, x):
-        names = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
-        return jnp.maximum(x, 1e-5) if any(n.endswith(("_s", "_sigma")) for n in names) else x
-    return jax.tree_util.tree_map_with_path(f, state)
+    """Trainer projection: keep the per-channel scales and the orthogonal sigmas >= POSITIVE_MIN."""
+    def f(v):
+        if isinstance(v, (SmoothScale, SingularValues)):
+            return v.replace(jnp.maximum(v[...], POSITIVE_MIN))
+        return v
+    return jax.tree.map(f, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

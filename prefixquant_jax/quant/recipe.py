@@ -1,48 +1,56 @@
-"""QuantRecipe: what the model does at each named site (rotate, fake-quantize); Capture: a recipe around
-another that also records statistics there.
+"""QuantRecipe: one quantization, whole: what the model does at each named site (rotate, fake-quantize), how it
+quantizes its weights, whether the FP prefix goes in front, and its name. A preset (presets.py) is a named
+QuantRecipe; `Capture` is a recipe around another that also records statistics.
 
-A recipe is static (frozen, hashable): it is part of the jitted graph, while the numbers it needs
-(static scales, zero points) live in each block's `qparams`, one entry per quantizer, as typed variables
-(model.Scale, model.ZeroPoint, both QuantParam):
+A recipe is static (frozen, hashable): it is part of the jitted graph, while the numbers it needs (static
+scales, zero points) live in each block's `qparams`, one entry per quantizer, as typed variables
+(nn.variables.Scale, ZeroPoint, both QuantParam):
   qparams[site]["scale"]    Scale, broadcastable to the site's input ([1,1,1] per tensor, [KV,1] per head)
   qparams[site]["zero"]     ZeroPoint (asymmetric static sites only)
   qparams[linear]["scale"]  per-output-channel weight Scale [1, out] for linear in WEIGHT_NAMES
 (`Block.set_quantizer` writes an entry, `static_qparams` reads one).
-Kernels stay full precision in the model; with `weight` set, the forward fake-quantizes each kernel
-with its scale (straight-through), so weights and their scales can both be trained.
+Kernels stay full precision in the model; with `weight` set, the forward fake-quantizes each kernel with its
+scale (straight-through), so weights and their scales can both be trained.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax.numpy as jnp
 from flax import nnx
 
-from prefixquant_jax.quant.qarray import fake_quant, quantize
+from prefixquant_jax.errors import UserError
+from prefixquant_jax.nn.decoder import WEIGHT_NAMES
+from prefixquant_jax.quant.int_linear import exact_in_f32, int_linear
+from prefixquant_jax.quant.qarray import QArray, fake_quant, quantize
 from prefixquant_jax.quant.spec import QuantSpec
 from prefixquant_jax.rotate.hadamard import hadamard_transform
 
 ACT_SITES = ("qkv_in", "o_in", "up_gate_in", "down_in")
 KV_SITES = ("k_cache", "v_cache")
 QUANT_SITES = ACT_SITES + KV_SITES
-# The linears of a block, each with the Block submodule that holds it (model.Block.linear_module): the one list of
-# these names (the model, the weight quantizer's qparams keys, the checkpoint and the exporters derive theirs from it)
-LINEAR_MODULES = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
-WEIGHT_NAMES = tuple(LINEAR_MODULES)
+MATMULS = ("float", "int")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantRecipe:
-    """`sites`: (site, QuantSpec) pairs; unnamed sites stay FP. `weight`: static per-channel weight
-    quantizer (scales in qparams[<linear>]["scale"]; a linear without one stays FP). `r3`/`r4`: online Hadamards.
-    Statistics (ranges, Gram matrices, q/K/V) are captured by wrapping a recipe in `Capture`.
-    """
+    """`sites`: (site, QuantSpec) pairs; unnamed sites stay FP. `weight`: the static per-channel weight quantizer
+    (scales in qparams[<linear>]["scale"]; a linear without one stays FP). `rotate`: PrefixQuant's Hadamard
+    rotations, R1/R2 fused into the weights by the pipeline, R3 (q, k after RoPE) and R4 (down_proj input)
+    online here. `prefix`: the FP prefix of outlier tokens goes in front. `matmul` "int": each quantized linear
+    computed as the integer runtime does (quant/int_linear.py), the real backend's numbers exactly.
+    `name` / `description`: what presets.py calls it."""
 
+    method: ClassVar[str] = "prefixquant"
+
+    name: str = "custom"
+    description: str = ""
     sites: tuple[tuple[str, QuantSpec], ...] = ()
     weight: QuantSpec | None = None
-    r3: bool = False
-    r4: bool = False
-    int_matmul: bool = False  # compute quantized linears as the integer runtime does (quant/int_matmul.py)
+    rotate: bool = False
+    prefix: bool = True
+    matmul: str = "float"
 
     def spec(self, site: str) -> QuantSpec | None:
         return dict(self.sites).get(site)
@@ -50,11 +58,73 @@ class QuantRecipe:
     def replace(self, **kw) -> "QuantRecipe":
         return dataclasses.replace(self, **kw)
 
+    # ---- what the recipe quantizes, summarised (reports, the CLI's table, the runtime's checks)
+    def _bits(self, sites) -> int | None:
+        return min((s.bits for n, s in self.sites if n in sites), default=None)
+
+    @property
+    def w_bits(self) -> int | None:
+        return None if self.weight is None else self.weight.bits
+
+    @property
+    def a_bits(self) -> int | None:
+        return self._bits(ACT_SITES)
+
+    @property
+    def kv_bits(self) -> int | None:
+        return self._bits(KV_SITES)
+
+    @property
+    def is_static(self) -> bool:
+        """Whether any activation or KV quantizer is static (needs calibrated scales)."""
+        return any(not s.dynamic for _, s in self.sites)
+
+    @property
+    def is_fp(self) -> bool:
+        return not self.sites and self.weight is None
+
+    def fp_reference(self):
+        """The recipe of the FP model this one is measured against: the same online rotations, no quantizer
+        (None when there is nothing online)."""
+        return QuantRecipe(name=f"{self.name} (FP)", rotate=True, prefix=self.prefix) if self.rotate else None
+
+    def check(self) -> None:
+        """UserError unless the pipeline can initialise and calibrate this recipe: known sites, each named once;
+        static activation quantizers per tensor, static KV ones per tensor or per head (dynamic ones at any
+        granularity); a static symmetric per-channel weight quantizer (or none)."""
+        names = [s for s, _ in self.sites]
+        for site in names:
+            if site not in QUANT_SITES:
+                raise UserError(f"QuantRecipe.sites: unknown site {site!r} (known: {', '.join(QUANT_SITES)})",
+                                "QuantRecipe.sites")
+            if names.count(site) > 1:
+                raise UserError(f"QuantRecipe.sites: site {site!r} is given {names.count(site)} times",
+                                "QuantRecipe.sites")
+        for site, spec in self.sites:
+            if not isinstance(spec, QuantSpec):
+                raise UserError(f"QuantRecipe.sites: {site!r} needs a QuantSpec, got {type(spec).__name__}",
+                                "QuantRecipe.sites")
+            allowed = ("tensor",) if site in ACT_SITES else ("tensor", "head")
+            if not spec.dynamic and spec.granularity not in allowed:
+                raise UserError(f"QuantRecipe.sites: static {site!r} must have granularity {' or '.join(allowed)} "
+                                f"(the calibrated scales), got {spec.granularity!r}; a dynamic quantizer may use any",
+                                "QuantRecipe.sites")
+        w = self.weight
+        if w is not None and (not isinstance(w, QuantSpec) or w.dynamic or not w.symmetric
+                              or w.granularity != "channel"):
+            raise UserError(f"QuantRecipe.weight must be a static symmetric per-channel QuantSpec (scales [1, out], "
+                            f"RTN or GPTQ), got {w!r}", "QuantRecipe.weight")
+        if self.matmul not in MATMULS:
+            raise UserError(f"QuantRecipe.matmul must be one of {', '.join(MATMULS)}, got {self.matmul!r}",
+                            "QuantRecipe.matmul")
+        if not isinstance(self.prefix, bool) or not isinstance(self.rotate, bool):
+            raise UserError(f"QuantRecipe.prefix and .rotate must be True or False, got {self.prefix!r}, "
+                            f"{self.rotate!r}")
+
+    # ---- the model's interception points (nn/decoder.py)
     def apply_site(self, name: str, x, qparams, block=None):
-        if name in ("q_rot", "k_rot"):
-            return hadamard_transform(x) if self.r3 else x
-        if name == "down_rot":
-            return hadamard_transform(x) if self.r4 else x
+        if name in ("q_rot", "k_rot", "down_rot"):  # R3, R4
+            return hadamard_transform(x) if self.rotate else x
         return self.site_output(name, self.site_input(name, x, qparams, block), qparams, block)
 
     def site_input(self, name: str, x, qparams, block=None):
@@ -71,6 +141,24 @@ class QuantRecipe:
             return fake_quant(x, spec, scale=scale, zero=zero)
         return quantize(x, spec, scale=scale, zero=zero, ste=True)  # the linear computes the integer product
 
+    def product(self, name: str, x, block):
+        """x @ kernel of linear `name` as this recipe quantizes it. x may be a QArray (an activation site with
+        matmul "int"): then the runtime's integer product (quant/int_linear.py)."""
+        k = block.linear_module(name).kernel[...]
+        if isinstance(x, QArray):  # activations in the model's dtype, like the kernels
+            value = x.dequantize(k.dtype)
+            parts = self.weight_parts(name, k, block.qparams)
+            if parts is not None:
+                k_fq, qw, sw = parts
+                exact = exact_in_f32(x.bits, self.weight.bits, k.shape[0])
+                return int_linear(value, k_fq, x.qvalue, x.scale, qw, sw, not exact).astype(value.dtype)
+            x = value
+        return x @ self.apply_weight(name, k, block.qparams, block)
+
+    def bias(self, name: str, bias, block=None):
+        """The bias of linear `name` as the forward adds it (after the product)."""
+        return bias
+
     def weight_parts(self, name: str, kernel, qparams):
         return weight_parts(self.weight, name, kernel, qparams)
 
@@ -83,14 +171,14 @@ class QuantRecipe:
 
 @dataclasses.dataclass(frozen=True)
 class Capture:
-    """A recipe that runs `inner` (a QuantRecipe or FlatQuantRecipe) and sows statistics as nnx.Intermediate:
+    """A recipe that runs `inner` (a QuantRecipe) and sows statistics as nnx.Intermediate:
 
     `ranges`: per-token (min, max) of every quantization site's input as its quantizer sees it ("<site>_min",
     "<site>_max"; activation sites [B, L], KV sites [B, L, KV]): outlier detection and calibration.
     `gram`: the sum over tokens of x^T x [C, C] at each activation site ("<site>_gram", GPTQ's Hessian).
     `qkv`: the attention's q after R3 ("q_attn") and the KV sites' inputs ("k_cache_x", "v_cache_x"),
     [B, L, heads, hd] float32: the per-head KV clip searches (quant/clip_search.py).
-    Everything else (spec, weight, sites, int_matmul, weights, biases) is `inner`'s."""
+    Everything else (spec, weight, sites, product, bias, ...) is `inner`'s."""
 
     inner: object
     ranges: bool = False
@@ -123,9 +211,9 @@ class Capture:
 
 
 def hands_qact(recipe, site: str, spec: QuantSpec) -> bool:
-    """Whether activation site `site` (quantizer `spec`) of a recipe with int_matmul hands its linears a QArray:
-    symmetric per-tensor or per-token activations feeding quantized weights."""
-    return (recipe.int_matmul and recipe.weight is not None and site in ACT_SITES and spec.symmetric
+    """Whether activation site `site` (quantizer `spec`) of a recipe with matmul "int" hands its linears a
+    QArray: symmetric per-tensor or per-token activations feeding quantized weights."""
+    return (recipe.matmul == "int" and recipe.weight is not None and site in ACT_SITES and spec.symmetric
             and spec.granularity in ("tensor", "token"))
 
 
@@ -154,3 +242,7 @@ def pair_ranges(merged: dict) -> dict:
     """{"<site>_min": a, "<site>_max": b, ...} -> {site: (a, b)}."""
     sites = {k.rsplit("_", 1)[0] for k in merged}
     return {s: (merged[s + "_min"], merged[s + "_max"]) for s in sites}
+
+
+__all__ = ["ACT_SITES", "Capture", "KV_SITES", "QUANT_SITES", "QuantRecipe", "WEIGHT_NAMES", "hands_qact",
+           "pair_ranges", "sown_value", "static_qparams", "weight_parts"]

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
+from checkpoints_convert.lazy import LazyLayers, streamed
 from prefixquant_jax.nn.config import ModelConfig
 from prefixquant_jax.rotate.hadamard import hadamard_matrix, random_hadamard
 
@@ -116,7 +118,6 @@ def _rotate_folded_layer(lp: dict, config: ModelConfig, mats: tuple) -> dict:
 
 
 def _float32(tree):
-    import jax
     return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), tree)
 
 
@@ -150,8 +151,6 @@ class LazyRotation:
     for again."""
 
     def __init__(self, params: dict, config: ModelConfig, rot: RotationConfig):
-        from checkpoints_convert.lazy import LazyLayers, streamed
-
         self._source, self._config, self._rot, self._mats = streamed(params), config, rot, None
         self.params, self.config = _rotate_outer(params, config, self.matrices()[0])
         self.params["layers"] = LazyLayers(config.num_layers, self._layer, keep=False)

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints_convert import load_checkpoint
+from checkpoints_convert import FormatError, read_checkpoint
 from checkpoints_convert.gguf_io import unpermute_rows
+from prefixquant_jax.checkpoint.fp import load_checkpoint
 from prefixquant_jax.errors import UserError
-from prefixquant_jax.model import Llama
+from prefixquant_jax.nn.decoder import Decoder
 from tests.conftest import make_tiny_hf, rng_tokens
 
 
@@ -67,14 +68,31 @@ def test_gguf_logits_match_transformers(tmp_path, tied):
     ck = load_checkpoint(str(tmp_path / "tiny.gguf"))
     assert ck.kind == "gguf" and ck.config.tie_word_embeddings == tied
     ids = rng_tokens(40, ck.config.vocab_size)
-    logits, _ = Llama.from_params(ck.config, ck.params)(jnp.asarray(ids[None]))
+    logits = Decoder(ck.config, ck.params)(jnp.asarray(ids[None]))
     with torch.no_grad():
         want = ref(torch.tensor(ids[None], dtype=torch.long)).logits[0].numpy()
     np.testing.assert_allclose(np.asarray(logits[0]), want, atol=1e-4, rtol=0)
 
 
+def test_gguf_params_are_the_hf_weights(tmp_path):
+    """The raw read: Q and K rows un-permuted, every kernel the transposed HF weight, bit for bit (float32 file)."""
+    ref = make_tiny_hf(tmp_path / "hf", tied=False, tokenizer=False)
+    write_gguf(tmp_path / "tiny.gguf", ref)
+    raw = read_checkpoint(str(tmp_path / "tiny.gguf"))
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    assert raw.kind == "gguf" and raw.name == str(tmp_path / "tiny.gguf") and raw.hf_config["model_type"] == "llama"
+    np.testing.assert_array_equal(raw.params["embed"], sd["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(raw.params["lm_head"], sd["lm_head.weight"].T)
+    for name, (group, key) in {"q_proj": ("attn", "q"), "k_proj": ("attn", "k"), "down_proj": ("mlp", "down")}.items():
+        hf = sd[f"model.layers.1.{'self_attn' if group == 'attn' else 'mlp'}.{name}.weight"]
+        np.testing.assert_array_equal(raw.params["layers"][1][group][key], hf.T)
+
+
 def test_corrupt_gguf(tmp_path):
     p = tmp_path / "bad.gguf"
     p.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    with pytest.raises(FormatError, match="bad.gguf: cannot read GGUF file") as e:
+        read_checkpoint(str(p))
+    assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="bad.gguf"):
         load_checkpoint(str(p))

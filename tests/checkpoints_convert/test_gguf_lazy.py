@@ -3,9 +3,8 @@ and only the asked layer's tensors are dequantized (counted through gguf.quants.
 import numpy as np
 import pytest
 
-from checkpoints_convert import load_checkpoint
+from checkpoints_convert import FormatError, read_checkpoint
 from checkpoints_convert.gguf_io import read_gguf
-from prefixquant_jax.errors import UserError
 from checkpoints_convert.lazy import LazyLayers, materialize
 from tests.checkpoints_convert.test_gguf import write_gguf
 from tests.conftest import make_tiny_hf, needs_smollm2, smollm2_path
@@ -44,21 +43,22 @@ def _assert_same(lazy: dict, eager: dict, layers):
 def test_tiny_gguf_lazy_equals_eager_and_reads_one_layer(tmp_path, count_dequantize):
     write_gguf(tmp_path / "tiny.gguf", make_tiny_hf(tmp_path / "hf", tied=False, tokenizer=False))
     config, eager = read_gguf(str(tmp_path / "tiny.gguf"), lazy=False)
-    assert isinstance(eager["layers"], dict) and len(count_dequantize) == 3 + 9 * config.num_layers
+    n = config["num_hidden_layers"]
+    assert isinstance(eager["layers"], dict) and len(count_dequantize) == 3 + 9 * n
     del count_dequantize[:]
     config2, lazy = read_gguf(str(tmp_path / "tiny.gguf"))
     assert config2 == config and isinstance(lazy["layers"], LazyLayers)
     assert len(count_dequantize) == 3  # embeddings, final norm, head: no layer yet
     lazy["layers"][1]
     assert len(count_dequantize) == 3 + 9  # layer 1's nine tensors (norms, q k v o, gate up down)
-    _assert_same(lazy, eager, range(config.num_layers))
-    ck = load_checkpoint(str(tmp_path / "tiny.gguf"))  # the loader's default
-    assert isinstance(ck.params["layers"], LazyLayers)
+    _assert_same(lazy, eager, range(n))
+    raw = read_checkpoint(str(tmp_path / "tiny.gguf"))  # the reader's default
+    assert isinstance(raw.params["layers"], LazyLayers)
 
 
 def test_lazy_gguf_checks_names_before_reading(tmp_path, count_dequantize):
     write_gguf(tmp_path / "bad.gguf", make_tiny_hf(tmp_path / "hf", tokenizer=False), skip=("blk.1.ffn_down.weight",))
-    with pytest.raises(UserError, match="missing tensor blk.1.ffn_down.weight"):
+    with pytest.raises(FormatError, match="missing tensor blk.1.ffn_down.weight"):
         read_gguf(str(tmp_path / "bad.gguf"))
     assert len(count_dequantize) == 0  # found from the tensor infos, before any tensor is dequantized
 
@@ -70,7 +70,7 @@ def test_smollm2_gguf_lazy_equals_eager(count_dequantize):
     config, lazy = read_gguf(path)
     outer = len(count_dequantize)
     assert outer <= 3
-    n = config.num_layers
+    n = config["num_hidden_layers"]
     for i in (0, n - 1):
         lazy["layers"][i]
     assert len(count_dequantize) == outer + 2 * 9

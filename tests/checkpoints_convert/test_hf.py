@@ -1,15 +1,20 @@
-"""HF checkpoints (safetensors, torch .bin) load into a model whose logits match transformers fp32."""
+"""HF checkpoints (safetensors, torch .bin) load into a model whose logits match transformers fp32; the shape
+check works from the HF config dict alone."""
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from checkpoints_convert import export_hf, load_checkpoint
+import checkpoints_convert
+from checkpoints_convert import FormatError, read_checkpoint
+from checkpoints_convert.hf import check_shapes, expected_shapes
+from prefixquant_jax.checkpoint.fp import export_hf, load_checkpoint
 from prefixquant_jax.errors import UserError
-from prefixquant_jax.model import Llama
-from tests.conftest import make_tiny_hf, rng_tokens
+from prefixquant_jax.nn.decoder import Decoder
+from tests.conftest import make_tiny_family, make_tiny_hf, rng_tokens, tiny_family_config, tiny_hf_config
 
 TOL = 1e-4  # max abs logit difference vs transformers fp32
 
@@ -25,17 +30,15 @@ def _ref_logits(model, ids):
 def test_logits_match_transformers(tmp_path, fmt, gqa, tied, rope):
     ref = make_tiny_hf(tmp_path, gqa=gqa, tied=tied, rope=rope, fmt=fmt, tokenizer=False)
     ck = load_checkpoint(str(tmp_path))
-    assert ck.config.tie_word_embeddings == tied
+    assert ck.kind == "hf" and ck.config.tie_word_embeddings == tied
     assert ck.config.rope_type == rope
     ids = rng_tokens(48, ck.config.vocab_size)
-    logits, _ = Llama.from_params(ck.config, ck.params)(jnp.asarray(ids[None]))
+    logits = Decoder(ck.config, ck.params)(jnp.asarray(ids[None]))
     np.testing.assert_allclose(np.asarray(logits[0]), _ref_logits(ref, ids), atol=TOL, rtol=0)
 
 
 def test_sharded_safetensors(tmp_path):
-    import torch
     from transformers import LlamaForCausalLM
-    from tests.conftest import tiny_hf_config
 
     torch.manual_seed(1)
     ref = LlamaForCausalLM(tiny_hf_config()).eval()
@@ -43,8 +46,21 @@ def test_sharded_safetensors(tmp_path):
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
     ck = load_checkpoint(str(tmp_path))
     ids = rng_tokens(20, ck.config.vocab_size, seed=3)
-    logits, _ = Llama.from_params(ck.config, ck.params)(jnp.asarray(ids[None]))
+    logits = Decoder(ck.config, ck.params)(jnp.asarray(ids[None]))
     np.testing.assert_allclose(np.asarray(logits[0]), _ref_logits(ref, ids), atol=TOL, rtol=0)
+
+
+def test_raw_read_is_plain_data(tmp_path):
+    """read_checkpoint: the config.json dict as written, params in our layout ([in, out] kernels) equal to the
+    HF weights, float32 numpy."""
+    ref = make_tiny_hf(tmp_path, tokenizer=False)
+    raw = read_checkpoint(str(tmp_path))
+    assert raw.kind == "hf" and raw.path == raw.name == str(tmp_path)
+    assert raw.hf_config == json.loads((tmp_path / "config.json").read_text())
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    np.testing.assert_array_equal(raw.params["lm_head"], sd["lm_head.weight"].T)
+    np.testing.assert_array_equal(raw.params["layers"][1]["attn"]["k"], sd["model.layers.1.self_attn.k_proj.weight"].T)
+    assert all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in jax.tree_util.tree_leaves(raw.params))
 
 
 def test_export_round_trip(tmp_path):
@@ -55,25 +71,47 @@ def test_export_round_trip(tmp_path):
     export_hf(ck.params, ck.config, str(tmp_path / "out"))
     again = load_checkpoint(str(tmp_path / "out"))
     assert again.config == ck.config
-    for a, b in zip(_leaves(ck.params), _leaves(again.params)):
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == ck.config.to_hf_dict()
+    for a, b in zip(jax.tree_util.tree_leaves(ck.params), jax.tree_util.tree_leaves(again.params)):
         np.testing.assert_array_equal(a, b)
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
     ids = rng_tokens(30, ck.config.vocab_size, seed=2)
-    logits, _ = Llama.from_params(ck.config, ck.params)(jnp.asarray(ids[None]))
+    logits = Decoder(ck.config, ck.params)(jnp.asarray(ids[None]))
     np.testing.assert_allclose(np.asarray(logits[0]), _ref_logits(hf, ids), atol=TOL, rtol=0)
     with pytest.raises(UserError, match="already exists"):
         export_hf(ck.params, ck.config, str(tmp_path / "out"))
+    with pytest.raises(FormatError, match="already exists"):
+        checkpoints_convert.export_hf(ck.params, ck.config.to_hf_dict(), str(tmp_path / "out"))
 
 
-def _leaves(tree):
-    import jax
-    return jax.tree_util.tree_leaves(tree)
+def test_raw_export_writes_the_given_dict(tmp_path):
+    """export_hf writes the caller's HF dict as config.json (extra keys kept) and the params it describes."""
+    make_tiny_hf(tmp_path / "src", tied=True, tokenizer=False)
+    raw = read_checkpoint(str(tmp_path / "src"))
+    cfg = {**raw.hf_config, "note": {"by": "test"}}
+    checkpoints_convert.export_hf(raw.params, cfg, str(tmp_path / "out"))
+    again = read_checkpoint(str(tmp_path / "out"))
+    assert again.hf_config == cfg
+    for a, b in zip(jax.tree_util.tree_leaves(raw.params), jax.tree_util.tree_leaves(again.params)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_non_llama_config_rejected(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(UserError, match="gpt2.*not a Llama"):
         load_checkpoint(str(tmp_path))
+    with pytest.raises(FormatError, match=r"config.json: model_type 'gpt2' \(GPT2LMHeadModel\) is not a Llama"):
+        read_checkpoint(str(tmp_path))
+
+
+def test_config_is_checked_before_the_weights(tmp_path):
+    """load_checkpoint's ModelConfig checks run before any tensor is looked at (here there are none)."""
+    cfg = {**tiny_family_config("qwen3").to_dict(), "attention_bias": True}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="o_proj bias"):
+        load_checkpoint(str(tmp_path))
+    with pytest.raises(FormatError, match="no \\*.safetensors or pytorch_model\\*.bin weights"):
+        read_checkpoint(str(tmp_path))
 
 
 def test_shape_mismatch_named(tmp_path):
@@ -81,27 +119,51 @@ def test_shape_mismatch_named(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["intermediate_size"] = 100
     (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match=r"shape mismatch for layers.0.mlp.gate: got \(64, 96\), "
+                                          r"config says \(64, 100\)"):
+        read_checkpoint(str(tmp_path))
     with pytest.raises(UserError, match="shape mismatch for layers.0.mlp"):
         load_checkpoint(str(tmp_path))
 
 
-def test_export_rotated_loads_in_transformers(tmp_path):
-    """An R1/R2-rotated export loads in transformers and gives our rotated model's logits (and the original's)."""
-    from transformers import LlamaForCausalLM
+def test_unexpected_and_missing_tensors_named(tmp_path):
+    """A Qwen2 state dict under a Llama config: the first bias is named; with qwen3's q/k norms asked for but
+    absent, the first missing one is."""
+    make_tiny_family(tmp_path, "qwen2", tokenizer=False)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    as_llama = {**cfg, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    (tmp_path / "config.json").write_text(json.dumps(as_llama))
+    with pytest.raises(FormatError, match=r"unexpected tensor layers.0.attn.[qkv]_bias \(model_type 'llama' has no"):
+        read_checkpoint(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen3"}))
+    with pytest.raises(FormatError, match="missing tensor layers.0.attn.q_norm"):
+        read_checkpoint(str(tmp_path))
 
-    from checkpoints_convert.hf import export_rotated_hf
-    from prefixquant_jax.rotate.fuse import RotationConfig, rotate_params
 
-    ref = make_tiny_hf(tmp_path / "src", tied=True, tokenizer=False)
-    ck = load_checkpoint(str(tmp_path / "src"))
-    export_rotated_hf(ck.params, ck.config, str(tmp_path / "rot"), seed=7)
-    cfg = json.loads((tmp_path / "rot" / "config.json").read_text())
-    assert cfg["prefixquant"]["seed"] == 7 and cfg["tie_word_embeddings"] is False
-    hf = LlamaForCausalLM.from_pretrained(tmp_path / "rot").eval()
-    params, config = rotate_params(ck.params, ck.config, RotationConfig(r3=False, r4=False, seed=7))
-    ids = rng_tokens(30, ck.config.vocab_size, seed=5)
-    ours, _ = Llama.from_params(config, params)(jnp.asarray(ids[None]))
-    np.testing.assert_allclose(_ref_logits(hf, ids), np.asarray(ours[0]), atol=TOL, rtol=0)
-    np.testing.assert_allclose(_ref_logits(hf, ids), _ref_logits(ref, ids), atol=2e-4, rtol=0)
-    # the weights really are rotated, not a copy
-    assert not np.allclose(np.asarray(params["embed"]), ck.params["embed"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_expected_shapes_from_the_hf_dict(family):
+    """head_dim (given, or hidden / heads), kv heads, Qwen2's q/k/v biases, Qwen3's q/k norms, the untied head."""
+    d = (tiny_hf_config() if family == "llama" else tiny_family_config(family)).to_dict()
+    hd = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
+    s = expected_shapes(d)
+    attn = s["layers"][1]["attn"]
+    assert len(s["layers"]) == 2 and s["embed"] == (320, 64)
+    assert attn["q"] == (64, 4 * hd) and attn["k"] == attn["v"] == (64, 2 * hd) and attn["o"] == (4 * hd, 64)
+    assert ("q_bias" in attn, "k_norm" in attn) == (family == "qwen2", family == "qwen3")
+    if family == "qwen2":
+        assert (attn["q_bias"], attn["k_bias"]) == ((4 * hd,), (2 * hd,))
+    if family == "qwen3":
+        assert hd == 32 and attn["q_norm"] == attn["k_norm"] == (32,)
+    assert ("lm_head" in s) == (not d["tie_word_embeddings"])
+    with pytest.raises(FormatError, match="src: missing tensor embed"):
+        check_shapes({"final_norm": np.zeros(64)}, d, "src")
+
+
+def test_bad_config_dicts_are_one_line(tmp_path):
+    d = tiny_hf_config().to_dict()
+    with pytest.raises(FormatError, match="cfg: missing key 'intermediate_size'"):
+        expected_shapes({k: v for k, v in d.items() if k != "intermediate_size"}, "cfg")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(FormatError, match="config.json: not valid JSON") as e:
+        read_checkpoint(str(tmp_path))
+    assert "\n" not in str(e.value)

@@ -8,9 +8,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from checkpoints_convert import load_checkpoint
+from checkpoints_convert import FormatError, read_checkpoint
 from checkpoints_convert.hf import _read_safetensors
+from checkpoints_convert.lazy import LazyLayers
+from prefixquant_jax.checkpoint.fp import load_checkpoint
 from prefixquant_jax.errors import UserError
+from prefixquant_jax.nn.decoder import Decoder
 from tests.conftest import make_tiny_hf
 
 
@@ -36,8 +39,9 @@ def test_stream_reads_one_tensor_at_a_time_in_checkpoint_dtype(bf16_dir):
 
 
 def test_keep_dtype_is_bf16_with_the_float32_values(bf16_dir):
-    f32 = load_checkpoint(bf16_dir)
-    bf = load_checkpoint(bf16_dir, keep_dtype=True)
+    f32 = read_checkpoint(bf16_dir)
+    bf = read_checkpoint(bf16_dir, keep_dtype=True)
+    assert isinstance(bf.params["layers"], LazyLayers) and bf.params["embed"].dtype == ml_dtypes.bfloat16
     q32, qbf = f32.params["layers"][0]["attn"]["q"], bf.params["layers"][0]["attn"]["q"]
     assert q32.dtype == np.float32 and qbf.dtype == ml_dtypes.bfloat16
     for a, b in zip(jax.tree.leaves(f32.params), jax.tree.leaves(bf.params)):
@@ -45,17 +49,13 @@ def test_keep_dtype_is_bf16_with_the_float32_values(bf16_dir):
 
 
 def test_bf16_model_from_kept_params_equals_via_float32(bf16_dir):
-    """The bf16 eval path (loading.load_fp with dtype bfloat16 keeps the checkpoint dtype) computes the same logits."""
-    from prefixquant_jax.compiled import Compiled
-    from prefixquant_jax.loading import load_fp
-    from prefixquant_jax.model import Llama
-
-    ck, model = load_fp(bf16_dir, jnp.bfloat16)
+    """A bf16 model built from the kept bf16 params computes what one built from the float32 read does."""
+    ck = load_checkpoint(bf16_dir, keep_dtype=True)
     assert ck.params["embed"].dtype == ml_dtypes.bfloat16
-    ref = Llama.from_params(ck.config, load_checkpoint(bf16_dir).params, jnp.bfloat16)
-    toks = np.arange(3, 19, dtype=np.int32)[None]
-    out = [np.asarray(c.logits(c.state, toks, c.cache(1, 16), 0)[0]) for c in (Compiled(model), Compiled(ref))]
-    np.testing.assert_array_equal(out[0], out[1])
+    toks = jnp.asarray(np.arange(3, 19, dtype=np.int32)[None])
+    kept = Decoder(ck.config, ck.params, jnp.bfloat16)(toks)
+    via32 = Decoder(ck.config, load_checkpoint(bf16_dir).params, jnp.bfloat16)(toks)
+    np.testing.assert_array_equal(np.asarray(kept, np.float32), np.asarray(via32, np.float32))
 
 
 def test_truncated_shard_is_one_line_error(bf16_dir, tmp_path):
@@ -65,5 +65,8 @@ def test_truncated_shard_is_one_line_error(bf16_dir, tmp_path):
     shutil.copytree(bf16_dir, d)
     shard = sorted(d.glob("*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:200])
+    with pytest.raises(FormatError, match="cannot read safetensors") as e:
+        read_checkpoint(str(d))
+    assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="cannot read safetensors"):
         load_checkpoint(str(d))

@@ -1,0 +1,1 @@
+"""Command line: `prefixquant` (main.py)."""

@@ -1,0 +1,1 @@
+"""Devices and processes: the (data, model) mesh, per-device memory plans, several processes."""
