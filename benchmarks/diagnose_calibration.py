@@ -36,8 +36,8 @@ import time
 
 import numpy as np
 
-from prefixquant_jax.quant.presets import get_preset
-from prefixquant_jax.pipeline import QuantizeOptions, quantize
+import prefixquant_jax as pq
+from prefixquant_jax.presets import preset as get_recipe
 
 STEPS = {
     "grid": ({"full_grid": True}, {}),
@@ -54,7 +54,7 @@ OLD = ({"full_grid": False}, {"weight_clip": "mse", "kv_rule": "site", "search":
 
 
 def step(p: str):
-    """The (preset, options) changes of one variant step; "aclipNN": dynamic activation clip ratio 0.NN;
+    """The (recipe, options) changes of one variant step; "aclipNN": dynamic activation clip ratio 0.NN;
     "aclipNN@SITE": that ratio at one site (added to the variant's act_site_clips by `variant`)."""
     if p.startswith("aclip") and "@" in p:
         ratio, site = p[len("aclip"):].split("@", 1)
@@ -122,20 +122,20 @@ def main(argv=None) -> None:
     ap.add_argument("--json", dest="json_out")
     args = ap.parse_args(argv)
 
-    from checkpoints_convert import load_checkpoint
     from prefixquant_jax.errors import UserError
+    from prefixquant_jax.eval.data import calibration_samples, load_text, tokenize
 
     try:
-        ck = truncated(load_checkpoint(args.model), args.layers)
+        ck = truncated(pq.load_checkpoint(args.model), args.layers)
         tok = ck.tokenizer()
+        # the samples `prefixquant quantize` draws (its --seed 0): the same for every variant
+        calib = calibration_samples(tokenize(tok, load_text(args.calib_data)), args.calib_samples, args.calib_seqlen, 0)
         variants = [(v, *variant(v)) for v in args.variants.split(",")]
         results = {}
         for name, pkw, okw in variants:
             t = time.time()
-            preset = get_preset(args.preset, **pkw)
-            opts = QuantizeOptions(calib_data=args.calib_data, calib_samples=args.calib_samples,
-                                   calib_seqlen=args.calib_seqlen, grid_samples=args.grid_samples, progress=False, **okw)
-            qm = quantize(ck, tok, preset, opts)
+            recipe = get_recipe(args.preset, **pkw)
+            qm = pq.quantize(ck, calib, recipe, grid_samples=args.grid_samples, progress=False, **okw)
             res = summarize(qm.report)
             res["seconds"] = time.time() - t
             if args.valid_windows:
@@ -166,11 +166,9 @@ def print_layers(results: dict) -> None:
 
 def valid_ppl(qm, tok, k: int, seqlen: int) -> float:
     from prefixquant_jax.eval.data import load_text, tokenize, windows
-    from prefixquant_jax.eval.perplexity import perplexity
-    from prefixquant_jax.compiled import Compiled
 
     win = windows(tokenize(tok, load_text("wikitext2-valid")), seqlen, k)
-    r = perplexity(Compiled(qm.model), win, qm.prefix_kv, progress=False)
+    r = pq.perplexity(qm, win)
     return r["ppl"] if math.isfinite(r["ppl"]) else float("nan")
 
 

@@ -7,7 +7,7 @@ Builds, for each layer count, a random checkpoint with Llama-3-8B's block shapes
 32 heads, 8 KV heads, head_dim 128; the vocabulary is cut to --vocab, default 4096 instead of 128256, to keep
 the disk small: embeddings and head are the same in every size, so they cancel in the difference) as bf16
 safetensors, one shard per layer plus one for embeddings/norm/head and a model.safetensors.index.json, and a
-small BPE tokenizer. Then runs `python -m prefixquant_jax.cli quantize` on it in a fresh wrapper process per
+small BPE tokenizer. Then runs `python -m prefixquant_jax.cli.main quantize` (the `prefixquant` CLI) on it in a fresh wrapper process per
 size; the wrapper reports `resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`, the peak RSS of that quantize run.
 
 The check (issue [L]): peak(6 layers) - peak(2 layers) < 4 x one block's float32 weights x 1.1, i.e. memory
@@ -78,13 +78,12 @@ def mark(name, out={}):
     print("STAGES " + json.dumps(out), flush=True)
 mark("start")
 import prefixquant_jax as pq
-from checkpoints_convert import load_checkpoint
 mark("imports")
-ck = load_checkpoint(sys.argv[1])
+ck = pq.load_checkpoint(sys.argv[1])
 mark("load_checkpoint (embeddings and head; layers read when asked for)")
 calib = np.random.default_rng(0).integers(3, 300, size=(1, 16)).astype(np.int32)
 qm = pq.quantize(ck, calib, sys.argv[2], weight_clip="mse", outlier_samples=1, grid_samples=1)
-mark("pipeline.quantize (rotate, outliers, prefix KV, weights, calibration)")
+mark("pq.quantize (outliers, prefix KV, rotate, weights, calibration)")
 """
 
 
@@ -157,7 +156,7 @@ def available_bytes() -> int:
 def measure(path: str, preset: str, extra: list[str], limit_gib: float, stages: bool = False) -> dict:
     """Peak RSS of one `quantize` run, from a fresh wrapper process (its only child is that run), killed above
     `limit_gib`; stages: the --stages child instead, its RSS after each step under "stages"."""
-    cmd = [sys.executable, "-m", "prefixquant_jax.cli", "quantize", "--model", path, "--preset", preset,
+    cmd = [sys.executable, "-m", "prefixquant_jax.cli.main", "quantize", "--model", path, "--preset", preset,
            *QUANTIZE_FLAGS, *extra]
     if stages:
         cmd = [sys.executable, "-c", _STAGES, path, preset]
@@ -184,7 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-rss-gib", type=float, help="kill a quantize run whose RSS passes this (default: 85 %% of "
                     "the memory available when it starts); the result is then a lower bound")
     ap.add_argument("--stages", action="store_true", help="instead of the CLI, its steps one by one in one process "
-                    "(load_checkpoint, pipeline.quantize with RTN weights), the RSS after each")
+                    "(pq.load_checkpoint, pq.quantize with RTN weights), the RSS after each")
     ap.add_argument("extra", nargs="*", help="more quantize flags (after --)")
     args = ap.parse_args(argv)
     small, large = args.layers

@@ -8,48 +8,52 @@ import argparse
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from prefixquant_jax.eval import forward
 from prefixquant_jax.eval.generate import encode_prompt
-from prefixquant_jax.loading import load_for_inference
-from prefixquant_jax.runtime import compile_loaded
+from prefixquant_jax.eval.models import load_for_eval
+from prefixquant_jax.runtime.pack import pack
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("model")
+    ap.add_argument("model", help="a directory written by `prefixquant quantize --save`")
     ap.add_argument("prompt")
     ap.add_argument("--eps", type=float, default=1e-6)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--chat", action="store_true", help="apply the chat template")
     ap.add_argument("--answer", default="", help="text appended after the (templated) prompt")
-    args = ap.parse_args()
-    loaded = load_for_inference(args.model, jnp.float32)
-    P = 0 if loaded.prefix_kv is None else loaded.prefix_kv.length
-    ids = encode_prompt(loaded.tokenizer, args.prompt, chat=args.chat)
+    args = ap.parse_args(argv)
+    loaded = load_for_eval(args.model, jnp.float32)  # the fake-quant model as saved
+    if loaded.quantized is None:
+        raise SystemExit(f"error: {args.model} is not a saved quantized model (prefixquant quantize --save DIR)")
+    tok = loaded.tokenizer
+    ids = encode_prompt(tok, args.prompt, chat=args.chat)
     if args.answer:
-        ids += list(loaded.tokenizer(args.answer).input_ids)
+        ids += list(tok(args.answer).input_ids)
     toks = jnp.asarray([ids], jnp.int32)
 
-    def last(compiled):
-        logits, _ = compiled.logits(compiled.state, toks, compiled.cache(1, P + len(ids), loaded.prefix_kv), P)
+    def last(model):  # the jitted forward every evaluation runs, behind the model's own FP prefix
+        graphdef, state = nnx.split(model)
+        logits, _ = forward.logits(graphdef, state, toks, model.init_cache(1, len(ids)))
         return np.asarray(logits[0, -1], np.float64)
 
     def show(name, logits, base=None):
         top = np.argsort(-logits)[:3]
-        cells = ", ".join(f"{loaded.tokenizer.decode([int(t)])!r} {logits[t]:.3f}" for t in top)
+        cells = ", ".join(f"{tok.decode([int(t)])!r} {logits[t]:.3f}" for t in top)
         print(f"{name:34s} {cells}" + ("" if base is None else f"   max|dlogit| {np.abs(logits - base).max():.3f}"))
 
-    fake = loaded.compiled
+    fake = loaded.model
     base = last(fake)
     show("fake", base)
-    show("real", last(compile_loaded(loaded, args.model)), base)
-    emb = fake.state["embed"]
-    orig = emb[...]
+    show("real", last(pack(loaded.quantized)), base)
+    orig = np.asarray(fake.embed[...])
     for seed in range(args.seeds):
+        noisy = nnx.clone(fake)  # a copy: the loaded model stays as it is
         noise = np.random.default_rng(seed).normal(size=orig.shape)
-        emb[...] = orig * (1 + args.eps * jnp.asarray(noise, jnp.float32))
-        show(f"fake, embed x (1 + {args.eps:g} N), seed {seed}", last(fake), base)
-    emb[...] = orig
+        noisy.embed[...] = jnp.asarray(orig * (1 + args.eps * noise), jnp.float32)
+        show(f"fake, embed x (1 + {args.eps:g} N), seed {seed}", last(noisy), base)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@
 #      (every finished window is logged; a rerun continues where the last one stopped)
 # Saved models (hundreds of MB) stay in the untracked runs/; the logs and JSON reports are small and go
 # to results/full/ (tracked), so a row survives a new checkout. A re-quantized model that is not
-# bit-identical to the one a log was written for cannot reuse it: that log is moved aside to
-# NAME.jsonl.stale-N (never deleted) and the evaluation starts over.
+# bit-identical to the one a log was written for cannot reuse it, nor can a log of an older log format
+# (prefixquant-ppl-log/1, before the FP prefix was model state): that log is moved aside to
+# NAME.jsonl.stale-N (never deleted) and the evaluation starts over. A saved model of an older format
+# (runs/models/NAME of prefixquant-quantized/1) is refused by `eval` in one line: move it away to re-quantize.
 # Then `python benchmarks/results_full_table.py` prints the RESULTS.md table.
 # Extra quantize flags (e.g. --lr-weight 5e-5) come from $QFLAGS, with $TAG appended to NAME so such rows
 # never mix with the defaults' rows.
@@ -41,9 +43,9 @@ for row in "$@"; do
   cmd=($PQ eval --model "$model" --eval-log "$log")
   echo "+ ${cmd[*]} --json $OUT/$name.json" | tee "$OUT/$name.eval.cmd"
   if ! "${cmd[@]}" --json "$OUT/$name.json" 2> >(tee "$OUT/.$name.err" >&2); then
-    if grep -q "belongs to another evaluation" "$OUT/.$name.err"; then
+    if grep -q -e "belongs to another evaluation" -e "was written in format" "$OUT/.$name.err"; then
       n=1; while [ -e "$log.stale-$n" ]; do n=$((n + 1)); done
-      echo "! $log was written for a model that is not bit-identical to $model: moved to $log.stale-$n, starting over"
+      echo "! $log was written for a model that is not bit-identical to $model (or in an older log format): moved to $log.stale-$n, starting over"
       mv "$log" "$log.stale-$n"
       "${cmd[@]}" --json "$OUT/$name.json"
     else

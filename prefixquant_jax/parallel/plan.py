@@ -14,8 +14,9 @@ Stages (per device; `weights` and `kv_cache` exact, `activations` an estimate of
                that block: samples/data rows x seqlen.
   training     one block: trainable weights + their gradients + Adam's two moments (4 x the block, float32)
                + the FP block, plus one batch (batch/data rows x seqlen) forward and backward.
-  eval         the whole fake-quant model, its float KV cache of batch/data rows x (prefix + seqlen), the
-               logits [rows, seqlen, vocab] float32 and one block's activations.
+  eval         the whole fake-quant model with its FP prefix K/V (model state, not in a cache), its float KV
+               cache of batch/data rows x seqlen, the logits [rows, seqlen, vocab] float32 and one block's
+               activations.
   runtime      the packed int4 model (codes, scales, FP embeddings/head in --dtype, the FP prefix KV), its
                integer KV cache and one block's activations.
 Activations of a block on r rows x L tokens (float32, `model`-split widths divided by M):
@@ -36,12 +37,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding
 
-from checkpoints_convert import resolve_model_path
+from checkpoints_convert import BUNDLED, resolve_model_path
 from checkpoints_convert.gguf_io import read_gguf_config
 from checkpoints_convert.hf import expected_shapes, read_config
+from checkpoints_convert.hub import parse_repo_id
 from prefixquant_jax.checkpoint.fp import user_errors
 from prefixquant_jax.errors import UserError
-from prefixquant_jax.nn.cache import LayerKV
+from prefixquant_jax.nn.cache import Cache, LayerKV
 from prefixquant_jax.nn.config import ModelConfig
 from prefixquant_jax.nn.decoder import WEIGHT_NAMES, Decoder
 from prefixquant_jax.parallel.sharding import MeshSpec, batch_shardings, state_shardings
@@ -75,6 +77,9 @@ def resolve_config(spec: str) -> tuple[ModelConfig, str]:
     """(config, where it came from) of a built-in name, a bundled name, an HF repo id or directory, or a GGUF file."""
     if spec in BUILTIN:
         return ModelConfig.from_hf_dict(BUILTIN[spec], source=spec), f"built-in {spec}"
+    if spec not in BUNDLED and not os.path.exists(spec) and parse_repo_id(spec) is None:
+        raise UserError(f"unknown model {spec!r}: not a built-in config ({', '.join(BUILTIN)}), a bundled name "
+                        f"({', '.join(BUNDLED)}), a Hugging Face repo id org/name[@revision] or an existing path")
     with user_errors():
         path = resolve_model_path(spec)
         if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
@@ -214,14 +219,15 @@ def plan(spec: str, mesh_text: str | None, opts: PlanOptions = PlanOptions()) ->
     stage("training", blk_fp + 2 * blk_q, 2 * blk_q,
           2 * activation_bytes(config, r, L, P, M) + 2 * 4 * r * L * config.hidden_size)
     r, L = _rows(opts.batch_size, D), opts.seqlen
-    cache = jax.eval_shape(lambda: [LayerKV.empty(config, opts.batch_size, P + L, dt) for _ in range(config.num_layers)])
+    cache = jax.eval_shape(lambda: Cache(kv=[LayerKV.empty(config, opts.batch_size, L, dt)
+                                             for _ in range(config.num_layers)], pos=jnp.zeros((), jnp.int32)))
     kv = device_bytes(mesh, cache, batch_shardings(mesh, cache))
     logits = 4 * r * L * config.vocab_size
-    stage("eval", device_bytes(mesh, fake, fake_sh), 0, logits + activation_bytes(config, r, L, P, M), kv)
+    prefix = 2 * config.num_layers * P * config.num_kv_heads * config.head_dim * 4  # model state: f32, replicated
+    stage("eval", device_bytes(mesh, fake, fake_sh) + prefix, 0, logits + activation_bytes(config, r, L, P, M), kv)
     if recipe.w_bits and recipe.method == "prefixquant" and recipe.kv_bits:
         pm, packed = abstract_packed(config, recipe, rdt)
         qcache = jax.eval_shape(lambda: packed.init_cache(opts.batch_size, L))
-        prefix = 2 * config.num_layers * P * config.num_kv_heads * config.head_dim * 4  # f32, replicated
         runtime = device_bytes(mesh, pm, state_shardings(mesh, pm)) + prefix
         stage("runtime", runtime, 0, logits + activation_bytes(config, r, L, P, M),
               device_bytes(mesh, qcache, batch_shardings(mesh, qcache)))

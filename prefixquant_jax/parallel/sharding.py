@@ -87,7 +87,7 @@ class MeshSpec:
         return Mesh(np.array(devices[:data * model], dtype=object).reshape(data, model), AXES)
 
     def check_model(self, config) -> None:
-        """UserError unless `model` divides every width the Megatron split cuts (weight_spec): q and o's heads x
+        """UserError unless `model` divides every width the Megatron split cuts (partition_spec): q and o's heads x
         head_dim, k and v's KV heads x head_dim, the MLP width (gate / up columns, down rows)."""
         m = self.model
         widths = (("q/o", config.num_heads, config.head_dim), ("k/v", config.num_kv_heads, config.head_dim))
@@ -118,7 +118,7 @@ def _names(path) -> tuple:
     return tuple(n for n in out if n != "value")  # nnx Variables end in .value
 
 
-def weight_spec(names: tuple, ndim: int) -> PartitionSpec:
+def partition_spec(names: tuple, ndim: int) -> PartitionSpec:
     """PartitionSpec of one weight leaf from its path names (a Decoder's nnx state: float kernels or packed codes)."""
     if "layers" not in names or len(names) < 3:
         return PartitionSpec()
@@ -142,10 +142,10 @@ def _check(names, shape, spec: PartitionSpec, mesh: Mesh):
 
 
 def state_shardings(mesh: Mesh, state):
-    """NamedSharding per leaf of a model state (weight_spec); UserError if a split dimension does not divide."""
+    """NamedSharding per leaf of a model state (partition_spec); UserError if a split dimension does not divide."""
     def one(path, leaf):
         names, shape = _names(path), np.shape(leaf)
-        spec = weight_spec(names, len(shape))
+        spec = partition_spec(names, len(shape))
         _check(names, shape, spec, mesh)
         return NamedSharding(mesh, spec)
     return jax.tree_util.tree_map_with_path(one, state)
@@ -153,10 +153,10 @@ def state_shardings(mesh: Mesh, state):
 
 def block_shardings(mesh: Mesh, state):
     """NamedSharding per leaf of one decoder block's nnx state (paths attn.q.kernel, mlp.down.kernel, qparams...):
-    the rules of weight_spec for that block inside a model (block-wise calibration and training)."""
+    the rules of partition_spec for that block inside a model (block-wise calibration and training)."""
     def one(path, leaf):
         names, shape = ("layers", 0) + _names(path), np.shape(leaf)
-        spec = weight_spec(names, len(shape))
+        spec = partition_spec(names, len(shape))
         _check(names, shape, spec, mesh)
         return NamedSharding(mesh, spec)
     return jax.tree_util.tree_map_with_path(one, state)
@@ -169,7 +169,7 @@ def params_shardings(mesh: Mesh, params: dict):
         if len(names) == 4 and names[2] in ("attn", "mlp"):  # -> the nnx path of that Linear's kernel / bias
             owner = str(names[3])
             names = names[:3] + ((owner[:-5], "bias") if owner.endswith("_bias") else (owner, "kernel"))
-        spec = weight_spec(names, np.ndim(leaf))
+        spec = partition_spec(names, np.ndim(leaf))
         _check(names, np.shape(leaf), spec, mesh)
         return NamedSharding(mesh, spec)
     return jax.tree_util.tree_map_with_path(one, params)
@@ -209,7 +209,7 @@ class Placed:
 
 def shard(model, spec: MeshSpec | None = None, devices=None) -> Placed:
     """`model` (any Decoder) with its state put on the mesh `spec` (default MeshSpec(): every local device on
-    `data`), weights split by weight_spec; a one-device mesh (or spec None) returns the model itself."""
+    `data`), weights split by partition_spec; a one-device mesh (or spec None) returns the model itself."""
     if spec is None:
         return Placed(model, None)
     mesh = spec.make(devices)

@@ -16,7 +16,10 @@ def test_block_params_are_a_llama3_8b_block():
     from prefixquant_jax.nn.config import ModelConfig
 
     c = memory_blocks.hf_config(1, 4096)
-    layer = expected_shapes(ModelConfig.from_hf_dict(c))["layers"][0]
+    config = ModelConfig.from_hf_dict(c, source="memory_blocks")  # a config our model takes
+    assert (config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads, config.head_dim) == (
+        4096, 14336, 32, 8, 128)
+    layer = expected_shapes(c)["layers"][0]  # the checkpoints_convert leaf reads the HF dict itself
     n = sum(math.prod(s) for s in (layer["input_norm"], layer["post_norm"],
                                                       *layer["attn"].values(), *layer["mlp"].values()))
     assert memory_blocks.block_params(c) == n == 218_112_000

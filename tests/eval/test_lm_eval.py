@@ -11,8 +11,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from prefixquant_jax.eval.lm_eval import PrefixQuantLM, buckets_for  # noqa: E402
 from tests.conftest import TINY_TEXT, needs_smollm2, smollm2_path  # noqa: E402
-from tests.runtime.test_runtime import main_cli, tiny  # noqa: E402,F401  (tiny: a fixture)
-from tests.test_cli import assert_one_line_error  # noqa: E402
+from tests.cli.util import assert_one_line_error, main_cli  # noqa: E402
 
 MC_JSONL = os.path.join(os.path.dirname(__file__), "data", "mc_basic.jsonl")
 MC_YAML = """task: mc_basic
@@ -46,7 +45,7 @@ def mc_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tm(mc_dir):
-    from prefixquant_jax.cli_lm_eval import task_manager
+    from prefixquant_jax.cli.lm_eval import task_manager
     return task_manager([mc_dir], ["mc_basic", "lambada_wikitext2"])  # local tasks only: fast
 
 
@@ -132,14 +131,17 @@ def test_scored_positions_match_full_logits(tiny_dir):
     import jax
     import numpy as np
 
+    from prefixquant_jax.eval import forward
+
     lm = PrefixQuantLM(pretrained=tiny_dir, batch_size=4)
-    c = lm.compiled
+    assert lm.P == 0
     reqs = [(None, [1] + list(range(5, 25)), list(range(30, 50))), (None, [1, 5], [6]), (None, [1, 7, 8], [9, 10, 11]),
             (None, [1], list(range(60, 140)))]  # continuations of 20, 1, 3 and 80 tokens
     got = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
     for (_, ctx, cont), (ll, greedy) in zip(reqs, got):
         whole = ctx + cont
-        logits, _ = c.logits(c.state, np.asarray([whole[:-1]], np.int32), c.cache(1, len(whole) - 1), 0)
+        logits, _ = forward.logits(lm.graphdef, lm.state, np.asarray([whole[:-1]], np.int32),
+                                   lm.loaded.model.init_cache(1, len(whole) - 1))
         logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
         pos = np.arange(len(ctx) - 1, len(whole) - 1)
         assert ll == pytest.approx(float(logp[pos, cont].sum()), abs=1e-4)
@@ -175,18 +177,18 @@ def test_generate_until_matches_hf_backend(tiny_dir):
     # without stop strings: exactly max_gen_toks tokens (no EOS in a random model's top-1 here), as our greedy()
     from prefixquant_jax.eval.generate import greedy
     ids = lm.tok_encode(ctxs[0])
-    ref = greedy(lm.compiled, ids, 12, eos_id=lm.eot_token_id)
+    ref = greedy(lm.loaded.model, ids, 12, eos_id=lm.eot_token_id)
     assert lm.greedy(ids, 12) == ref
 
 
 @pytest.fixture(scope="module")
-def saved_tiny(tiny, tmp_path_factory):  # noqa: F811  (the imported fixture)
-    """The runtime tests' tiny w4a4kv4-static model (prefix [BOS], static scales from the calibration ranges,
-    no grid search: fast), saved and loaded back by its directory like a `quantize --save` model."""
+def saved_tiny(tiny_quantized, tiny_ck, tmp_path_factory):
+    """The session's tiny w4a4kv4-static model (prefix [BOS]), saved with the tiny tokenizer and loaded back by
+    its directory like a `quantize --save` model."""
     import prefixquant_jax as pq
 
-    qm, tok, _ = tiny
-    return pq.save(qm, str(tmp_path_factory.mktemp("q") / "w4a4kv4-static"), tokenizer=tok)
+    return pq.save(tiny_quantized("w4a4kv4-static"), str(tmp_path_factory.mktemp("q") / "w4a4kv4-static"),
+                   tokenizer=tiny_ck.tokenizer())
 
 
 def test_real_backend_matches_fake_behind_prefix(saved_tiny, tm):
@@ -207,7 +209,7 @@ def test_real_backend_matches_fake_behind_prefix(saved_tiny, tm):
 @pytest.mark.smollm2
 @pytest.mark.slow  # quantizes SmolLM2 (small budget) and runs the CPU integer runtime: minutes
 def test_smollm2_real_backend_matches_fake(tm, tmp_path):
-    from prefixquant_jax.cli import main
+    from prefixquant_jax.cli.main import main
 
     out = str(tmp_path / "w4a4kv4-static")
     assert main(["quantize", "--model", "smollm2", "--preset", "w4a4kv4-static", "--calib-samples", "4",

@@ -1,14 +1,17 @@
 """FlatQuant on a tiny Llama: with quantization off the transformed model (trained or merged) is the FP
-model; with quantization on the merged model matches the unmerged one (same weight codes up to ties)."""
+model; with quantization on the merged model matches the unmerged one (same weight codes up to ties).
+`FlatQuantRecipe.prefix` (was kv_original_space) chooses the KV layout: cached in the transformed space (False)
+or mapped back to the original one (True, as behind an FP prefix)."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prefixquant_jax.flatquant import FlatQuantRecipe, merge_model
-from prefixquant_jax.flatquant.recipe import channel_scale, quantizable_kernel
-from prefixquant_jax.flatquant.transforms import ClipParam, TransformBase, init_block
-from prefixquant_jax.model import Llama
-from prefixquant_jax.quant.recipe import WEIGHT_NAMES
+from flax import nnx
+
+from prefixquant_jax.flatquant.merge import merge_model
+from prefixquant_jax.flatquant.recipe import FlatQuantRecipe, channel_scale, quantizable_kernel
+from prefixquant_jax.flatquant.transforms import ClipLogit, FactorBase, SingularValues, SmoothScale, init_block
+from prefixquant_jax.nn.decoder import WEIGHT_NAMES, Decoder
 from prefixquant_jax.quant.spec import QuantSpec
 
 A4 = QuantSpec(bits=4, granularity="token", symmetric=True, dynamic=True)
@@ -18,9 +21,8 @@ QSITES = tuple((s, A4) for s in ("qkv_in", "o_in", "up_gate_in", "down_in")) + (
 
 
 @pytest.fixture(scope="module")
-def ck(tiny_dir):
-    from checkpoints_convert import load_checkpoint
-    return load_checkpoint(tiny_dir)
+def ck(tiny_ck):
+    return tiny_ck
 
 
 @pytest.fixture(scope="module")
@@ -28,38 +30,53 @@ def tokens():
     return jnp.asarray(np.random.default_rng(0).integers(3, 300, size=(2, 24)), jnp.int32)
 
 
+def _variables(t):
+    """Every variable of a block's transforms (nested nnx.Dicts), in a fixed order."""
+    for key in t:
+        v = t[key]
+        if isinstance(v, nnx.Variable):
+            yield v
+        else:
+            yield from _variables(v)
+
+
 def flat_model(ck, recipe, seed=0):
     """A model whose transforms look trained: non-orthogonal factors, uneven scales, active clipping."""
     c = ck.config
-    q = Llama.from_params(c, ck.params, recipe=recipe)
+    q = Decoder(c, ck.params, recipe=recipe)
     rng = np.random.default_rng(seed)
     stats = {"qkv_in": rng.uniform(0.5, 3, c.hidden_size), "up_gate_in": rng.uniform(0.5, 3, c.hidden_size),
              "down_in": rng.uniform(0.5, 3, c.intermediate_size)}
     lac = [s for s, spec in recipe.sites if spec.dynamic]
     for i, b in enumerate(q.layers):
         init_block(b, c, (seed, i), recipe.param, stats, lwc=recipe.weight is not None, lac_sites=lac)
-        for key, var in b.transforms.items():
+        for var in _variables(b.transforms):
             a = np.asarray(var[...])
-            if isinstance(var, ClipParam):
+            if isinstance(var, ClipLogit):
                 new = rng.uniform(0.5, 4.0, a.shape)
-            elif isinstance(var, TransformBase) or key.endswith("_s"):
+            elif isinstance(var, (FactorBase, SmoothScale)):
                 continue
-            elif key.endswith("_sigma"):
+            elif isinstance(var, SingularValues):
                 new = a * rng.uniform(0.7, 1.4, a.shape)
-            else:
+            else:  # a Factor (or an orthogonal factor's Cayley generator)
                 new = a + 0.15 * rng.standard_normal(a.shape)
             var[...] = jnp.asarray(new, jnp.float32)
     return q
 
 
+@pytest.fixture(scope="module")
+def fp_logits(ck, tokens):
+    return np.asarray(Decoder(ck.config, ck.params)(tokens))
+
+
 @pytest.mark.parametrize("param,kv_orig", [("inverse", False), ("orthogonal", True)])
-def test_quant_off_equals_fp_and_merged(ck, tokens, param, kv_orig):
-    ref = np.asarray(Llama.from_params(ck.config, ck.params)(tokens)[0])
-    q = flat_model(ck, FlatQuantRecipe(param=param, kv_original_space=kv_orig))
-    out = np.asarray(q(tokens)[0])
+def test_quant_off_equals_fp_and_merged(ck, tokens, fp_logits, param, kv_orig):
+    ref = fp_logits
+    q = flat_model(ck, FlatQuantRecipe(param=param, prefix=kv_orig))
+    out = np.asarray(q(tokens))
     q, _ = merge_model(q)
-    assert q.layers[0].recipe.merged and "qkv_s" not in q.layers[0].transforms
-    merged = np.asarray(q(tokens)[0])
+    assert q.layers[0].recipe.merged and "smooth" not in q.layers[0].transforms["qkv_in"]
+    merged = np.asarray(q(tokens))
     np.testing.assert_allclose(out, ref, atol=1e-5)
     np.testing.assert_allclose(merged, out, atol=1e-5)
 
@@ -80,12 +97,12 @@ def _codes(q):
 
 
 @pytest.mark.parametrize("kv_orig", [False, True])
-def test_merged_equals_unmerged_quantized(ck, tokens, kv_orig):
-    q = flat_model(ck, FlatQuantRecipe(sites=QSITES, weight=W4, kv_original_space=kv_orig), seed=1)
-    fp = np.asarray(Llama.from_params(ck.config, ck.params)(tokens)[0])
-    before, codes0 = np.asarray(q(tokens)[0]), _codes(q)
+def test_merged_equals_unmerged_quantized(ck, tokens, fp_logits, kv_orig):
+    q = flat_model(ck, FlatQuantRecipe(sites=QSITES, weight=W4, prefix=kv_orig), seed=1)
+    fp = fp_logits
+    before, codes0 = np.asarray(q(tokens)), _codes(q)
     q, _ = merge_model(q)
-    after, codes1 = np.asarray(q(tokens)[0]), _codes(q)
+    after, codes1 = np.asarray(q(tokens)), _codes(q)
     for key in codes0:
         assert (codes0[key] == codes1[key]).mean() >= 0.999, key
     quant_err = np.abs(before - fp).mean()
@@ -94,10 +111,11 @@ def test_merged_equals_unmerged_quantized(ck, tokens, kv_orig):
     assert np.abs(after - before).max() < 0.2 * np.abs(before - fp).max()
 
 
-def test_kv_layouts_agree(ck, tokens):
-    """Cached codes of k P_k / v P_v with q P_k^-T (FlatQuant) == dequantized back to the original space."""
-    outs = [np.asarray(flat_model(ck, FlatQuantRecipe(sites=QSITES, weight=W4, kv_original_space=o), seed=2)(tokens)[0])
+def test_kv_layouts_agree(ck, tokens, fp_logits):
+    """Cached codes of k P_k / v P_v with q P_k^-T (FlatQuant, recipe.prefix False) == dequantized back to the
+    original space (recipe.prefix True: the layout behind an FP prefix)."""
+    outs = [np.asarray(flat_model(ck, FlatQuantRecipe(sites=QSITES, weight=W4, prefix=o), seed=2)(tokens))
             for o in (False, True)]
-    fp = np.asarray(Llama.from_params(ck.config, ck.params)(tokens)[0])
+    fp = fp_logits
     assert np.abs(outs[0] - outs[1]).mean() < 0.02 * np.abs(outs[0] - fp).mean()
 

@@ -5,8 +5,8 @@ import pytest
 from flax import nnx
 
 from prefixquant_jax.errors import UserError
-from prefixquant_jax.flatquant.transforms import (TransformParam, check_transforms, factor, kron_apply, kron_left,
-                                                  kron_sizes)
+from prefixquant_jax.flatquant.transforms import (Factor, FactorBase, SingularValues, check_transforms, factor,
+                                                  kron_apply, kron_left, kron_sizes)
 
 
 @pytest.mark.parametrize("n,sizes", [(576, (24, 24)), (1536, (32, 48)), (4096, (64, 64)), (11008, (86, 128)),
@@ -27,28 +27,26 @@ def test_kron_matmul_equals_dense():
                                                     jnp.asarray(w, jnp.float32))), dense @ w, rtol=1e-4, atol=1e-4)
 
 
-def _factor_dict(param, n, rng):
-    t = nnx.Dict()
+def _factor(param, n, rng):
+    """A factor as block.transforms holds it: a Factor (inverse) or nnx.Dict(base, u, v, sigma) (orthogonal)."""
     if param == "inverse":  # a trained, non-orthogonal matrix
-        t["f"] = TransformParam(jnp.asarray(np.eye(n) + 0.3 * rng.standard_normal((n, n)), jnp.float32))
-    else:
-        q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-        t["f_base"] = TransformParam(jnp.asarray(q, jnp.float32))
-        t["f_u"] = TransformParam(jnp.asarray(0.3 * rng.standard_normal((n, n)), jnp.float32))
-        t["f_v"] = TransformParam(jnp.asarray(0.3 * rng.standard_normal((n, n)), jnp.float32))
-        t["f_sigma"] = TransformParam(jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32))
-    return t
+        return Factor(jnp.asarray(np.eye(n) + 0.3 * rng.standard_normal((n, n)), jnp.float32))
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    return nnx.Dict(base=FactorBase(jnp.asarray(q, jnp.float32)),
+                    u=Factor(jnp.asarray(0.3 * rng.standard_normal((n, n)), jnp.float32)),
+                    v=Factor(jnp.asarray(0.3 * rng.standard_normal((n, n)), jnp.float32)),
+                    sigma=SingularValues(jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)))
 
 
 @pytest.mark.parametrize("param", ["inverse", "orthogonal"])
 def test_inverse_within_fp32(param):
-    t = _factor_dict(param, 24, np.random.default_rng(1))
-    p, pinv = (np.asarray(a, np.float64) for a in factor(t, "f", param))
+    f = _factor(param, 24, np.random.default_rng(1))
+    p, pinv = (np.asarray(a, np.float64) for a in factor(f, param))
     np.testing.assert_allclose(p @ pinv, np.eye(24), atol=2e-5)
     np.testing.assert_allclose(pinv @ p, np.eye(24), atol=2e-5)
     if param == "orthogonal":  # U diag(s) V^T: singular values are the sigmas
         sv = np.linalg.svd(p, compute_uv=False)
-        np.testing.assert_allclose(np.sort(sv), np.sort(np.asarray(t["f_sigma"][...])), rtol=1e-4)
+        np.testing.assert_allclose(np.sort(sv), np.sort(np.asarray(f["sigma"][...])), rtol=1e-4)
 
 
 def test_q_k_invariance():
@@ -74,18 +72,16 @@ def test_singular_transform_is_one_line_error(param):
     blocks = []
     for i in range(2):
         t = nnx.Dict()
-        for key in ("qkv_1", "qkv_2"):
-            for k, v in _factor_dict(param, 8, rng).items():
-                t[k.replace("f", key, 1)] = v
+        t["qkv_in"] = nnx.Dict(left=_factor(param, 8, rng), right=_factor(param, 8, rng))
         blocks.append(_Blk(t))
     assert set(check_transforms(_Model(blocks), param)[1]) == {"qkv_in"}
-    t = blocks[1].transforms
+    right = blocks[1].transforms["qkv_in"]["right"]
     if param == "inverse":
-        m = np.asarray(t["qkv_2"][...]).copy()
+        m = np.asarray(right[...]).copy()
         m[:, 3] = 2 * m[:, 5]  # rank-deficient
-        t["qkv_2"][...] = jnp.asarray(m)
+        right[...] = jnp.asarray(m)
     else:
-        t["qkv_2_sigma"][...] = t["qkv_2_sigma"][...].at[4].set(0.0)
+        right["sigma"][...] = right["sigma"][...].at[4].set(0.0)
     with pytest.raises(UserError) as e:
         check_transforms(_Model(blocks), param)
     msg = str(e.value)

@@ -1,16 +1,14 @@
-"""Dynamic clip ratios of the presets (Preset.act_clip, Preset.kv_clip): the recipe's per-token activation and
-KV quantizers scale from ratio x the row's range, against a numpy reference of that rule, and the real int4
-runtime computes the same logits as the fake-quant model."""
-import dataclasses
-
+"""Dynamic clip ratios of the presets (preset(name, act_clip=, kv_clip=, act_site_clips=)): the recipe's per-token
+activation and KV quantizers scale from ratio x the row's range, against a numpy reference of that rule, and the
+real int4 runtime computes the same logits as the fake-quant model."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prefixquant_jax.quant.presets import get_preset
+from prefixquant_jax.presets import preset
 from prefixquant_jax.quant.qarray import EPS
 from tests.conftest import rng_tokens
-from tests.runtime.test_runtime import close, fake_logits, tiny, variant  # noqa: F401 (tiny: a fixture)
+from tests.runtime.util import close, forward, int_matmul, logits_of, variant
 
 
 def np_dynamic_sym(x, bits, ratio, offset=2.0 ** -10):
@@ -33,8 +31,7 @@ def np_dynamic_asym(x, bits, ratio):
 
 @pytest.mark.parametrize("ratio", [1.0, 0.85])
 def test_preset_dynamic_clip_matches_numpy(ratio):
-    preset = get_preset("w4a4kv4-dynamic", act_clip=ratio, kv_clip=ratio)
-    recipe = preset.recipe()
+    recipe = preset("w4a4kv4-dynamic", act_clip=ratio, kv_clip=ratio)
     assert recipe.spec("qkv_in").clip_ratio == ratio and recipe.spec("k_cache").clip_ratio == ratio
     x = np.random.default_rng(0).standard_normal((2, 7, 64)).astype(np.float32) * 3
     out = {}
@@ -46,24 +43,26 @@ def test_preset_dynamic_clip_matches_numpy(ratio):
 
 
 def test_static_preset_ignores_act_clip():
-    assert get_preset("w4a4kv4-static", act_clip=0.5).recipe().spec("qkv_in").clip_ratio == 1.0
+    assert preset("w4a4kv4-static", act_clip=0.5).spec("qkv_in").clip_ratio == 1.0
 
 
-def test_real_runtime_matches_fake_with_dynamic_clip(tiny):  # noqa: F811
-    from prefixquant_jax.runtime import pack, prefill
+def test_real_runtime_matches_fake_with_dynamic_clip(tiny_quantized):
+    from prefixquant_jax.runtime.pack import pack
 
-    qm = variant(tiny[0], act_dynamic=True, kv_dynamic=True, act_clip=0.85, kv_clip=0.95)
+    base = tiny_quantized("w4a4kv4-static")
+    qm = variant(base, act_dynamic=True, kv_dynamic=True, act_clip=0.85, kv_clip=0.95)
+    assert qm.recipe.spec("down_in").clip_ratio == 0.85 and qm.recipe.spec("v_cache").clip_ratio == 0.95
     toks = np.stack([rng_tokens(12, 320, seed=s) for s in (1, 2)])
-    fake = fake_logits(qm, toks)
-    real, _ = prefill(pack(qm, backend="xla"), jnp.asarray(toks))
+    fake = logits_of(qm.model, toks)
+    real, _ = forward(pack(qm, backend="xla"), toks)
+    np.testing.assert_array_equal(real, logits_of(int_matmul(qm), toks))
     close(real, fake)
-    unclipped = fake_logits(dataclasses.replace(qm, model=variant(tiny[0], act_dynamic=True, kv_dynamic=True).model),
-                            toks)
+    unclipped = logits_of(variant(base, act_dynamic=True, kv_dynamic=True).model, toks)
     assert np.abs(unclipped - fake).max() > 1e-3  # the ratios reach the model
 
 
 def test_per_site_clip_overrides_the_preset_ratio():
-    recipe = get_preset("w4a4kv4-dynamic", act_site_clips={"down_in": 0.7}).recipe()
+    recipe = preset("w4a4kv4-dynamic", act_site_clips={"down_in": 0.7})
     assert recipe.spec("down_in").clip_ratio == 0.7
     assert [recipe.spec(s).clip_ratio for s in ("qkv_in", "o_in", "up_gate_in")] == [0.85] * 3
     x = np.random.default_rng(1).standard_normal((3, 5, 48)).astype(np.float32)
@@ -71,21 +70,21 @@ def test_per_site_clip_overrides_the_preset_ratio():
                                np_dynamic_sym(x, 4, 0.7), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kw, match", [({"act_clip": 0.0}, "Preset.act_clip"), ({"kv_clip": 1.5}, "Preset.kv_clip"),
+@pytest.mark.parametrize("kw, match", [({"act_clip": 0.0}, "preset.act_clip"), ({"kv_clip": 1.5}, "preset.kv_clip"),
                                        ({"act_site_clips": {"nope": 0.8}}, "unknown activation site"),
-                                       ({"act_site_clips": {"o_in": -1}}, "Preset.act_site_clips")])
+                                       ({"act_site_clips": {"o_in": -1}}, "preset.act_site_clips")])
 def test_bad_clip_ratios_are_user_errors(kw, match):
     from prefixquant_jax.errors import UserError
     with pytest.raises(UserError, match=match):
-        get_preset("w4a4kv4-dynamic", **kw)
+        preset("w4a4kv4-dynamic", **kw)
 
 
-def test_cli_site_clip_flag_parses_and_rejects():
-    from prefixquant_jax.cli_quant import _site_clips
-    from tests.test_cli import assert_one_line_error, run_cli
+def test_cli_site_clip_flag_parses_and_rejects(capsys):
+    from prefixquant_jax.cli.flags import _site_clips
+    from tests.cli.util import assert_one_line_error, main_cli
     assert _site_clips("0.85,down_in=0.8") == (0.85, (("down_in", 0.8),))
     assert _site_clips("o_in=0.9") == (None, (("o_in", 0.9),))
     assert _site_clips("0.9") == (0.9, None)
-    r = run_cli("quantize", "--model", "smollm2", "--preset", "w4a4kv4-dynamic", "--dynamic-act-clip", "down=0.8",
-                "--no-eval")
+    r = main_cli(capsys, "quantize", "--model", "smollm2", "--preset", "w4a4kv4-dynamic", "--dynamic-act-clip",
+                 "down=0.8", "--no-eval")
     assert_one_line_error(r, "--dynamic-act-clip SITE=R: unknown activation site 'down'")

@@ -9,7 +9,7 @@ import pytest
 from prefixquant_jax.quant.gptq import gptq_kernel, output_error
 from prefixquant_jax.quant.ops import fake_quant, weight_scale
 from prefixquant_jax.quant.spec import QuantSpec
-from tests.test_cli import assert_one_line_error, run_cli
+from tests.cli.util import assert_one_line_error, main_cli
 
 SPEC = QuantSpec(bits=4, granularity="channel", symmetric=True)
 
@@ -93,15 +93,8 @@ def test_rejects_other_granularity():
         gptq_kernel(w, gram, scale, QuantSpec(bits=4, granularity="tensor"))
 
 
-def test_gptq_pass_on_tiny_model(tiny_dir, text_file):
-    from checkpoints_convert import load_checkpoint
-    from prefixquant_jax.quant.presets import get_preset
-    from prefixquant_jax.pipeline import QuantizeOptions, quantize
-
-    ck = load_checkpoint(tiny_dir)
-    opts = QuantizeOptions(calib_data=text_file, calib_samples=4, calib_seqlen=32, outlier_samples=4, eta=4,
-                           progress=False, gptq=True)
-    qm = quantize(ck, ck.tokenizer(), get_preset("w4a4kv4-static"), opts)
+def test_gptq_pass_on_tiny_model(tiny_quantized):
+    qm = tiny_quantized("w4a4kv4-static", gptq=True)
     rep = qm.report["gptq"]
     assert len(rep) == 2
     for layer in rep:  # the quantity GPTQ minimises, on the calibration inputs, per linear
@@ -113,14 +106,14 @@ def test_gptq_pass_on_tiny_model(tiny_dir, text_file):
     assert "calibration" in qm.report and np.all(np.isfinite(np.asarray(s)))
 
 
-def test_cli_gptq(tiny_dir, text_file, tmp_path):
+def test_cli_gptq(tiny_dir, text_file, tmp_path, capsys):
     out = tmp_path / "g.json"
     common = ["--model", tiny_dir, "--calib-data", text_file, "--calib-samples", "4", "--calib-seqlen", "32",
               "--outlier-samples", "4", "--eval-data", text_file, "--seqlen", "32", "--max-windows", "2", "--eta", "4"]
-    r = run_cli("quantize", "--preset", "w4a4kv4-dynamic", *common, "--gptq", "--no-fp", "--json", str(out))
+    r = main_cli(capsys, "quantize", "--preset", "w4a4kv4-dynamic", *common, "--gptq", "--no-fp", "--json", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert np.isfinite(res["ppl"]) and len(res["report"]["gptq"]) == 2
-    assert_one_line_error(run_cli("quantize", "--preset", "fp", *common, "--gptq"), "--gptq needs")
-    assert_one_line_error(run_cli("quantize", "--preset", "w4a4kv4-static", *common, "--gptq", "--gptq-damp", "0"),
-                          "--gptq-damp")
+    assert_one_line_error(main_cli(capsys, "quantize", "--preset", "fp", *common, "--gptq"), "--gptq needs")
+    assert_one_line_error(main_cli(capsys, "quantize", "--preset", "w4a4kv4-static", *common, "--gptq", "--gptq-damp",
+                                   "0"), "--gptq-damp")

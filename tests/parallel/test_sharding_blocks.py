@@ -1,5 +1,5 @@
 """Calibration and block-wise training on a (2 data x 2 model) mesh give the one-device numbers
-(quantize(..., mesh=MeshSpec), compiled_block.CompiledBlock / train.blockwise.BlockTrainer with a mesh).
+(quantize(..., mesh=MeshSpec), pipeline.blocks.BlockRunner / pipeline.train.BlockTrainer with a mesh).
 
 The meshes run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4 (JAX reads it once).
 Tiny model, w4a4kv4-static, the pipeline's default rules (output-aware weight clip, per-head KV clip, greedy
@@ -30,13 +30,13 @@ Measured (this CPU; printed by the test with -s): calibration, largest relative 
 GPTQ'd kernel 1.4e-7 (0.o_in scale), ratios and prefix equal; training, relative loss differences
 block 0 before 1.0e-7, after 2.4e-3, block 1 before 3.6e-3, after 3.7e-3; block 0's parameters within
 0.25 lr (0.o's weight scale), yet 122 of block 0's 32768 trained 4-bit codes (round(w / scale)) differ. The same order of differences as two data-parallel devices against one
-(tests/test_distributed.py: trained losses within 3 %).
+(tests/parallel/test_distributed.py: trained losses within 3 %).
 """
 
 import numpy as np
 import pytest
 
-from tests.four_devices import run_worker, write_results
+from tests.parallel.four_devices import run_worker, write_results
 
 STEPS = 4
 TRAIN = dict(samples=4, seqlen=16, batch_size=2, epochs=2, lr_quant=1e-3, lr_weight=1e-4)
@@ -45,22 +45,23 @@ MESHES = ("data=1,model=1", "data=2,model=2")
 
 def run(model_dir: str, text: str, mesh: str | None) -> tuple[dict, dict]:
     """(numbers for JSON, arrays) of calibration then training on the tiny model; mesh None: the default path."""
-    from checkpoints_convert import load_checkpoint
-    from prefixquant_jax.pipeline import QuantizeOptions, quantize
-    from prefixquant_jax.quant.presets import get_preset
-    from prefixquant_jax.sharding import MeshSpec
-    from prefixquant_jax.train import TrainConfig
-    from prefixquant_jax.train.finetune import train_quantized
+    import prefixquant_jax as pq
+    from prefixquant_jax.eval.data import calibration_samples, load_text, tokenize
+    from prefixquant_jax.parallel.sharding import MeshSpec
+    from prefixquant_jax.pipeline.finetune import train_quantized
+    from tests.pipeline.helpers import trainable
 
-    ck = load_checkpoint(model_dir)
+    ck = pq.load_checkpoint(model_dir)
     spec = None if mesh is None else MeshSpec.parse(mesh)
-    opts = QuantizeOptions(calib_data=text, calib_samples=4, calib_seqlen=16, outlier_samples=4, eta=4, gptq=True,
-                           progress=False)
-    qm = quantize(ck, ck.tokenizer(), get_preset("w4a4kv4-static"), opts, mesh=spec)
+    calib = calibration_samples(tokenize(ck.tokenizer(), load_text(text)), 4, 16, 0)
+    qm = pq.quantize(ck, calib, "w4a4kv4-static", outlier_samples=4, eta=4, gptq=True, mesh=spec)
     arrays = {f"calib/{k}": v for k, v in _state(qm).items()}
     cal = [{k: r[k] for k in ("layer", "grid_loss_init", "grid_loss", "ratios", "out_mse")} for r in qm.report["calibration"]]
     tokens = np.random.default_rng(1).integers(3, ck.config.vocab_size, size=(TRAIN["samples"], TRAIN["seqlen"]))
-    rep = train_quantized(qm, tokens, TrainConfig(**TRAIN), progress=False, mesh=None if spec is None else spec.make())
+    qm = trainable(ck, qm)  # quantize's own training would hide the calibrated state
+    rep = train_quantized(qm, tokens, pq.TrainConfig(**TRAIN), progress=False,
+                          mesh=None if spec is None else spec.make())
+    assert all(b["steps"] == STEPS for b in rep["blocks"])
     arrays.update({f"train/{k}": v for k, v in _state(qm).items()})
     res = {"prefix_ids": [int(t) for t in qm.prefix_kv.prefix_ids], "calibration": cal,
            "train": [{k: b[k] for k in ("loss_before", "loss_after")} for b in rep["blocks"]]}
@@ -81,18 +82,17 @@ def check_split(model_dir: str) -> None:
     import jax
     from jax.sharding import PartitionSpec
 
-    from checkpoints_convert import load_checkpoint
-    from prefixquant_jax.compiled_block import CompiledBlock
-    from prefixquant_jax.model import Llama
-    from prefixquant_jax.sharding import MeshSpec
-    from prefixquant_jax.train import BlockTrainer, TrainConfig, prefixquant_groups
+    import prefixquant_jax as pq
+    from prefixquant_jax.parallel.sharding import MeshSpec
+    from prefixquant_jax.pipeline.blocks import BlockRunner
+    from prefixquant_jax.pipeline.train import BlockTrainer, prefixquant_groups
 
-    ck = load_checkpoint(model_dir)
-    model = Llama.from_params(ck.config, ck.params)
+    ck = pq.load_checkpoint(model_dir)
+    model = pq.Decoder(ck.config, ck.params)
     mesh = MeshSpec(2, 2).make()
-    cfg = TrainConfig(**TRAIN)
-    compiled = CompiledBlock(ck.config, None, 16, mesh)
-    trainer = BlockTrainer(compiled, model.layers[0], prefixquant_groups(cfg), cfg, mesh)
+    cfg = pq.TrainConfig(**TRAIN)
+    runner = BlockRunner(ck.config, 0, 16, mesh)
+    trainer = BlockTrainer(runner, prefixquant_groups(cfg), cfg, mesh)
     gd, train, rest = trainer.split(model.layers[0])
     leaves = jax.tree_util.tree_leaves_with_path((train, rest))
     split = 0
@@ -105,9 +105,10 @@ def check_split(model_dir: str) -> None:
     opt = trainer.init_opt(train)
     assert any(a.sharding.spec == PartitionSpec("model", None) for a in jax.tree.leaves(opt))  # the moments too
     x = np.zeros((4, 16, ck.config.hidden_size), np.float32)
-    xb, kc, vc, tb = trainer.batch(0, x, x, np.arange(2))
-    assert [list(s.data.shape) for s in xb.addressable_shards] == [[1, 16, ck.config.hidden_size]] * 4
-    gd, state = compiled.split(model.layers[0])
+    xb, tb = trainer.batch(x, x, np.arange(2))
+    for a in (xb, tb):
+        assert [list(s.data.shape) for s in a.addressable_shards] == [[1, 16, ck.config.hidden_size]] * 4
+    gd, state = runner.split(model.layers[0])
     assert {a.sharding.spec for a in jax.tree.leaves(state)} >= {PartitionSpec(None, "model"), PartitionSpec("model", None)}
 
 
@@ -127,7 +128,7 @@ def worker(model_dir: str, text: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def mesh_runs(tiny_dir, text_file, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("mesh-blocks") / "res")
-    res, arrays = run_worker("tests.test_sharding_blocks", (tiny_dir, text_file), out, timeout=900)
+    res, arrays = run_worker("tests.parallel.test_sharding_blocks", (tiny_dir, text_file), out, timeout=900)
     return res, {m: {k[len(m) + 1:]: v for k, v in arrays.items() if k.startswith(m + "/")} for m in MESHES}
 
 

@@ -4,23 +4,24 @@ Weights are peaky (tests/conftest.make_tiny_family: 5x the default init, random 
 to ~3.5), so a dropped bias or q/k norm moves the logits by > 1e-2 (checked: the negative controls below).
 Tolerances, float32: our logits vs transformers' max abs diff <= 1e-4 (seen ~2e-6); the rotated FP model
 vs the FP model <= 1e-4 * (1 + max |logit|) (seen 2e-6 to 4e-6); quantized eval, real int4 runtime vs fake quant,
-perplexity within 0.5 %.
+perplexity within 0.5 % (slow; tests/runtime/test_runtime_families.py covers real vs fake logits of Qwen2 and
+Qwen3 by default).
 """
 import json
-import types
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from checkpoints_convert import load_checkpoint
-from checkpoints_convert.hf import export_hf, export_rotated_hf
-from prefixquant_jax.nn.config import ModelConfig
+from prefixquant_jax.checkpoint.export import export_hf, export_rotated_hf
+from prefixquant_jax.checkpoint.fp import load_checkpoint
 from prefixquant_jax.errors import UserError
-from prefixquant_jax.model import Llama
+from prefixquant_jax.nn.config import ModelConfig
+from prefixquant_jax.nn.decoder import Decoder
 from prefixquant_jax.quant.recipe import QuantRecipe
 from prefixquant_jax.rotate.fuse import RotationConfig, rotate_params
+from tests.cli.util import assert_one_line_error, main_cli
 from tests.conftest import FAMILIES, make_tiny_family, rng_tokens, tiny_family_config
 
 TOL = 1e-4
@@ -43,7 +44,7 @@ def hf_logits(model, ids):
 
 
 def our_logits(config, params, ids, recipe=None):
-    return np.asarray(Llama.from_params(config, params, recipe=recipe)(jnp.asarray(np.asarray(ids)[None]))[0][0])
+    return np.asarray(Decoder(config, params, recipe=recipe)(jnp.asarray(np.asarray(ids)[None]))[0])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -95,7 +96,7 @@ def test_rotated_fp_equals_fp(fam, family):
         a0, r0 = ck.params["layers"][0]["attn"], params["layers"][0]["attn"]
         np.testing.assert_array_equal(r0["q_bias"], a0["q_bias"])
         assert np.abs(r0["v_bias"] - a0["v_bias"]).max() > 1e-2
-    got = our_logits(config, params, ids, QuantRecipe(r3=True, r4=True))
+    got = our_logits(config, params, ids, QuantRecipe(rotate=True))
     assert np.abs(got - ref).max() <= TOL * (1 + np.abs(ref).max())
 
 
@@ -128,19 +129,9 @@ def test_llama_config_dict_unchanged():
     assert not {"sliding_window", "use_sliding_window"} & set(d) and d["attention_bias"] is False
 
 
-def main_cli(capsys, *args):
-    from prefixquant_jax.cli import main
-
-    capsys.readouterr()
-    rc = main(list(args))
-    out = capsys.readouterr()
-    return types.SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
-
-
 def one_line_error(r, pattern):
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
-    assert pattern.lower() in lines[0].lower(), lines[0]
+    assert_one_line_error(r, pattern)
+    assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr[-2000:]
 
 
 def _write_config(path, family, **over):
@@ -173,9 +164,9 @@ def test_sliding_window_rules():
     shapes = {"q": (64, 64), "k": (64, 32), "v": (64, 32), "o": (64, 64), "gate": (64, 96), "up": (64, 96), "down": (96, 64)}
     lp = {"input_norm": np.ones(64), "post_norm": np.ones(64), "attn": {n: np.zeros(s) for n, s in shapes.items() if n in "qkvo"},
           "mlp": {n: np.zeros(s) for n, s in shapes.items() if n not in "qkvo"}}
-    m = Llama.from_params(c, {"embed": np.zeros((320, 64)), "final_norm": np.ones(64), "lm_head": np.zeros((64, 320)),
-                              "layers": {0: lp, 1: lp}})
-    assert m(jnp.zeros((1, 16), jnp.int32))[0].shape == (1, 16, 320)
+    m = Decoder(c, {"embed": np.zeros((320, 64)), "final_norm": np.ones(64), "lm_head": np.zeros((64, 320)),
+                    "layers": {0: lp, 1: lp}})
+    assert m(jnp.zeros((1, 16), jnp.int32)).shape == (1, 16, 320)
     with pytest.raises(UserError, match="exceed the model's sliding_window=16"):
         m(jnp.zeros((1, 17), jnp.int32))
 

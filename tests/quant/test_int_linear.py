@@ -1,10 +1,10 @@
-"""quant/int_matmul.py: the runtime's integer product with the float product's gradients."""
+"""quant/int_linear.py: the runtime's integer product with the float product's gradients."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prefixquant_jax.quant.int_matmul import exact_in_f32, int_linear
+from prefixquant_jax.quant.int_linear import exact_in_f32, int_linear
 
 
 def _operands(a_bits, w_bits, K=96, N=40, seed=0):

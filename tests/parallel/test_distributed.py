@@ -1,5 +1,5 @@
-"""`quantize --coordinator HOST:PORT --num-processes 2 --process-id I` (prefixquant_jax/distributed.py): two local
-processes (jax.distributed over loopback, gloo CPU collectives, one CPU device each) run `quantize --train` on the
+"""`quantize --coordinator HOST:PORT --num-processes 2 --process-id I` (prefixquant_jax/parallel/distributed.py): two
+local processes (jax.distributed over loopback, gloo CPU collectives, one CPU device each) run `quantize --train` on the
 tiny model; the training batch is split over both processes' devices and XLA all-reduces the gradients.
 
 Reference: one process with the same two-device mesh (XLA_FLAGS=--xla_force_host_platform_device_count=2).
@@ -14,12 +14,12 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.test_cli import ROOT, assert_one_line_error, run_cli
+from tests.parallel.four_devices import ROOT, cli_command, device_env
+from tests.cli.util import assert_one_line_error, main_cli
 
 FLAGS = ["quantize", "--preset", "w4a4kv4-dynamic", "--calib-samples", "2", "--calib-seqlen", "16", "--prefix-ids", "1",
          "--weight-clip", "mse", "--no-eval", "--train", "--train-samples", "4", "--train-seqlen", "16", "--epochs", "2",
@@ -33,21 +33,20 @@ def _free_port() -> int:
 
 
 def _cmd(tiny_dir, text_file, out_dir, *extra):
-    return [sys.executable, "-m", "prefixquant_jax.cli", *FLAGS, "--model", tiny_dir, "--calib-data", text_file,
-            "--json", os.path.join(out_dir, "q.json"), "--save", os.path.join(out_dir, "saved"), *extra]
+    return cli_command(*FLAGS, "--model", tiny_dir, "--calib-data", text_file, "--json",
+                       os.path.join(out_dir, "q.json"), "--save", os.path.join(out_dir, "saved"), *extra)
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_dir, text_file, tmp_path_factory):
-    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = device_env(1)
     two, one = str(tmp_path_factory.mktemp("two-processes")), str(tmp_path_factory.mktemp("one-process"))
     port = _free_port()
     procs = [subprocess.Popen(_cmd(tiny_dir, text_file, two, "--coordinator", f"127.0.0.1:{port}", "--num-processes",
                                    "2", "--process-id", str(i)), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     ref = subprocess.run(_cmd(tiny_dir, text_file, one), cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+                         env=device_env(2))
     logs = [p.communicate(timeout=600)[0] for p in procs]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
@@ -85,5 +84,6 @@ def test_two_processes_reproduce_the_one_process_run(runs):
     (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"], "--process-id must be in 0..1"),
     (["--num-processes", "2", "--process-id", "0"], "need --coordinator"),
 ])
-def test_distributed_flag_errors(tiny_dir, args, msg):
-    assert_one_line_error(run_cli("quantize", "--model", tiny_dir, "--preset", "w4a4kv4-dynamic", *args), msg)
+def test_distributed_flag_errors(tiny_dir, args, msg, capsys):
+    """Checked before jax.distributed starts (so in this process)."""
+    assert_one_line_error(main_cli(capsys, "quantize", "--model", tiny_dir, "--preset", "w4a4kv4-dynamic", *args), msg)

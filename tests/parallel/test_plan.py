@@ -1,16 +1,13 @@
-"""`prefixquant plan` (prefixquant_jax/plan.py): per-device bytes from jax.eval_shape, checked against the arrays a
-real 2 x 2 mesh holds (a 4-host-device subprocess): the FP model eval --mesh loads, the fake-quant model and its
+"""`prefixquant plan` (prefixquant_jax/parallel/plan.py): per-device bytes from jax.eval_shape, checked against the
+arrays a real 2 x 2 mesh holds (a 4-host-device subprocess): the FP model eval --mesh loads, the fake-quant model and its
 KV cache, the packed int4 runtime model and its integer cache, byte for byte on every device."""
 import json
 import math
-import os
 
 import pytest
 
-from tests.four_devices import run_worker, write_results
-from tests.test_cli import assert_one_line_error, run_cli
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.parallel.four_devices import run_worker, write_results
+from tests.cli.util import assert_one_line_error, main_cli
 
 
 def _device_bytes(tree) -> list[int]:
@@ -27,30 +24,26 @@ def _device_bytes(tree) -> list[int]:
 def worker(model_dir: str, out: str) -> None:
     import jax
     import numpy as np
+    from flax import nnx
 
-    from checkpoints_convert import load_checkpoint
-    from prefixquant_jax.compiled import Compiled
-    from prefixquant_jax.loading import load_fp
-    from prefixquant_jax.pipeline import QuantizeOptions, quantize
-    from prefixquant_jax.plan import PlanOptions, plan
-    from prefixquant_jax.quant.presets import get_preset
-    from prefixquant_jax.runtime import RealCompiled, pack
-    from prefixquant_jax.sharding import MeshSpec, shard
+    import prefixquant_jax as pq
+    from prefixquant_jax.eval.models import load_for_eval
+    from prefixquant_jax.parallel.plan import PlanOptions, plan
+    from prefixquant_jax.parallel.sharding import MeshSpec, place_batch, shard
 
     assert len(jax.devices()) == 4
     spec = MeshSpec.parse("data=2,model=2")
     res = {}
-    fp = Compiled(load_fp(model_dir, mesh=spec)[1])  # eval --mesh: weights from the host onto the mesh
-    res["load"] = _device_bytes(fp.state)
-    ck = load_checkpoint(model_dir)
-    opts = QuantizeOptions(prefix_ids=(1,), progress=False, calibrate=False)
-    qm = quantize(ck, None, get_preset("w4a4kv4-dynamic"), opts, calib_tokens=np.full((1, 16), 5, np.int32))
-    fake = shard(Compiled(qm.model), spec)
-    res["eval"] = _device_bytes(fake.state)
-    res["eval_kv"] = _device_bytes(fake.cache(2, 1 + 16, qm.prefix_kv))
-    real = shard(RealCompiled(pack(qm, backend="xla", dtype=jax.numpy.bfloat16)), spec)
-    res["runtime"] = _device_bytes(real.state)
-    res["runtime_kv"] = _device_bytes(real.cache(2, 1 + 16, qm.prefix_kv))
+    fp = load_for_eval(model_dir, mesh=spec)  # eval --mesh: weights from the host onto the mesh
+    res["load"] = _device_bytes(nnx.state(fp.model))
+    ck = pq.load_checkpoint(model_dir)
+    qm = pq.quantize(ck, np.full((1, 16), 5, np.int32), "w4a4kv4-dynamic", prefix_ids=(1,), weight_clip="mse")
+    fake = shard(qm.model, spec)
+    res["eval"] = _device_bytes(nnx.state(fake.model))
+    res["eval_kv"] = _device_bytes(place_batch(fake.mesh, fake.model.init_cache(2, 16)))
+    real = shard(pq.pack(qm, backend="xla", dtype=jax.numpy.bfloat16), spec)
+    res["runtime"] = _device_bytes(nnx.state(real.model))
+    res["runtime_kv"] = _device_bytes(place_batch(real.mesh, real.model.init_cache(2, 16)))
     p = plan(model_dir, "data=2,model=2", PlanOptions(preset="w4a4kv4-dynamic", prefix_len=1, batch_size=2, seqlen=16))
     res["plan"] = p["stages"]
     write_results(out, res, {})
@@ -59,7 +52,7 @@ def worker(model_dir: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def measured(tiny_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("plan") / "res")
-    return run_worker("tests.test_plan", (tiny_dir,), out, timeout=600)[0]
+    return run_worker("tests.parallel.test_plan", (tiny_dir,), out, timeout=600)[0]
 
 
 @pytest.mark.parametrize("stage,key", [("load", "weights"), ("eval", "weights"), ("eval", "kv_cache"),
@@ -72,7 +65,7 @@ def test_plan_bytes_equal_the_arrays_on_a_2x2_mesh(measured, stage, key):
 
 def test_llama_3_70b_on_8_devices_by_hand():
     """The FP load of Llama-3-70B over model=8: embeddings, head and norms whole, every layer's linears / 8."""
-    from prefixquant_jax.plan import PlanOptions, plan
+    from prefixquant_jax.parallel.plan import PlanOptions, plan
 
     p = plan("llama-3-70b", "data=1,model=8", PlanOptions(preset="w4a4kv4-dynamic"))
     c = p["config"]
@@ -87,14 +80,15 @@ def test_llama_3_70b_on_8_devices_by_hand():
     assert math.isclose(p["stages"]["training"]["optimizer"], p["stages"]["training"]["weights"] * 2 / 3, rel_tol=0.01)
 
 
-def test_plan_cli_json_and_config_sources(tiny_dir, tmp_path):
+def test_plan_cli_json_and_config_sources(tiny_dir, tmp_path, capsys):
     out = tmp_path / "p.json"
-    r = run_cli("plan", "--model", "llama-3-8b", "--mesh", "data=2,model=4", "--device-gib", "80", "--json", str(out))
+    r = main_cli(capsys, "plan", "--model", "llama-3-8b", "--mesh", "data=2,model=4", "--device-gib", "80",
+                 "--json", out)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert set(res["stages"]) == {"load", "calibration", "training", "eval", "runtime"}
     assert res["mesh"] == {"data": 2, "model": 4} and "fits" in r.stdout
-    from prefixquant_jax.plan import resolve_config
+    from prefixquant_jax.parallel.plan import resolve_config
 
     assert resolve_config(tiny_dir)[0].hidden_size == 64  # its config.json; no weight is read
     from tests.conftest import smollm2_path
@@ -113,5 +107,5 @@ def test_plan_cli_json_and_config_sources(tiny_dir, tmp_path):
     (["--model", "llama-3-8b", "--preset", "w3a3"], "unknown preset"),
     (["--model", "llama-3-8b", "--seqlen", "0"], "--seqlen must be >= 1"),
 ])
-def test_plan_errors_are_one_line(args, msg):
-    assert_one_line_error(run_cli("plan", *args), msg)
+def test_plan_errors_are_one_line(args, msg, capsys):
+    assert_one_line_error(main_cli(capsys, "plan", *args), msg)

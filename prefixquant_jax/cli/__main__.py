@@ -1,0 +1,5 @@
+import sys
+
+from prefixquant_jax.cli.main import main
+
+sys.exit(main())
