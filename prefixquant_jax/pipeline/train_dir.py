@@ -45,6 +45,19 @@ def unflat(d: dict, template):
 class TrainDir:
     """One training run's directory. `fingerprint` must match on resume (same model, recipe, data, config)."""
 
+    @staticmethod
+    def check_format(path: str) -> None:
+        """UserError (one line) unless `path` holds a training run of this format: called before the slow stages."""
+        meta_file = os.path.join(path, "train.json")
+        try:
+            with open(meta_file) as f:
+                fmt = json.load(f).get("format")
+        except (OSError, ValueError, AttributeError) as e:
+            raise UserError(f"cannot read {meta_file}: {e}") from None
+        if fmt != FORMAT:
+            raise UserError(f"cannot resume {path}: written in format {fmt!r}, this version resumes {FORMAT!r} (start "
+                            "the run again with --overwrite)")
+
     def __init__(self, path: str, fingerprint: dict, resume: bool, overwrite: bool = False):
         self.path = os.path.abspath(path)
         self.meta_file = os.path.join(self.path, "train.json")
