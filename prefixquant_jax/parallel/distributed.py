@@ -8,7 +8,7 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID; a cluster JAX detects by itself (SLURM, Op
 
 What runs where: every process loads the checkpoint and runs the same pipeline (the same seeds, so the same
 calibration samples and scales); block-wise training shards each batch over all processes' devices
-(train/blockwise.py's `data` mesh over `jax.devices()`), XLA all-reduces the gradients across processes, and
+(pipeline/train.py's `data` mesh over `jax.devices()`), XLA all-reduces the gradients across processes, and
 the replicated parameters stay equal everywhere. Process 0 alone writes files (--json, --save, --export-prefix,
 --train-dir checkpoints, --eval-log): `is_primary()`.
 """

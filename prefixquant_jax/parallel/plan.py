@@ -6,7 +6,7 @@ the fake-quant model is built by `nnx.eval_shape` from abstract params, the pack
 `jax.eval_shape(runtime.pack)`, the KV caches by `jax.eval_shape` of their constructors; each leaf gets the
 `NamedSharding` that `sharding.py` gives it on a `jax.sharding.AbstractMesh` of the requested shape, and a
 device's bytes are the sum of its shards (`NamedSharding.shard_shape`). So the weight rows are exactly the
-bytes `addressable_shards` hold on a real mesh (tests/test_plan.py checks it on a tiny model, 2 x 2 mesh).
+bytes `addressable_shards` hold on a real mesh (tests/parallel/test_plan.py checks it on a tiny model, 2 x 2 mesh).
 
 Stages (per device; `weights` and `kv_cache` exact, `activations` an estimate of the largest live set, formulas below):
   load         the FP model's params in --dtype, split over `model` (eval --mesh puts them there from the host).

@@ -15,12 +15,12 @@ the 1-row remainder of a perplexity run), caches' KV heads over `model`.
 
 Block-wise calibration and training (`quantize(..., mesh=MeshSpec)`): the block being processed is put on the
 mesh with the same rules (`block_shardings`; Adam's moments like their parameters) and the samples' rows over
-`data` (compiled_block.CompiledBlock, train/blockwise.BlockTrainer); tests/test_sharding_blocks.py measures them.
+`data` (pipeline.blocks.BlockRunner, pipeline.train.BlockTrainer); tests/parallel/test_sharding_blocks.py measures them.
 
 A one-device mesh returns the compiled model unchanged: exactly the single-device computation.
 Numbers: rows of a batch are independent, so `data` alone does not change them; a row split over `model`
 sums each output of o and down as partial sums over devices, a different float summation order (a few
-ulps; tests/test_sharding.py measures it).
+ulps; tests/parallel/test_sharding.py measures it).
 """
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ from prefixquant_jax.pipeline.finetune import train_quantized, train_tokens as c
 from prefixquant_jax.pipeline.flatquant import init_flatquant, train_and_merge
 from prefixquant_jax.pipeline.fp_blocks import FPBlocks
 from prefixquant_jax.pipeline.result import QuantizedModel
+from prefixquant_jax.pipeline.train_dir import TrainDir
 from prefixquant_jax.prefix.outliers import find_prefix
 from prefixquant_jax.prefix.prefix_kv import compute_prefix_kv
 from prefixquant_jax.quant.ops import weight_scale
@@ -90,6 +91,8 @@ def _training(recipe, opts: QuantizeOptions, train, train_tokens, checkpoint):
         if train is None:
             raise UserError("a TrainCheckpoint checkpoints a training run: give train=TrainConfig(...)")
         checkpoint.check()
+        if checkpoint.resume:
+            TrainDir.check_format(checkpoint.dir)
         if checkpoint.restores_calibration:  # the calibrated scales are restored from DIR/init
             opts = dataclasses.replace(opts, calibrate=False)
     if train is None or hook:

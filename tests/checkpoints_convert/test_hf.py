@@ -11,7 +11,8 @@ import torch
 import checkpoints_convert
 from checkpoints_convert import FormatError, read_checkpoint
 from checkpoints_convert.hf import check_shapes, expected_shapes
-from prefixquant_jax.checkpoint.fp import export_hf, load_checkpoint
+from prefixquant_jax.checkpoint.export import export_hf
+from prefixquant_jax.checkpoint.fp import load_checkpoint
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.nn.decoder import Decoder
 from tests.conftest import make_tiny_family, make_tiny_hf, rng_tokens, tiny_family_config, tiny_hf_config
