@@ -13,3 +13,10 @@ def describe(exc: BaseException) -> str:
     """`Type: first line of the message` (at most 200 characters), for wrapping library errors."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
+def cannot_write(path: str, e: BaseException) -> FormatError:
+    """`cannot write PATH: reason` for an OSError (full disk, permissions, read-only file system) or what a writer
+    library raises for one."""
+    reason = getattr(e, "strerror", None) or (str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__)
+    return FormatError(f"cannot write {path}: {reason}")

@@ -17,7 +17,7 @@ import tempfile
 
 import numpy as np
 
-from checkpoints_convert.errors import FormatError, describe
+from checkpoints_convert.errors import FormatError, cannot_write, describe
 from checkpoints_convert.lazy import LazyLayers
 
 # HF model_type of the families whose tensors this converter maps (Qwen2: q/k/v biases, Qwen3: q/k norms)
@@ -349,16 +349,23 @@ def export_hf(params: dict, hf_config: dict, out_dir: str, overwrite: bool = Fal
         raise FormatError(f"{out_dir} already exists (pass --overwrite to replace it)")
     state = params_to_hf_state(params, hf_config)  # a bad config or params fail before anything is written
     parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    tmp = None
     try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out_dir)}-", dir=parent)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if os.path.exists(out_dir):  # the old export moves aside only once the new one is complete
+            old = tmp + "-previous"
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except Exception as e:  # a full disk or a read-only target (safetensors raises its own error type)
+        raise cannot_write(out_dir, e) from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

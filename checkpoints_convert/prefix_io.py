@@ -15,7 +15,7 @@ import tempfile
 
 import numpy as np
 
-from checkpoints_convert.errors import FormatError, describe
+from checkpoints_convert.errors import FormatError, cannot_write, describe
 
 FORMAT = "prefixquant-prefix-kv/1"
 
@@ -42,16 +42,18 @@ def save_prefix(path: str, k: list, v: list, meta: dict, overwrite: bool = False
     file_meta = {"format": FORMAT, "prefix_ids": json.dumps(ids), "text": str(meta.get("text", "")),
                  "positions": f"0..{len(ids) - 1}", "k_rotated": "true" if meta.get("k_rotated") else "false",
                  "num_layers": str(len(k)), "kv_heads": str(k0.shape[1]), "head_dim": str(k0.shape[2])}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-prefix-", suffix=".safetensors", dir=os.path.dirname(path))
-    os.close(fd)
+    tmp = None
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(path)}-", dir=os.path.dirname(path))
+        os.close(fd)
         save_file(tensors, tmp, metadata=file_meta)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except Exception as e:  # a full disk or a read-only target (safetensors raises its own error type)
+        raise cannot_write(path, e) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-        raise
     return path
 
 

@@ -20,12 +20,69 @@ from prefixquant_jax.errors import UserError
 from prefixquant_jax.flatquant.transforms import COND_MAX, PARAMS
 
 
-def require_int(obj, names, low: int) -> None:
-    for k in names:
-        v = getattr(obj, k)
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            f = f"{type(obj).__name__}.{k}"
-            raise UserError(f"{f} must be an integer >= {low}, got {v!r}", f)
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric option (or command-line flag) can take: an int or a finite float, within
+    [low, high] (`open_low`: > low). The one source of a field's range: the dataclass checks its value with it, and
+    the command line's flag for the field parses with `arg` (cli/flags.py), so both refuse the same values with the
+    same words, before anything is loaded."""
+
+    kind: type = int
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind is int else "a number"
+        bounds = []
+        if self.low is not None:
+            bounds.append(f"{'>' if self.open_low else '>='} {self.low:g}")
+        if self.high is not None:
+            bounds.append(f"<= {self.high:g}")
+        return " ".join([what] + [" and ".join(bounds)] if bounds else [what])
+
+    def ok(self, v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (self.kind is int and not isinstance(v, int)):
+            return False
+        if not math.isfinite(v):
+            return False
+        if self.low is not None and (v <= self.low if self.open_low else v < self.low):
+            return False
+        return self.high is None or v <= self.high
+
+    def check(self, v, name: str):
+        """v, or UserError naming `name`."""
+        if not self.ok(v):
+            raise UserError(f"{name} must be {self.describe()}, got {v!r}", name)
+        return v
+
+    def parse(self, text: str):
+        """The value of a flag's text; ValueError with the allowed range when it is not one."""
+        try:
+            v = int(text) if self.kind is int else float(text)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be {self.describe()}, got {text!r}") from None
+        if not self.ok(v):
+            raise ValueError(f"must be {self.describe()}, got {text!r}")
+        return v
+
+
+def ranged(default, kind=int, low=None, high=None, open_low=False):
+    """A dataclass field with a Range (checked by check_ranges, read by the command line's flags)."""
+    return dataclasses.field(default=default, metadata={"range": Range(kind, low, high, open_low)})
+
+
+def field_range(cls, name: str) -> Range:
+    return {f.name: f for f in dataclasses.fields(cls)}[name].metadata["range"]
+
+
+def check_ranges(obj) -> None:
+    """UserError for the first field of `obj` outside its Range (None passes for an optional field)."""
+    for f in dataclasses.fields(obj):
+        r = f.metadata.get("range")
+        v = getattr(obj, f.name)
+        if r is not None and not (v is None and f.default is None):
+            r.check(v, f"{type(obj).__name__}.{f.name}")
 
 
 def require_choice(obj, name: str, allowed) -> None:
@@ -34,33 +91,23 @@ def require_choice(obj, name: str, allowed) -> None:
         raise UserError(f"{f} must be one of {', '.join(map(str, allowed))}, got {v!r}", f)
 
 
-def require_number(obj, name: str, low: float, strict: bool, high: float | None = None) -> None:
-    """A finite number > low (strict) or >= low, and <= high when given."""
-    v, f = getattr(obj, name), f"{type(obj).__name__}.{name}"
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    ok = ok and (v > low if strict else v >= low) and (high is None or v <= high)
-    if not ok:
-        bound = f"{'>' if strict else '>='} {low:g}" + ("" if high is None else f" and <= {high:g}")
-        raise UserError(f"{f} must be a number {bound}, got {v!r}", f)
-
-
 WEIGHT_CLIPS, KV_RULES, SEARCHES, TARGETS = ("output", "mse"), ("head", "site"), ("greedy", "alone"), ("local", "fp")
 GPTQ_INPUTS = ("fp", "quantized")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantizeOptions:
-    outlier_samples: int = 8  # calibration samples scanned for outlier tokens
-    grid_samples: int = 2
-    eta: float = 64.0
-    seed: int = 0
+    outlier_samples: int = ranged(8, low=1)  # calibration samples scanned for outlier tokens
+    grid_samples: int = ranged(2, low=1)  # calibration samples used inside the clip searches
+    eta: float = ranged(64.0, float, low=1.0, open_low=True)  # outlier: max|x| > eta x the sample's median
+    seed: int = ranged(0, low=0)
     prefix_ids: tuple[int, ...] | None = None  # override detection
     progress: bool = True
     calibrate: bool = True  # False: leave static scales unset (a resumed training run restores them)
     prefix_kv: object = None  # a PrefixKV to use (e.g. imported from a prefix file) instead of computing one
     flatquant: object = None  # FlatOptions for FlatQuant recipes (None: defaults)
     gptq: bool = False  # GPTQ weights (quant/gptq.py) instead of RTN, on the same per-channel scales
-    gptq_damp: float = 0.01  # Hessian dampening, fraction of its mean diagonal
+    gptq_damp: float = ranged(0.01, float, low=0.0, high=1e3, open_low=True)  # Hessian dampening x its mean diagonal
     gptq_act_order: bool = True  # quantize input channels by decreasing Hessian diagonal (quant/gptq.py)
     gptq_inputs: str = "fp"  # Grams from the FP block, or "quantized": sequential, dynamic quantizers on (calibrate.py)
     # PrefixQuant initialisation rules (calibrate.py; defaults chosen on calibration data, BENCHMARKS/RESULTS)
@@ -70,10 +117,7 @@ class QuantizeOptions:
     target: str = "local"  # search target: "local" (FP block on quantized inputs) or "fp" (FP block on FP inputs)
 
     def __post_init__(self):
-        require_int(self, ("outlier_samples", "grid_samples"), 1)
-        require_int(self, ("seed",), 0)
-        require_number(self, "eta", 1.0, strict=True)
-        require_number(self, "gptq_damp", 0.0, strict=True)
+        check_ranges(self)
         require_choice(self, "weight_clip", WEIGHT_CLIPS)
         require_choice(self, "kv_rule", KV_RULES)
         require_choice(self, "search", SEARCHES)
@@ -101,22 +145,18 @@ class FlatOptions:
     `train`: None, or a callable (qm, groups) -> report that runs the training step instead (to watch it)."""
 
     param: str = "inverse"  # or "orthogonal"
-    alpha: float = 0.3  # SmoothQuant-style init of the per-channel scales
-    lr: float = 5e-3
-    clip_lr: float | None = None  # None: 10 x lr
+    alpha: float = ranged(0.3, float, low=0.0, high=1.0)  # SmoothQuant-style init of the per-channel scales
+    lr: float = ranged(5e-3, float, low=0.0, high=1.0, open_low=True)
+    clip_lr: float | None = ranged(None, float, low=0.0, high=10.0, open_low=True)  # None: 10 x lr
     lwc: bool = True
     lac: bool = True
-    cond_max: float = COND_MAX
+    cond_max: float = ranged(COND_MAX, float, low=1.0, open_low=True)
     train: Any = None
     merge: bool = True
 
     def __post_init__(self):
         require_choice(self, "param", PARAMS)
-        require_number(self, "lr", 0.0, strict=True)
-        if self.clip_lr is not None:
-            require_number(self, "clip_lr", 0.0, strict=True)
-        require_number(self, "alpha", 0.0, strict=False, high=1.0)
-        require_number(self, "cond_max", 1.0, strict=True)
+        check_ranges(self)
         if self.train is not None and not callable(self.train):
             raise UserError(f"FlatOptions.train must be None or a callable (qm, groups) -> report, got "
                             f"{type(self.train).__name__} (a TrainConfig goes to quantize(train=...))", "FlatOptions.train")
@@ -127,24 +167,20 @@ class TrainConfig:
     """How to fine-tune. `samples` x `seqlen`: the training tokens' shape; `ckpt_every`: in-block checkpoint
     period in steps (0: only after each block)."""
 
-    samples: int = 32
-    seqlen: int = 512
-    epochs: int = 2
-    batch_size: int = 4
-    lr_quant: float = 5e-5
-    lr_weight: float = 5e-6
-    weight_decay: float = 0.0
-    final_lr_ratio: float = 0.1
+    samples: int = ranged(32, low=1)
+    seqlen: int = ranged(512, low=1)
+    epochs: int = ranged(2, low=1)
+    batch_size: int = ranged(4, low=1)
+    lr_quant: float = ranged(5e-5, float, low=0.0, high=1.0)
+    lr_weight: float = ranged(5e-6, float, low=0.0, high=1.0)
+    weight_decay: float = ranged(0.0, float, low=0.0, high=1.0)
+    final_lr_ratio: float = ranged(0.1, float, low=0.0, high=1.0)
     train_weights: bool = True
-    ckpt_every: int = 0
-    seed: int = 0
+    ckpt_every: int = ranged(0, low=0)
+    seed: int = ranged(0, low=0)
 
     def __post_init__(self):
-        require_int(self, ("samples", "seqlen", "epochs", "batch_size"), 1)
-        require_int(self, ("ckpt_every", "seed"), 0)
-        for k in ("lr_quant", "lr_weight", "weight_decay"):
-            require_number(self, k, 0.0, strict=False)
-        require_number(self, "final_lr_ratio", 0.0, strict=False, high=1.0)
+        check_ranges(self)
         if self.batch_size > self.samples:
             raise UserError(f"TrainConfig.batch_size {self.batch_size} exceeds the {self.samples} training samples "
                             "(TrainConfig.samples)", "TrainConfig.batch_size", "TrainConfig.samples")

@@ -24,11 +24,9 @@ nothing about the qparams or transforms keys (or other variable types) is hard-c
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +36,7 @@ import orbax.checkpoint as ocp
 from prefixquant_jax.checkpoint import codec
 from prefixquant_jax.checkpoint.fp import load_prefix_kv, load_tokenizer, save_prefix_kv
 from prefixquant_jax.errors import UserError, describe
+from prefixquant_jax.files import atomic_dir, recover
 from prefixquant_jax.nn.config import ModelConfig
 from prefixquant_jax.nn.decoder import with_prefix
 from prefixquant_jax.pipeline.result import QuantizedModel
@@ -62,38 +61,16 @@ def looks_saved(path: str) -> bool:
 
 
 def check_save_target(path: str, overwrite: bool) -> str:
-    """Refuse an existing target unless overwrite; never replace a directory that is not a checkpoint."""
+    """Refuse an existing target unless overwrite; never replace a directory that is not a checkpoint. A previous
+    version a killed replacement left aside is put back first (files.recover)."""
     path = os.path.abspath(path)
+    recover(path)
     if os.path.lexists(path):
         if not overwrite:
             raise UserError(f"{path} already exists (pass overwrite=True to replace it)", "overwrite=True")
         if not os.path.isdir(path) or (os.listdir(path) and not is_saved_quantized(path)):
             raise UserError(f"{path} exists and is not a prefixquant checkpoint; refusing to replace it")
     return path
-
-
-@contextlib.contextmanager
-def _atomic_dir(path: str, overwrite: bool):
-    """Yield a temp dir next to `path`; on success it becomes `path` (an old one is removed only then)."""
-    path = check_save_target(path, overwrite)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=parent)
-    try:
-        yield tmp
-        if os.path.lexists(path):
-            old = tmp + ".old"
-            os.rename(path, old)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(old, path)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_quantized(qm: QuantizedModel, path: str, overwrite: bool = False, tokenizer=None) -> str:
@@ -111,15 +88,12 @@ def save_quantized(qm: QuantizedModel, path: str, overwrite: bool = False, token
         if sp is not None:
             entry["scale"] = list(sp)
         variables.append(entry)
-    try:
-        with _atomic_dir(path, overwrite) as tmp:
-            _fill(tmp, qm, tokenizer, tree, variables, leaves)
-    except OSError as e:  # disk full, permissions, a name taken meanwhile
-        raise UserError(f"{os.path.abspath(path)}: cannot write the checkpoint ({describe(e)})") from None
+    with atomic_dir(path) as tmp:  # disk full, permissions, a kill: the target is left as it was
+        _fill(tmp, path, qm, tokenizer, tree, variables, leaves)
     return os.path.abspath(path)
 
 
-def _fill(tmp, qm, tokenizer, tree, variables, leaves) -> None:
+def _fill(tmp, path, qm, tokenizer, tree, variables, leaves) -> None:
     """Write tokenizer, prefix KV, Orbax state and (last) the metadata into the temp dir `tmp`."""
     tok = _save_tokenizer(qm, tokenizer, tmp)
     prefix = None
@@ -128,7 +102,7 @@ def _fill(tmp, qm, tokenizer, tree, variables, leaves) -> None:
         f = save_prefix_kv(pkv, os.path.join(tmp, PREFIX))
         prefix = {"prefix_ids": list(pkv.prefix_ids), "text": pkv.text, "length": pkv.length,
                   "k_rotated": bool(pkv.k_rotated), "file": PREFIX, "crc32": codec.file_crc(f)}
-    _write_state(os.path.join(tmp, STATE), tree)
+    _write_state(os.path.join(tmp, STATE), tree, path)
     meta = {"format": FORMAT, **codec.metadata(qm, variables, prefix, tok)}
     meta["sizes"] = {"disk_bytes": codec.dir_bytes(tmp),
                      "fp32_params_bytes": sum(4 * a.size for p, cls, a, *_ in leaves if codec.type_name(cls) == "flax.nnx:Param")}
@@ -136,7 +110,7 @@ def _fill(tmp, qm, tokenizer, tree, variables, leaves) -> None:
         json.dump(meta, fh, indent=1)
 
 
-def _write_state(directory: str, tree: dict) -> None:
+def _write_state(directory: str, tree: dict, target: str) -> None:
     try:
         if jax.process_count() > 1:  # several processes (quantize --coordinator): the caller alone writes host values
             me = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
@@ -144,8 +118,9 @@ def _write_state(directory: str, tree: dict) -> None:
             ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=me), multiprocessing_options=me).save(directory, tree)
         else:
             ocp.PyTreeCheckpointer().save(directory, tree)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{directory}: Orbax could not write the state ({describe(e)})") from None
+    except Exception as e:  # tensorstore reports a full disk or a read-only target as ValueError / RuntimeError
+        text = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot write {os.path.abspath(target)}: {text}") from None
 
 
 def _save_tokenizer(qm, tokenizer, tmp):

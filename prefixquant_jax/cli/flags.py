@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import argparse
 
-from prefixquant_jax.cli.args import add_eval_args, add_mesh_arg, add_model_args
+from prefixquant_jax.cli.args import (BITS, EXISTING_DIR, EXISTING_FILE, NEW_DIR, NEW_FILE, RATIO, add_eval_args,
+                                      add_mesh_arg, add_model_args, corpus, number, option)
+from prefixquant_jax.eval.data import BUNDLED_TEXTS
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.options import FlatOptions, QuantizeOptions, TrainConfig, train_config
 from prefixquant_jax.presets import PRESETS
 
 def _add_calib_args(p):
-    p.add_argument("--calib-data", default="wikitext2-valid", help="wikitext2-valid (bundled) or a UTF-8 text file")
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--outlier-samples", type=int, default=8, help="calibration samples scanned for outlier tokens")
-    p.add_argument("--eta", type=float, default=64.0, help="outlier threshold: max|x| > eta * median over the sample's tokens")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-data", default="wikitext2-valid", type=corpus(BUNDLED_TEXTS),
+                   help="wikitext2-valid (bundled) or a UTF-8 text file")
+    p.add_argument("--calib-samples", type=number(int, 1), default=32)
+    p.add_argument("--calib-seqlen", type=number(int, 2), default=512)
+    p.add_argument("--outlier-samples", type=option(QuantizeOptions, "outlier_samples"), default=8,
+                   help="calibration samples scanned for outlier tokens")
+    p.add_argument("--eta", type=option(QuantizeOptions, "eta"), default=64.0,
+                   help="outlier threshold: max|x| > eta * median over the sample's tokens")
+    p.add_argument("--seed", type=option(QuantizeOptions, "seed"), default=0)
 
 
 def _add_rule_args(p):
@@ -36,32 +41,35 @@ def _add_train_args(p):
     g = p.add_argument_group("block-wise fine-tuning (PrefixQuant FT)")
     g.add_argument("--train", action="store_true", help="fine-tune scales and weights block by block after calibration")
     g.add_argument("--train-preset", default="fast", help="fast (CPU-sized, default) or paper (512 x 1024, batch 4, 20 epochs)")
-    g.add_argument("--train-samples", type=int)
-    g.add_argument("--train-seqlen", type=int)
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--train-batch-size", type=int, help="samples per step (sharded over the devices)")
-    g.add_argument("--lr-quant", type=float, help="learning rate of scales / zero points (default 5e-5)")
-    g.add_argument("--lr-weight", type=float, help="learning rate of the linear weights (default 5e-6)")
+    g.add_argument("--train-samples", type=option(TrainConfig, "samples"))
+    g.add_argument("--train-seqlen", type=option(TrainConfig, "seqlen"))
+    g.add_argument("--epochs", type=option(TrainConfig, "epochs"))
+    g.add_argument("--train-batch-size", type=option(TrainConfig, "batch_size"),
+                   help="samples per step (sharded over the devices)")
+    g.add_argument("--lr-quant", type=option(TrainConfig, "lr_quant"),
+                   help="learning rate of scales / zero points (default 5e-5)")
+    g.add_argument("--lr-weight", type=option(TrainConfig, "lr_weight"),
+                   help="learning rate of the linear weights (default 5e-6)")
     g.add_argument("--no-train-weights", action="store_true", help="train the quantizer parameters only")
-    g.add_argument("--train-dir", metavar="DIR", help="checkpoint the run here (after calibration, every block, every --ckpt-every steps)")
-    g.add_argument("--ckpt-every", type=int, default=0, help="in-block checkpoint period in steps (0: after each block only)")
-    g.add_argument("--resume", metavar="DIR", help="continue the fine-tuning run checkpointed in DIR (implies --train)")
+    g.add_argument("--train-dir", metavar="DIR", type=NEW_DIR, help="checkpoint the run here (after calibration, every block, every --ckpt-every steps)")
+    g.add_argument("--ckpt-every", type=option(TrainConfig, "ckpt_every"), default=0, help="in-block checkpoint period in steps (0: after each block only)")
+    g.add_argument("--resume", metavar="DIR", type=EXISTING_DIR, help="continue the fine-tuning run checkpointed in DIR (implies --train)")
 
 
 def _add_distributed_args(p):
     g = p.add_argument_group("several processes (jax.distributed; prefixquant_jax/distributed.py)")
     g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (or auto: JAX's cluster detection); "
                    "default: JAX_COORDINATOR_ADDRESS, if set")
-    g.add_argument("--num-processes", type=int, help="default: JAX_NUM_PROCESSES")
-    g.add_argument("--process-id", type=int, help="default: JAX_PROCESS_ID; process 0 alone writes files")
+    g.add_argument("--num-processes", type=number(int, 1), help="default: JAX_NUM_PROCESSES")
+    g.add_argument("--process-id", type=number(int, 0), help="default: JAX_PROCESS_ID; process 0 alone writes files")
 
 
 def _add_flat_args(p):
     g = p.add_argument_group("FlatQuant (presets flatquant-*: always trained with the --train flags, then merged)")
-    g.add_argument("--flat-lr", type=float, default=5e-3, help="learning rate of the transforms (clip logits: 10x)")
+    g.add_argument("--flat-lr", type=option(FlatOptions, "lr"), default=5e-3, help="learning rate of the transforms (clip logits: 10x)")
     g.add_argument("--flat-param", choices=("inverse", "orthogonal"), default="inverse",
                    help="inverse: P learned directly, P^-1 = inv(P); orthogonal: P = U diag(s) V^T (Cayley)")
-    g.add_argument("--flat-alpha", type=float, default=0.3, help="SmoothQuant-style init of the per-channel scales")
+    g.add_argument("--flat-alpha", type=option(FlatOptions, "alpha"), default=0.3, help="SmoothQuant-style init of the per-channel scales")
 
 
 def _site_clips(text: str):
@@ -70,9 +78,9 @@ def _site_clips(text: str):
     for part in text.split(","):
         site, _, r = part.rpartition("=")
         try:
-            r = float(r)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a clip ratio: {part.strip()!r} (R or SITE=R)") from None
+            r = RATIO.range.parse(r)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{part.strip()!r}: a clip ratio {e} (R or SITE=R)") from None
         if site:
             sites.append((site.strip(), r))
         elif default is None:
@@ -129,7 +137,7 @@ def add_analyze_parser(sub) -> None:
     add_model_args(p, dtype=False)
     _add_calib_args(p)
     p.add_argument("--no-rotate", action="store_true", help="analyze the unrotated model")
-    p.add_argument("--plot", metavar="OUT.png", help="write the outlier plot")
+    p.add_argument("--plot", metavar="OUT.png", type=NEW_FILE, help="write the outlier plot")
 
 
 def add_quantize_parser(sub) -> None:
@@ -137,17 +145,17 @@ def add_quantize_parser(sub) -> None:
     add_model_args(p, dtype=False)
     p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
     _add_calib_args(p)
-    p.add_argument("--grid-samples", type=int, default=2, help="calibration samples used inside the clip grid search")
-    p.add_argument("--w-bits", type=int)
-    p.add_argument("--a-bits", type=int)
-    p.add_argument("--kv-bits", type=int)
+    p.add_argument("--grid-samples", type=option(QuantizeOptions, "grid_samples"), default=2, help="calibration samples used inside the clip grid search")
+    p.add_argument("--w-bits", type=BITS)
+    p.add_argument("--a-bits", type=BITS)
+    p.add_argument("--kv-bits", type=BITS)
     p.add_argument("--dynamic-act-clip", type=_site_clips, default=(None, None), metavar="R[,SITE=R...]",
                    help="clip ratio of per-token dynamic activation quantizers (scale from R x amax; preset default); "
                         "SITE=R overrides it at one site (qkv_in, o_in, up_gate_in, down_in), e.g. 0.85,down_in=0.8")
-    p.add_argument("--dynamic-kv-clip", type=float, metavar="R", help="the same for dynamic KV quantizers")
+    p.add_argument("--dynamic-kv-clip", type=RATIO, metavar="R", help="the same for dynamic KV quantizers")
     p.add_argument("--prefix-ids", help="comma-separated token ids to use as the prefix instead of detecting them")
     p.add_argument("--gptq", action="store_true", help="GPTQ weights on the RTN scales (calibration inputs' Hessians) instead of RTN")
-    p.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ Hessian dampening, fraction of the mean diagonal")
+    p.add_argument("--gptq-damp", type=option(QuantizeOptions, "gptq_damp"), default=0.01, help="GPTQ Hessian dampening, fraction of the mean diagonal")
     p.add_argument("--gptq-order", choices=("act", "natural"), default="act",
                    help="GPTQ input-channel order: 'act' largest Hessian diagonal first (default), 'natural' as stored")
     p.add_argument("--gptq-inputs", choices=("fp", "quantized"), default="fp",
@@ -162,9 +170,9 @@ def add_quantize_parser(sub) -> None:
     add_eval_args(p, data_flag="--eval-data")
     p.add_argument("--no-fp", action="store_true", help="skip the FP reference evaluation (no fp_ppl / ratio)")
     p.add_argument("--no-eval", action="store_true", help="quantize only")
-    p.add_argument("--export-prefix", metavar="FILE.safetensors", help="write the FP prefix KV (layers.{i}.key/value)")
-    p.add_argument("--import-prefix", metavar="FILE.safetensors", help="use this prefix KV (export-prefix) instead of computing one")
-    p.add_argument("--save", metavar="DIR", help="save the quantized model (Orbax state, metadata, tokenizer) to DIR; "
+    p.add_argument("--export-prefix", metavar="FILE.safetensors", type=NEW_FILE, help="write the FP prefix KV (layers.{i}.key/value)")
+    p.add_argument("--import-prefix", metavar="FILE.safetensors", type=EXISTING_FILE, help="use this prefix KV (export-prefix) instead of computing one")
+    p.add_argument("--save", metavar="DIR", type=NEW_DIR, help="save the quantized model (Orbax state, metadata, tokenizer) to DIR; "
                    "an existing DIR needs --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --export-prefix file or --train-dir")
 

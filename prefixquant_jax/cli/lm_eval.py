@@ -14,7 +14,7 @@ import difflib
 import os
 import time
 
-from prefixquant_jax.cli.args import DTYPES, add_backend_args, add_model_args
+from prefixquant_jax.cli.args import DTYPES, EXISTING_DIR, EXISTING_FILE, add_backend_args, add_model_args, number
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.eval.models import load_for_eval
 
@@ -29,15 +29,15 @@ def add_subcommand(sub) -> None:
     add_backend_args(p)
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task (or group) names, e.g. "
                    "lambada_wikitext2 (shipped, offline) or piqa,arc_easy,arc_challenge,hellaswag,winogrande")
-    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
+    p.add_argument("--include-path", action="append", default=[], metavar="DIR", type=EXISTING_DIR,
                    help="a directory of lm-eval task YAMLs (repeatable)")
-    p.add_argument("--limit", type=float, help="at most N documents per task (a value below 1: that fraction)")
-    p.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's, else 0)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (static length buckets)")
-    p.add_argument("--max-length", type=int, help="max input tokens (default min(2048, max positions - prefix))")
-    p.add_argument("--import-prefix", metavar="FILE", help="prefix KV safetensors (export-prefix) in front of every request")
-    p.add_argument("--bootstrap-iters", type=int, default=100000, help="lm-eval's bootstrap for stderrs (0: none)")
-    p.add_argument("--seed", type=int, default=0, help="lm-eval's random / few-shot seed")
+    p.add_argument("--limit", type=number(float, 0.0, open_low=True), help="at most N documents per task (a value below 1: that fraction)")
+    p.add_argument("--num-fewshot", type=number(int, 0, 1000), help="few-shot examples per prompt (default: the task's, else 0)")
+    p.add_argument("--batch-size", type=number(int, 1), default=8, help="rows per forward pass (static length buckets)")
+    p.add_argument("--max-length", type=number(int, 2), help="max input tokens (default min(2048, max positions - prefix))")
+    p.add_argument("--import-prefix", metavar="FILE", type=EXISTING_FILE, help="prefix KV safetensors (export-prefix) in front of every request")
+    p.add_argument("--bootstrap-iters", type=number(int, 0), default=100000, help="lm-eval's bootstrap for stderrs (0: none)")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="lm-eval's random / few-shot seed")
 
 
 _TASK_MANAGERS: dict = {}  # (include paths, with lm-eval's own tasks) -> TaskManager: indexing all tasks takes seconds
@@ -92,12 +92,6 @@ def cmd_lm_eval(args) -> dict:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise UserError("--tasks: give at least one task name")
-    if args.limit is not None and args.limit <= 0:
-        raise UserError(f"--limit must be > 0, got {args.limit:g}")
-    if args.num_fewshot is not None and args.num_fewshot < 0:
-        raise UserError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     t0 = time.time()
     tm = task_manager(args.include_path, tasks)
     _check_tasks(tm, tasks)  # before the model loads: a typo fails in seconds

@@ -8,7 +8,7 @@ import sys
 import time
 
 from prefixquant_jax.cli import lm_eval, plan, quantize
-from prefixquant_jax.cli.args import (DTYPES, Parser, add_backend_args, add_eval_args, add_mesh_arg, add_model_args,
+from prefixquant_jax.cli.args import (DTYPES, EXISTING_FILE, Parser, number, add_backend_args, add_eval_args, add_mesh_arg, add_model_args,
                                       mesh_spec, mesh_tag, write_json)
 from prefixquant_jax.cli.flags import flag_error
 from prefixquant_jax.errors import UserError
@@ -25,8 +25,6 @@ def _eval_model(args):
 
 
 def cmd_eval(args) -> dict:
-    if args.seqlen < 2:
-        raise UserError(f"--seqlen must be >= 2, got {args.seqlen}")
     t0 = time.time()
     ev = _eval_model(args)
     P = ev.model.prefix_len
@@ -46,8 +44,6 @@ def cmd_eval(args) -> dict:
 
 
 def cmd_generate(args) -> dict:
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     ev = _eval_model(args)
     ids = encode_prompt(ev.tokenizer, args.prompt, chat=not args.no_chat)
     t0 = time.time()
@@ -68,7 +64,7 @@ def build_parser() -> Parser:
     p = sub.add_parser("eval", help="perplexity of a model on a text")
     add_model_args(p)
     add_eval_args(p)
-    p.add_argument("--import-prefix", metavar="FILE", help="prefix KV safetensors (export-prefix) to put in front of every window")
+    p.add_argument("--import-prefix", metavar="FILE", type=EXISTING_FILE, help="prefix KV safetensors (export-prefix) to put in front of every window")
     add_backend_args(p)
     add_mesh_arg(p)
 
@@ -77,7 +73,7 @@ def build_parser() -> Parser:
     add_backend_args(p)
     add_mesh_arg(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=64)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
 
     quantize.add_subcommands(sub)

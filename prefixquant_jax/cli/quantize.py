@@ -13,7 +13,7 @@ from prefixquant_jax.checkpoint.export import export_hf, export_quantized_hf, ex
 from prefixquant_jax.checkpoint.fp import load_checkpoint, load_prefix_kv, save_prefix_kv
 from prefixquant_jax.checkpoint.saved import (check_save_target, load_quantized, load_saved_prefix, looks_saved,
                                               read_metadata, save_quantized)
-from prefixquant_jax.cli.args import add_model_args
+from prefixquant_jax.cli.args import EXISTING_DIR, NEW_DIR, NEW_FILE, add_json_arg, add_model_args, number
 from prefixquant_jax.cli.flags import (add_analyze_parser, add_quantize_parser, flag_error, flat_options,
                                        quantize_options, train_cfg)
 from prefixquant_jax.errors import UserError
@@ -55,15 +55,15 @@ def add_subcommands(sub) -> None:
     p = sub.add_parser("export-hf", help="write the FP model (optionally R1/R2-rotated) or a saved quantized model's "
                        "weights as an HF safetensors checkpoint")
     add_model_args(p, dtype=False)
-    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--out", required=True, type=NEW_DIR, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--rotate", action="store_true", help="fold norms and fuse R1/R2 (R3/R4 are online: not representable)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number(int, 0), default=0)
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("export-prefix", help="write the FP prefix KV of a saved quantized model (quantize --save)")
-    p.add_argument("--model", required=True, help="a directory written by quantize --save")
-    p.add_argument("--out", required=True, metavar="FILE.safetensors")
+    p.add_argument("--model", required=True, type=EXISTING_DIR, help="a directory written by quantize --save")
+    p.add_argument("--out", required=True, metavar="FILE.safetensors", type=NEW_FILE)
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--json", dest="json_out", metavar="OUT", help="write the results as JSON to OUT")
+    add_json_arg(p)
 
 
 def cmd_export_hf(args) -> dict:

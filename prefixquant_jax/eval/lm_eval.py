@@ -37,6 +37,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import re
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +54,7 @@ from tqdm.auto import tqdm
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.eval import forward
 from prefixquant_jax.eval.models import load_for_eval
+from prefixquant_jax.files import atomic_file, writing
 
 BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 32768)
 
@@ -346,13 +350,10 @@ class PrefixQuantLM(TemplateLM):
 def shipped_include_path() -> str:
     """A directory with the tasks we ship (prefixquant_jax/data/lm_eval), their `data_files` made absolute,
     to give lm-eval's TaskManager as include_path (lm-eval resolves relative data files against the cwd)."""
-    import os
-    import re
-    import tempfile
-
     src = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "lm_eval")
     out = os.path.join(tempfile.gettempdir(), f"prefixquant-lm-eval-tasks-{os.getuid() if hasattr(os, 'getuid') else 0}")
-    os.makedirs(out, exist_ok=True)
+    with writing(out):
+        os.makedirs(out, exist_ok=True)
     for name in sorted(os.listdir(src)):
         if not name.endswith(".yaml"):
             continue
@@ -362,8 +363,6 @@ def shipped_include_path() -> str:
                       flags=re.M)
         path = os.path.join(out, name)
         if not os.path.isfile(path) or open(path, encoding="utf-8").read() != text:
-            tmp = path + f".tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
+            with atomic_file(path) as tmp, writing(path), open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
-            os.replace(tmp, path)
     return out

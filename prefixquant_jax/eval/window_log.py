@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from prefixquant_jax.errors import UserError
+from prefixquant_jax.files import atomic_file, writing
 
 FORMAT = "prefixquant-ppl-log/2"  # 2: the model structure and its prefix state hashed
 
@@ -47,15 +48,15 @@ class WindowLog:
         self.done: dict[tuple[int, int, str], float] = {}
         if os.path.exists(path):
             self._read(fingerprint)
-        else:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self._append({"format": FORMAT, "fingerprint": fingerprint})
+        else:  # the header line whole or not at all: a kill never leaves a log without one
+            with atomic_file(path) as tmp, writing(path), open(tmp, "w") as f:
+                f.write(json.dumps({"format": FORMAT, "fingerprint": fingerprint}) + "\n")
 
     def _read(self, fingerprint: str) -> None:
         with open(self.path, "rb") as f:
             raw = f.read()
         if raw and not raw.endswith(b"\n"):  # a kill mid-write: drop the torn line
-            with open(self.path, "r+b") as f:
+            with writing(self.path), open(self.path, "r+b") as f:
                 f.truncate(raw.rfind(b"\n") + 1)
             raw = raw[:raw.rfind(b"\n") + 1]
         lines = raw.decode("utf-8", "replace").splitlines()
@@ -77,7 +78,8 @@ class WindowLog:
             self.done[(int(r["start"]), int(r["count"]), str(r["tokens"]))] = float(r["nll"])
 
     def _append(self, obj: dict) -> None:
-        with open(self.path, "a") as f:
+        """One line, flushed to disk (a line torn by a kill or a full disk is dropped when the log is read)."""
+        with writing(self.path), open(self.path, "a") as f:
             f.write(json.dumps(obj) + "\n")
             f.flush()
             os.fsync(f.fileno())

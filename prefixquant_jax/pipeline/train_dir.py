@@ -10,19 +10,34 @@ template, so any pytree (nnx.State, optax states) round-trips without Orbax know
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import tempfile
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from prefixquant_jax.errors import UserError
+from prefixquant_jax.files import atomic_file, cannot_write, writing
 
 FORMAT = "prefixquant-train/2"  # 2: recipes (with FlatQuant's typed transforms) in the fingerprint
 INBLOCK_STRIDE = 1_000_000  # in-block checkpoint id = layer * stride + step
+
+
+@contextlib.contextmanager
+def orbax_writes(path: str):
+    """Orbax / tensorstore report a full disk or a read-only target in many exception types: one line naming path."""
+    try:
+        yield
+    except UserError:
+        raise
+    except OSError as e:
+        raise cannot_write(path, e) from None
+    except Exception as e:
+        text = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot write {path}: {text}") from None
 
 
 def flat(tree) -> dict:
@@ -77,8 +92,10 @@ class TrainDir:
                 if not overwrite:
                     raise UserError(f"training directory {path} exists; set TrainCheckpoint.resume to continue it or "
                                     "TrainCheckpoint.overwrite to replace it", "TrainCheckpoint.resume", "TrainCheckpoint.overwrite")
-                shutil.rmtree(self.path)
-            os.makedirs(self.path, exist_ok=True)
+                with writing(self.path):
+                    shutil.rmtree(self.path)
+            with writing(self.path):
+                os.makedirs(self.path, exist_ok=True)
             self.meta = {"format": FORMAT, "fingerprint": fingerprint, "blocks": []}
             self.write_meta()
         self._ckptr = ocp.StandardCheckpointer()
@@ -93,18 +110,17 @@ class TrainDir:
             raise UserError(f"cannot read {self.meta_file}: {e}") from None
 
     def write_meta(self) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
+        with atomic_file(self.meta_file) as tmp, writing(self.meta_file), open(tmp, "w") as f:
             json.dump(self.meta, f, indent=1)
-        os.replace(tmp, self.meta_file)
 
     # whole pytrees (init / finished blocks): written to a temp name, then renamed by Orbax
     def _save(self, name: str, tree) -> None:
         target = os.path.join(self.path, name)
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        self._ckptr.save(target, tree if name == "init" else flat(tree))
-        self._ckptr.wait_until_finished()
+        with orbax_writes(target):
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            self._ckptr.save(target, tree if name == "init" else flat(tree))
+            self._ckptr.wait_until_finished()
 
     def _load(self, name: str, template):
         try:
@@ -139,8 +155,9 @@ class TrainDir:
         return self._load(os.path.join("blocks", str(layer)), template)
 
     def save_inblock(self, layer: int, step: int, tree) -> None:
-        self._inblock.save(layer * INBLOCK_STRIDE + step, args=ocp.args.StandardSave(flat(tree)))
-        self._inblock.wait_until_finished()
+        with orbax_writes(os.path.join(self.path, "inblock")):
+            self._inblock.save(layer * INBLOCK_STRIDE + step, args=ocp.args.StandardSave(flat(tree)))
+            self._inblock.wait_until_finished()
 
     def load_inblock(self, layer: int, template):
         """(step, tree) of the latest in-block checkpoint of `layer`, or (0, None)."""

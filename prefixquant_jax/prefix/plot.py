@@ -1,7 +1,12 @@
 """The outlier plot of `prefixquant analyze`: token-wise max |x| at the down_proj input."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+from prefixquant_jax.errors import UserError
+from prefixquant_jax.files import atomic_file
 
 
 def plot_outliers(path, calib, plain, before, after, tokenizer, res, positions: int = 48):
@@ -36,5 +41,10 @@ def plot_outliers(path, calib, plain, before, after, tokenizer, res, positions: 
     ax.set_title("what a per-tensor static scale must cover at the down_proj input")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    if fmt not in fig.canvas.get_supported_filetypes():
+        plt.close(fig)
+        raise UserError(f"{path}: cannot write a .{fmt} plot (one of {', '.join(sorted(fig.canvas.get_supported_filetypes()))})")
+    with atomic_file(path) as tmp:  # matplotlib names the format by the extension; the temp name has none
+        fig.savefig(tmp, dpi=100, format=fmt)
     plt.close(fig)
