@@ -60,13 +60,17 @@ def _unlink(p: str) -> None:
 
 
 def _parent(path: str) -> str:
+    """The target's directory, made if it is missing; UserError when a file stands where a directory must be."""
     parent = os.path.dirname(os.path.abspath(path))
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"cannot write {os.path.abspath(path)}: {existing} is not a directory")
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
         raise cannot_write(path, e) from None
-    if not os.path.isdir(parent):
-        raise UserError(f"cannot write {os.path.abspath(path)}: {parent} is not a directory")
     return parent
 
 

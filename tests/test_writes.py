@@ -30,7 +30,7 @@ def full_fs(tmp_path):
     mnt = tmp_path / "full"
     if os.geteuid() != 0 or not _mount(mnt):
         pytest.skip("needs root to mount a tmpfs")
-    with open(mnt / "filler", "wb") as f:
+    with open(mnt / "filler", "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
@@ -119,22 +119,26 @@ def test_read_only_directory(name, ro_fs, tiny_dir, text_file, saved, capsys):
     assert json.loads((ro_fs / "kept.json").read_text()) == {"kept": True}
 
 
-def test_full_disk_keeps_what_was_there(full_fs, tiny_dir, text_file, saved, capsys, tmp_path):
-    """An existing --json file and an existing saved model stay as they were when the new one cannot be written."""
-    out = full_fs / "kept.json"
-    os.remove(full_fs / "filler")
-    out.write_text('{"old": 1}\n')
-    (full_fs / "filler").write_bytes(b"")
-    with open(full_fs / "filler", "ab") as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
-    res = main_cli(capsys, "eval", "--model", saved, "--data", text_file, "--seqlen", "16", "--max-windows", "1",
-                   "--json", str(out))
-    assert_one_line_error(res, "cannot write")
-    assert json.loads(out.read_text()) == {"old": 1}
+def test_full_disk_keeps_what_was_there(tmp_path, tiny_dir, text_file, saved, capsys):
+    """An existing --json file stays as it was when the new one cannot be written."""
+    mnt = tmp_path / "full2"
+    if os.geteuid() != 0 or not _mount(mnt):
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        out = mnt / "kept.json"
+        out.write_text('{"old": 1}\n')
+        with open(mnt / "filler", "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        res = main_cli(capsys, "eval", "--model", saved, "--data", text_file, "--seqlen", "16", "--max-windows", "1",
+                       "--json", str(out))
+        assert_one_line_error(res, "cannot write")
+        assert json.loads(out.read_text()) == {"old": 1} and not files.leftovers(str(out))
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 # ---- files.py itself (no mount needed)

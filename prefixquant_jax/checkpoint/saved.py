@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 from prefixquant_jax.checkpoint import codec
 from prefixquant_jax.checkpoint.fp import load_prefix_kv, load_tokenizer, save_prefix_kv
 from prefixquant_jax.errors import UserError, describe
-from prefixquant_jax.files import atomic_dir, recover
+from prefixquant_jax.files import atomic_dir, recover, writing
 from prefixquant_jax.nn.config import ModelConfig
 from prefixquant_jax.nn.decoder import with_prefix
 from prefixquant_jax.pipeline.result import QuantizedModel
@@ -95,7 +95,8 @@ def save_quantized(qm: QuantizedModel, path: str, overwrite: bool = False, token
 
 def _fill(tmp, path, qm, tokenizer, tree, variables, leaves) -> None:
     """Write tokenizer, prefix KV, Orbax state and (last) the metadata into the temp dir `tmp`."""
-    tok = _save_tokenizer(qm, tokenizer, tmp)
+    with writing(path):
+        tok = _save_tokenizer(qm, tokenizer, tmp)
     prefix = None
     pkv = qm.prefix_kv
     if pkv is not None:
@@ -128,6 +129,8 @@ def _save_tokenizer(qm, tokenizer, tmp):
     if tokenizer is not None:
         try:
             tokenizer.save_pretrained(dest)
+        except OSError:
+            raise  # a full disk or a read-only target: `cannot write PATH` (_fill)
         except Exception as e:
             raise UserError(f"cannot save the tokenizer ({describe(e)})") from None
         return TOKENIZER

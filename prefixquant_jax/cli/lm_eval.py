@@ -31,7 +31,7 @@ def add_subcommand(sub) -> None:
                    "lambada_wikitext2 (shipped, offline) or piqa,arc_easy,arc_challenge,hellaswag,winogrande")
     p.add_argument("--include-path", action="append", default=[], metavar="DIR", type=EXISTING_DIR,
                    help="a directory of lm-eval task YAMLs (repeatable)")
-    p.add_argument("--limit", type=number(float, 0.0, open_low=True), help="at most N documents per task (a value below 1: that fraction)")
+    p.add_argument("--limit", type=number(float, 0.0, 1e9, open_low=True), help="at most N documents per task (a value below 1: that fraction)")
     p.add_argument("--num-fewshot", type=number(int, 0, 1000), help="few-shot examples per prompt (default: the task's, else 0)")
     p.add_argument("--batch-size", type=number(int, 1), default=8, help="rows per forward pass (static length buckets)")
     p.add_argument("--max-length", type=number(int, 2), help="max input tokens (default min(2048, max positions - prefix))")

@@ -12,6 +12,8 @@ collectives). Without: one device.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,46 +30,52 @@ def _sown(block, *args) -> dict:
     return nnx.to_pure_dict(inter)
 
 
+def block_output(block, x, P: int, cos, sin):
+    """The block on x [N, L, D] at positions P.. from a fresh cache of its rows, behind its own prefix."""
+    return block(x, block.init_kv(x.shape[0], x.shape[1]), P, cos, sin)[0]
+
+
+def _sown_with(block, capture, x, P, cos, sin) -> dict:
+    b = with_recipe(block, capture)
+    return _sown(b, x, b.init_kv(x.shape[0], x.shape[1]), P, cos, sin)
+
+
+# module-level jits, (graphdef, P) static: one compilation per block structure and shape in the whole process
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _forward(gd, P, state, x, cos, sin):
+    return block_output(nnx.merge(gd, state), x, P, cos, sin)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _ranges(gd, P, state, x, cos, sin):  # FP activations, weights as they are
+    b = nnx.merge(gd, state)
+    return _sown_with(b, Capture(b.recipe.replace(sites=()), ranges=True), x, P, cos, sin)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _grams(gd, P, state, x, cos, sin):
+    b = nnx.merge(gd, state)
+    return _sown_with(b, Capture(b.recipe, gram=True), x, P, cos, sin)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _qkv(gd, P, state, x, cos, sin):
+    b = nnx.merge(gd, state)
+    return _sown_with(b, Capture(b.recipe.replace(sites=()), qkv=True), x, P, cos, sin)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _loss(gd, P, state, x, cos, sin, target):
+    y = block_output(nnx.merge(gd, state), x, P, cos, sin)
+    return jnp.mean((y.astype(jnp.float32) - target) ** 2)
+
+
 class BlockRunner:
     """Jitted block forward / statistics captures / loss for tokens of length L behind a P-token prefix."""
 
     def __init__(self, config, prefix_len: int, L: int, mesh=None):
         self.config, self.mesh, self.P = config, mesh, prefix_len
         self.cos, self.sin = rope_tables(config, prefix_len + jnp.arange(L))
-        P = prefix_len
-
-        def run(block, x, cos, sin):  # the block on a fresh cache of its rows, behind its prefix
-            return block(x, block.init_kv(x.shape[0], x.shape[1]), P, cos, sin)[0]
-
-        def sown(block, capture, x, cos, sin):
-            b = with_recipe(block, capture)
-            return _sown(b, x, b.init_kv(x.shape[0], x.shape[1]), P, cos, sin)
-
-        def fwd(gd, state, x, cos, sin):
-            return run(nnx.merge(gd, state), x, cos, sin)
-
-        def capture(gd, state, x, cos, sin):  # FP activations, weights as they are
-            b = nnx.merge(gd, state)
-            return sown(b, Capture(b.recipe.replace(sites=()), ranges=True), x, cos, sin)
-
-        def gram(gd, state, x, cos, sin):
-            b = nnx.merge(gd, state)
-            return sown(b, Capture(b.recipe, gram=True), x, cos, sin)
-
-        def qkv(gd, state, x, cos, sin):
-            b = nnx.merge(gd, state)
-            return sown(b, Capture(b.recipe.replace(sites=()), qkv=True), x, cos, sin)
-
-        def loss(gd, state, x, cos, sin, target):
-            y = run(nnx.merge(gd, state), x, cos, sin)
-            return jnp.mean((y.astype(jnp.float32) - target) ** 2)
-
-        self.run = run  # block(x) behind the prefix, for the trainer's loss
-        self._fwd = jax.jit(fwd, static_argnums=0)
-        self._capture = jax.jit(capture, static_argnums=0)
-        self._gram = jax.jit(gram, static_argnums=0)
-        self._qkv = jax.jit(qkv, static_argnums=0)
-        self._loss = jax.jit(loss, static_argnums=0)
 
     def split(self, block):
         """(graphdef, state) of `block`, the state on the mesh (split over `model`) when there is one."""
@@ -88,27 +96,27 @@ class BlockRunner:
 
     def forward(self, block, x: np.ndarray, chunk: int) -> np.ndarray:
         gd, state = self.split(block)
-        return np.concatenate([np.asarray(self._fwd(gd, state, xb, self.cos, self.sin)) for xb in self._chunks(x, chunk)])
+        return np.concatenate([np.asarray(_forward(gd, self.P, state, xb, self.cos, self.sin)) for xb in self._chunks(x, chunk)])
 
     def _collect(self, fn, block, x: np.ndarray, chunk: int) -> dict:
         """What the jitted capture `fn` sows on every chunk of x, each value concatenated over the samples."""
         gd, state = self.split(block)
         acc: dict = {}
         for xb in self._chunks(x, chunk):
-            for k, v in fn(gd, state, xb, self.cos, self.sin).items():
+            for k, v in fn(gd, self.P, state, xb, self.cos, self.sin).items():
                 acc.setdefault(k, []).append(np.asarray(sown_value(v)))
         return {k: np.concatenate(v) for k, v in acc.items()}
 
     def ranges(self, block, x: np.ndarray, chunk: int) -> dict:
         """Per-token (min, max) of every quantization site's input, weights as in `block`, activations FP."""
-        return pair_ranges(self._collect(self._capture, block, x, chunk))
+        return pair_ranges(self._collect(_ranges, block, x, chunk))
 
     def grams(self, block, x: np.ndarray, chunk: int) -> dict:
         """{site: sum over all tokens of x^T x [C, C] (float64)} at each activation site, as `block` runs."""
         gd, state = self.split(block)
         acc: dict = {}
         for xb in self._chunks(x, chunk):
-            for k, v in self._gram(gd, state, xb, self.cos, self.sin).items():
+            for k, v in _grams(gd, self.P, state, xb, self.cos, self.sin).items():
                 site = k.removesuffix("_gram")
                 acc[site] = acc.get(site, 0.0) + np.asarray(sown_value(v), np.float64)
         return acc
@@ -116,10 +124,10 @@ class BlockRunner:
     def qkv(self, block, x: np.ndarray, chunk: int) -> dict:
         """{"q_attn", "k_cache_x", "v_cache_x": [N, L, heads, hd]}: the attention's q and the KV sites' inputs
         as `block` runs with FP activations (its weights as they are)."""
-        return self._collect(self._qkv, block, x, chunk)
+        return self._collect(_qkv, block, x, chunk)
 
     def loss(self, block, x, target) -> float:
         gd, state = self.split(block)
         if self.mesh is not None:
             x, target = self.place(x, target)
-        return float(self._loss(gd, state, x, self.cos, self.sin, target))
+        return float(_loss(gd, self.P, state, x, self.cos, self.sin, target))

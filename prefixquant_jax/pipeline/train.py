@@ -16,6 +16,7 @@ weight decay 0 and a cosine decay to lr/10, as in the paper.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable
 
@@ -31,7 +32,7 @@ from prefixquant_jax.errors import UserError
 from prefixquant_jax.nn.variables import QuantParam, ZeroPoint
 from prefixquant_jax.options import TrainConfig
 from prefixquant_jax.parallel.sharding import block_shardings
-from prefixquant_jax.pipeline.blocks import BlockRunner
+from prefixquant_jax.pipeline.blocks import BlockRunner, block_output
 
 MIN_SCALE = 1e-6
 
@@ -61,12 +62,37 @@ def prefixquant_groups(cfg: TrainConfig) -> tuple[ParamGroup, ...]:
 
 
 def _optimizer(groups, cfg: TrainConfig):
+    return _optimizer_of(groups, cfg.steps, cfg.final_lr_ratio, cfg.weight_decay)
+
+
+@functools.lru_cache(maxsize=64)
+def _optimizer_of(groups, steps: int, final_lr_ratio: float, weight_decay: float):
+    """One optax transformation per (groups, schedule): a static argument of the jitted step, so the same run shape
+    reuses one compilation (every quantize in a process, every layer)."""
     def adamw(lr):
-        sched = optax.cosine_decay_schedule(lr, max(cfg.steps, 1), alpha=cfg.final_lr_ratio)
-        return optax.adamw(sched, weight_decay=cfg.weight_decay)
+        sched = optax.cosine_decay_schedule(lr, max(steps, 1), alpha=final_lr_ratio)
+        return optax.adamw(sched, weight_decay=weight_decay)
     labels = tuple(g.name for g in groups)
     return optax.multi_transform({g.name: adamw(g.lr) for g in groups},
                                  lambda params: tuple(jax.tree.map(lambda _: lab, p) for p, lab in zip(params, labels)))
+
+
+def _block_loss(gd, P, train, rest, x, cos, sin, target):
+    y = block_output(nnx.merge(gd, *train, rest), x, P, cos, sin)
+    return jnp.mean((y.astype(jnp.float32) - target) ** 2)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(4, 5))
+def _train_step(gd, P, tx, projects, train, opt_state, rest, x, cos, sin, target):
+    """One AdamW step of the trainable groups `train` of block (gd, train, rest) on batch x against target."""
+    loss, grads = jax.value_and_grad(_block_loss, argnums=2)(gd, P, train, rest, x, cos, sin, target)
+    updates, opt_state = tx.update(grads, opt_state, train)
+    train = optax.apply_updates(train, updates)
+    train = tuple(p if f is None else f(p) for p, f in zip(train, projects))
+    return train, opt_state, loss
+
+
+_loss_jit = jax.jit(_block_loss, static_argnums=(0, 1))
 
 
 class BlockTrainer:
@@ -87,22 +113,13 @@ class BlockTrainer:
                             f"({mesh.shape['data']})", "TrainConfig.batch_size")
         self.batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
         self.replicated = NamedSharding(mesh, PartitionSpec())
-        run = runner.run
-        projects = tuple(g.project for g in groups)
+        self.projects = tuple(g.project for g in groups)
 
-        def loss_fn(gd, train, rest, x, cos, sin, target):
-            y = run(nnx.merge(gd, *train, rest), x, cos, sin)
-            return jnp.mean((y.astype(jnp.float32) - target) ** 2)
+    def step(self, gd, train, opt_state, rest, x, cos, sin, target):
+        return _train_step(gd, self.runner.P, self.tx, self.projects, train, opt_state, rest, x, cos, sin, target)
 
-        def step(gd, train, opt_state, rest, x, cos, sin, target):
-            loss, grads = jax.value_and_grad(loss_fn, argnums=1)(gd, train, rest, x, cos, sin, target)
-            updates, opt_state = self.tx.update(grads, opt_state, train)
-            train = optax.apply_updates(train, updates)
-            train = tuple(p if f is None else f(p) for p, f in zip(train, projects))
-            return train, opt_state, loss
-
-        self._loss = jax.jit(loss_fn, static_argnums=0)
-        self._step = jax.jit(step, static_argnums=0, donate_argnums=(1, 2))
+    def loss(self, gd, train, rest, x, cos, sin, target):
+        return _loss_jit(gd, self.runner.P, train, rest, x, cos, sin, target)
 
     def _shardings(self, tree):
         if self.mesh is None:
@@ -139,7 +156,7 @@ class BlockTrainer:
         tot = 0.0
         for s in range(0, len(x) - B + 1, B):
             xb, tb = self.batch(x, target, np.arange(s, s + B))
-            tot += float(self._loss(gd, train, rest, xb, self.runner.cos, self.runner.sin, tb))
+            tot += float(self.loss(gd, train, rest, xb, self.runner.cos, self.runner.sin, tb))
         return tot / (len(x) // B)
 
     def order(self, layer: int, epoch: int) -> np.ndarray:
@@ -190,7 +207,7 @@ def train_blockwise(fp_blocks, q_model, x0: np.ndarray, cfg: TrainConfig, groups
             epoch, i = divmod(s, cfg.steps_per_epoch)
             idx = np.sort(trainer.order(layer, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size])
             xb, tb = trainer.batch(x_q, target, idx)
-            train, opt_state, loss = trainer._step(gd, train, opt_state, rest, xb, runner.cos, runner.sin, tb)
+            train, opt_state, loss = trainer.step(gd, train, opt_state, rest, xb, runner.cos, runner.sin, tb)
             loss = float(loss)
             if not np.isfinite(loss):
                 raise UserError(f"training diverged: loss {loss} at block {layer} step {s}; lower the learning rates")

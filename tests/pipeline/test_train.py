@@ -101,7 +101,7 @@ def test_two_lr_groups_step_sizes(tiny_quantized, tiny_ck):
     target = runner.forward(qm.fp_blocks[0], x, 2)
     xb, tb = trainer.batch(x, target, np.arange(2))
     opt = trainer.tx.init(train)
-    new, _, _ = trainer._step(gd, train, opt, rest, xb, runner.cos, runner.sin, tb)
+    new, _, _ = trainer.step(gd, train, opt, rest, xb, runner.cos, runner.sin, tb)
     for group, lr in zip(range(2), (cfg.lr_quant, cfg.lr_weight)):
         d = np.concatenate([np.abs(np.asarray(a) - b).ravel() for a, b in zip(jax.tree.leaves(new[group]), jax.tree.leaves(before[group]))])
         # |step| = lr * |g| / (|g| + eps): ~lr where the gradient dwarfs Adam's eps, never above lr
