@@ -42,14 +42,16 @@ def test_bench_layer_allow_cpu(tmp_path, extra):
     assert all(r["update_rel_err_vs_xla"] <= 1e-5 and r["kv_codes_equal_vs_xla"] == 1.0 for r in rows), rows
 
 
-def test_bench_train_runs(tmp_path):
+@pytest.mark.parametrize("method", ["flatquant", "prefixquant"])
+def test_bench_train_runs(method, tiny_dir, tmp_path):
     from benchmarks import bench_train  # here: the other scripts' tests do not depend on this one importing
 
-    out = tmp_path / "t.json"
-    bench_train.main(["--batch", "1", "--seqlen", "32", "--steps", "1", "--json", str(out)])
+    out = tmp_path / "t.json"  # --threads 0: this test process keeps its cores
+    bench_train.main(["--model", tiny_dir, "--allow-tiny", "--method", method, "--samples", "4", "--batch", "2",
+                      "--seqlen", "16", "--steps", "2", "--threads", "0", "--json", str(out)])
     with open(out) as f:
         res = json.load(f)
-    assert res["steps_per_s"] > 0 and res["seqlen"] == 32
+    assert res["ours"]["step_s"] > 0 and res["seqlen"] == 16 and res["method"] == method
 
 
 @pytest.mark.parametrize("a_bits,dynamic", [(4, False), (8, True)], ids=["w4a4-static", "w4a8-dynamic"])
