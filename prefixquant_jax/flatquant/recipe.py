@@ -23,6 +23,7 @@ Q(v P_v) P_v^-1 (`kv_back`), and the o site applies P_o kron P_v: the same funct
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import ClassVar
 
 import jax
@@ -72,10 +73,12 @@ def lac_logits(t, site: str):
 
 
 def mix_heads(x, po):
-    """x [..., H * hd] with its heads mixed by po [H, H] (x @ (po kron I_hd)), fp32 inside."""
+    """x [..., H * hd] with its heads mixed by po [H, H] (x @ (po kron I_hd)), fp32 inside: the left half of
+    kron_apply."""
     H = po.shape[0]
-    xr = x.astype(jnp.float32).reshape(*x.shape[:-1], H, x.shape[-1] // H)
-    return jnp.einsum("ik,...id->...kd", po, xr).reshape(x.shape).astype(x.dtype)
+    hd = x.shape[-1] // H
+    xt = jnp.swapaxes(x.astype(jnp.float32).reshape(-1, H, hd), 1, 2).reshape(-1, H) @ po.astype(jnp.float32)
+    return jnp.swapaxes(xt.reshape(-1, hd, H), 1, 2).reshape(x.shape).astype(x.dtype)
 
 
 def per_head(x, m):
@@ -83,15 +86,21 @@ def per_head(x, m):
     return jnp.einsum("...d,de->...e", x.astype(jnp.float32), m).astype(x.dtype)
 
 
-def offline_kernel(t, name: str, kernel, param: str):
-    """The kernel [in, out] of linear `name` with the block's transforms folded in (no clipping)."""
+def input_side(t, site: str | None, kernel, param: str):
+    """kernel [in, out] with the inverse of the input-side transform of `site` folded in: diag(1/s), then
+    (P1 kron P2)^-1 (rows)."""
     k = kernel.astype(jnp.float32)
-    site = KRON_OF.get(name)
     if site is not None and site in t and "smooth" in t[site]:
         k = k / t[site]["smooth"][...][:, None]
     fs = factors(t, site, param) if site is not None else []
     if len(fs) == 2:
         k = kron_left(fs[0][1], fs[1][1], k)
+    return k
+
+
+def output_side(t, name: str, k, param: str):
+    """k with the output-side transform of linear `name` folded in: v -> v P_v per KV head; o -> (P_o kron P_v)^-1
+    on its rows (its input side: the attention output)."""
     if name == "v" and has_transform(t, "v_cache"):
         pv = factor(t["v_cache"]["left"], param)[0]
         hd = pv.shape[0]
@@ -102,6 +111,11 @@ def offline_kernel(t, name: str, kernel, param: str):
         pv_inv = factor(t["v_cache"]["left"], param)[1] if has_transform(t, "v_cache") else jnp.eye(hd, dtype=jnp.float32)
         k = kron_left(po_inv, pv_inv, k)
     return k
+
+
+def offline_kernel(t, name: str, kernel, param: str):
+    """The kernel [in, out] of linear `name` with the block's transforms folded in (no clipping)."""
+    return output_side(t, name, input_side(t, KRON_OF.get(name), kernel, param), param)
 
 
 def transformed_bias(t, name: str, bias, param: str):
@@ -221,6 +235,22 @@ class FlatQuantRecipe(QuantRecipe):
     def weight_parts(self, name: str, kernel, qparams):
         """As QuantRecipe.weight_parts, for a merged model (before the merge the kernels are not yet quantizable)."""
         return weight_parts(self.weight, name, kernel, qparams) if self.merged else None
+
+    def products(self, names, x, block):
+        """The linears `names` that read the same input x (q, k, v; gate, up), before the merge, as one product: the
+        input-side transform folded into their kernels together, each one's output side and LWC, one fake-quantized
+        matrix, one matmul (per output column the same numbers as one linear at a time, with one pass over the
+        shared transform and its gradient). None where that does not apply (the linears then go one at a time)."""
+        if self.merged or self.weight is None or isinstance(x, QArray):
+            return None
+        t = block.transforms
+        kernels = [block.linear_module(n).kernel[...] for n in names]
+        widths = [k.shape[1] for k in kernels]
+        k = input_side(t, KRON_OF[names[0]], jnp.concatenate(kernels, axis=1), self.param)
+        parts = jnp.split(k, list(itertools.accumulate(widths))[:-1], axis=1)
+        k = jnp.concatenate([lwc_clip(output_side(t, n, p, self.param), t, n) for n, p in zip(names, parts)], axis=1)
+        k = fake_quant(k, self.weight, scale=channel_scale(k, self.weight)).astype(kernels[0].dtype)
+        return jnp.split(x @ k, list(itertools.accumulate(widths))[:-1], axis=-1)
 
     def apply_weight(self, name: str, kernel, qparams, block=None):
         if self.merged:  # the kernel holds the transforms and the clipping

@@ -182,11 +182,32 @@ class Block(nnx.Module):
     def linear(self, name: str, x):
         """Linear `name` of x (a float array, or the QArray a quantized site handed over), bias added after."""
         mod = self.linear_module(name)
-        y = x @ mod.kernel[...] if self.recipe is None else self.recipe.product(name, x, self)
+        if hasattr(x, "qvalue"):  # a QArray: the recipe's product takes it as it is
+            y = self.recipe.product(name, x, self)
+        else:  # tokens as the rows of one 2-D product: XLA's backward then transposes less
+            lead = x.shape[:-1]
+            x2 = x.reshape(-1, x.shape[-1])
+            y = x2 @ mod.kernel[...] if self.recipe is None else self.recipe.product(name, x2, self)
+            y = y.reshape(*lead, y.shape[-1])
         if mod.bias is None:
             return y
         b = mod.bias[...] if self.recipe is None else self.recipe.bias(name, mod.bias[...], self)
         return y + b.astype(y.dtype)
+
+    def linears(self, names, x):
+        """The linears `names` of one shared input x (q, k, v; gate, up): the recipe may compute them as one product
+        (`products`, which returns None where it does not), else one at a time."""
+        group = getattr(self.recipe, "products", None)
+        lead = x.shape[:-1]
+        ys = None if group is None or hasattr(x, "qvalue") else group(names, x.reshape(-1, x.shape[-1]), self)
+        if ys is None:
+            return [self.linear(n, x) for n in names]
+        out = []
+        for n, y in zip(names, ys):
+            y = y.reshape(*lead, y.shape[-1])
+            bias = self.linear_module(n).bias
+            out.append(y if bias is None else y + self.recipe.bias(n, bias[...], self).astype(y.dtype))
+        return out
 
     def init_kv(self, batch: int, rows: int):
         """An empty cache of `rows` rows for this layer: the recipe's (the packed model's integer cache) or floats."""
@@ -215,9 +236,10 @@ class Block(nnx.Module):
         c = self.config
         B, L, _ = x.shape
         h = self.site("qkv_in", self.input_norm(x))
-        q = self.linear("q", h).reshape(B, L, c.num_heads, c.head_dim)
-        k = self.linear("k", h).reshape(B, L, c.num_kv_heads, c.head_dim)
-        v = self.linear("v", h).reshape(B, L, c.num_kv_heads, c.head_dim)
+        q, k, v = self.linears(("q", "k", "v"), h)
+        q = q.reshape(B, L, c.num_heads, c.head_dim)
+        k = k.reshape(B, L, c.num_kv_heads, c.head_dim)
+        v = v.reshape(B, L, c.num_kv_heads, c.head_dim)
         if self.attn.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
             q, k = self.attn.q_norm(q), self.attn.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -226,7 +248,8 @@ class Block(nnx.Module):
         kv = kv.write(k, v, pos - self.prefix_len)
         x = x + self.linear("o", self.site("o_in", self.attend(q, kv, pos)))
         h = self.site("up_gate_in", self.post_norm(x))
-        m = jax.nn.silu(self.linear("gate", h)) * self.linear("up", h)
+        gate, up = self.linears(("gate", "up"), h)
+        m = jax.nn.silu(gate) * up
         m = self.site("down_in", self.site("down_rot", m))  # R4 then quantize
         return x + self.linear("down", m), kv
 

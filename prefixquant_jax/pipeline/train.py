@@ -145,9 +145,18 @@ class BlockTrainer:
             return jax.device_put((train, opt_state), self.replicated)
         return jax.device_put((train, opt_state), jax.tree.map(lambda a: a.sharding, like))
 
-    def batch(self, x: np.ndarray, target: np.ndarray, idx: np.ndarray):
+    def resident(self, x: np.ndarray, target: np.ndarray):
+        """(x, target) of a block held on the device for its steps when there is one device (a batch is then a
+        gather there, not a host copy per step); as they are otherwise."""
+        if self.mesh is None and self.batch_sharding.mesh.size == 1:
+            return jax.device_put(x, self.replicated), jax.device_put(target, self.replicated)
+        return x, target
+
+    def batch(self, x, target, idx: np.ndarray):
         if self.mesh is not None:
-            return self.runner.place(x[idx], target[idx])
+            return self.runner.place(np.asarray(x)[idx], np.asarray(target)[idx])
+        if isinstance(x, jax.Array) and self.batch_sharding.mesh.size == 1:
+            return x[idx], target[idx]
         put = lambda a: jax.device_put(a, self.batch_sharding)
         return put(x[idx]), put(target[idx])
 
@@ -203,10 +212,11 @@ def train_blockwise(fp_blocks, q_model, x0: np.ndarray, cfg: TrainConfig, groups
                 train, opt_state = trainer.place(*saved, like=(train, opt_state))
         bar = tqdm(range(start, cfg.steps), desc=f"train block {layer}/{n_layers}", disable=not progress, leave=False)
         running = None
+        x_dev, t_dev = trainer.resident(x_q, target)
         for s in bar:
             epoch, i = divmod(s, cfg.steps_per_epoch)
             idx = np.sort(trainer.order(layer, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size])
-            xb, tb = trainer.batch(x_q, target, idx)
+            xb, tb = trainer.batch(x_dev, t_dev, idx)
             train, opt_state, loss = trainer.step(gd, train, opt_state, rest, xb, runner.cos, runner.sin, tb)
             loss = float(loss)
             if not np.isfinite(loss):

@@ -237,7 +237,7 @@ def test_cli_errors(tiny_dir, mc_dir, tmp_path, capsys):
     assert_one_line_error(main_cli(capsys, "lm-eval", "--model", tiny_dir, "--tasks", "mc_basik", "--include-path", mc_dir),
                           "unknown lm-eval task 'mc_basik'")
     assert_one_line_error(main_cli(capsys, "lm-eval", "--model", tiny_dir, "--tasks", "mc_basic", "--include-path",
-                                   str(tmp_path / "nope")), "not a directory")
+                                   str(tmp_path / "nope")), "is not an existing directory")
     d = tmp_path / "hub"
     d.mkdir()
     yaml = MC_YAML.format(path=MC_JSONL).replace("task: mc_basic", "task: hub_only")

@@ -2,6 +2,7 @@
 model; with quantization on the merged model matches the unmerged one (same weight codes up to ties).
 `FlatQuantRecipe.prefix` (was kv_original_space) chooses the KV layout: cached in the transformed space (False)
 or mapped back to the original one (True, as behind an FP prefix)."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -119,3 +120,30 @@ def test_kv_layouts_agree(ck, tokens, fp_logits):
     fp = fp_logits
     assert np.abs(outs[0] - outs[1]).mean() < 0.02 * np.abs(outs[0] - fp).mean()
 
+
+
+@pytest.mark.parametrize("param", ["inverse", "orthogonal"])
+def test_grouped_products_equal_one_linear_at_a_time(ck, tokens, param, monkeypatch):
+    """Before the merge q|k|v and gate|up run as one product (FlatQuantRecipe.products): the same logits and the same
+    gradients of the transforms as one linear at a time (the reference), to float32 reassociation. A weight code
+    that flips on a rounding boundary moves a logit by a quantization step, so the bound is on the mean."""
+    from prefixquant_jax.flatquant.transforms import TransformParam
+
+    q = flat_model(ck, FlatQuantRecipe(sites=QSITES, weight=W4, param=param), seed=2)
+
+    def loss_and_grads():
+        def loss(m):
+            return jnp.mean(jax.nn.log_softmax(m(tokens)).max(axis=-1))
+        value, g = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, TransformParam))(q)
+        return float(value), [np.asarray(v[...]) for v in jax.tree.leaves(g, is_leaf=lambda x: isinstance(x, nnx.Variable))]
+
+    logits = np.asarray(q(tokens))
+    value, grads = loss_and_grads()
+    monkeypatch.setattr(FlatQuantRecipe, "products", lambda self, names, x, block: None)
+    ref_logits = np.asarray(q(tokens))
+    ref_value, ref_grads = loss_and_grads()
+    assert np.abs(logits - ref_logits).mean() < 1e-4 * np.abs(ref_logits).mean()
+    assert abs(value - ref_value) < 1e-4 * abs(ref_value)
+    assert len(grads) == len(ref_grads) > 0
+    for g, r in zip(grads, ref_grads):
+        assert np.abs(g - r).mean() <= 1e-3 * np.abs(r).mean() + 1e-9, (np.abs(g - r).mean(), np.abs(r).mean())

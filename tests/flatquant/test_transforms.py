@@ -87,3 +87,16 @@ def test_singular_transform_is_one_line_error(param):
     msg = str(e.value)
     assert "\n" not in msg and "layer 1" in msg and "qkv_in" in msg, msg
     assert "singular" in msg or "ill-conditioned" in msg
+
+
+def test_inverse_gradient_equals_autodiff():
+    """The closed-form vjp of `inverse` against JAX's differentiation of jnp.linalg.inv (float32; relative 1e-4)."""
+    import jax
+
+    from prefixquant_jax.flatquant.transforms import inverse
+    rng = np.random.default_rng(3)
+    p = jnp.asarray(np.eye(12) + 0.3 * rng.standard_normal((12, 12)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((12, 12)), jnp.float32)
+    ours = jax.grad(lambda a: jnp.sum(jnp.sin(inverse(a)) * w))(p)
+    ref = jax.grad(lambda a: jnp.sum(jnp.sin(jnp.linalg.inv(a)) * w))(p)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
