@@ -62,7 +62,7 @@ def ours(a) -> dict:
     from prefixquant_jax.pipeline.calibrate import _site_range, init_qparams, static_sites
     from prefixquant_jax.pipeline.flatquant import channel_absmax, flatquant_groups
     from prefixquant_jax.pipeline.stages import init_weight_scales
-    from prefixquant_jax.pipeline.train import BlockTrainer, prefixquant_groups
+    from prefixquant_jax.pipeline.train import BlockTrainer, prefixquant_groups, train_query_chunk
     from prefixquant_jax.flatquant.transforms import init_block
 
     ck = pq.load_checkpoint(a.model)
@@ -93,6 +93,7 @@ def ours(a) -> dict:
         init_qparams(blk, recipe, {s: _site_range(*ranges[s], recipe.spec(s)) for s in static_sites(recipe)})
         groups = prefixquant_groups(cfg)
     trainer = BlockTrainer(runner, groups, cfg)
+    blk.query_chunk = train_query_chunk(x.shape[1])  # as train_blockwise sets it
     gd, train, rest = trainer.split(blk)
     opt = trainer.init_opt(train)
     times = []
@@ -101,8 +102,7 @@ def ours(a) -> dict:
         epoch, i = divmod(s, cfg.steps_per_epoch)
         idx = np.sort(trainer.order(0, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size])
         t = time.perf_counter()
-        xb, tb = trainer.batch(xd, td, idx)
-        train, opt, loss = trainer.step(gd, train, opt, rest, xb, runner.cos, runner.sin, tb)
+        train, opt, loss = trainer.step_on(gd, train, opt, rest, xd, td, idx)
         float(loss)
         times.append(time.perf_counter() - t)
     return {"first_step_s": times[0], "step_s": statistics.median(times[1:]), "steps": a.steps,

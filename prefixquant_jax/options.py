@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 from prefixquant_jax.errors import UserError
-from prefixquant_jax.flatquant.transforms import COND_MAX, PARAMS
+from prefixquant_jax.flatquant.transforms import COND_MAX, PARAMS, STARTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +145,7 @@ class FlatOptions:
     `train`: None, or a callable (qm, groups) -> report that runs the training step instead (to watch it)."""
 
     param: str = "inverse"  # or "orthogonal"
+    start: str = "random"  # or "hadamard": the rotated model's Hadamards (flatquant/transforms.py init_block)
     alpha: float = ranged(0.3, float, low=0.0, high=1.0)  # SmoothQuant-style init of the per-channel scales
     lr: float = ranged(5e-3, float, low=0.0, high=1.0, open_low=True)
     clip_lr: float | None = ranged(None, float, low=0.0, high=10.0, open_low=True)  # None: 10 x lr
@@ -156,6 +157,7 @@ class FlatOptions:
 
     def __post_init__(self):
         require_choice(self, "param", PARAMS)
+        require_choice(self, "start", STARTS)
         check_ranges(self)
         if self.train is not None and not callable(self.train):
             raise UserError(f"FlatOptions.train must be None or a callable (qm, groups) -> report, got "

@@ -136,7 +136,7 @@ def test_cli_says_its_flags(tiny_dir, capsys):
                              "TrainConfig.batch_size", "TrainConfig.samples"))
     assert str(e) == "--train-batch-size 4 exceeds the 2 training samples (--train-samples)"
     assert_one_line_error(main_cli(capsys, "quantize", "--model", tiny_dir, "--preset", "w4a4kv4-static", "--eta", "1"),
-                          "--eta must be a number > 1")
+                          "--eta: must be a number > 1")
 
 
 def test_a_training_directory_of_the_old_format_is_refused_on_resume(data, tmp_path):

@@ -8,6 +8,7 @@ from prefixquant_jax.cli.args import (BITS, EXISTING_DIR, EXISTING_FILE, NEW_DIR
                                       add_mesh_arg, add_model_args, corpus, number, option)
 from prefixquant_jax.eval.data import BUNDLED_TEXTS
 from prefixquant_jax.errors import UserError
+from prefixquant_jax.flatquant.transforms import STARTS
 from prefixquant_jax.options import FlatOptions, QuantizeOptions, TrainConfig, train_config
 from prefixquant_jax.presets import PRESETS
 
@@ -70,6 +71,9 @@ def _add_flat_args(p):
     g.add_argument("--flat-param", choices=("inverse", "orthogonal"), default="inverse",
                    help="inverse: P learned directly, P^-1 = inv(P); orthogonal: P = U diag(s) V^T (Cayley)")
     g.add_argument("--flat-alpha", type=option(FlatOptions, "alpha"), default=0.3, help="SmoothQuant-style init of the per-channel scales")
+    g.add_argument("--flat-start", choices=STARTS, default="random",
+                   help="random: random orthogonal factors, SmoothQuant scales (FlatQuant's init); hadamard: the rotated "
+                        "model's Hadamards (training starts where QuaRot / PrefixQuant stand)")
 
 
 def _site_clips(text: str):
@@ -104,6 +108,7 @@ FLAGS = {
     "TrainConfig.lr_weight": "--lr-weight", "TrainConfig.ckpt_every": "--ckpt-every", "TrainConfig.seed": "--seed",
     "TrainCheckpoint.dir": "--train-dir", "TrainCheckpoint.resume": "--resume", "TrainCheckpoint.overwrite": "--overwrite",
     "MeshSpec.model": "--mesh model", "FlatOptions.lr": "--flat-lr", "FlatOptions.param": "--flat-param", "FlatOptions.alpha": "--flat-alpha",
+    "FlatOptions.start": "--flat-start",
     # arguments of the evaluation, runtime and checkpoint functions (every subcommand: cli.main)
     "log_path": "--eval-log", "max_windows": "--max-windows", "RuntimeRecipe.kernels": "--kernels",
     "backend 'fake'": "--backend fake", "backend 'real'": "--backend real", "pq.save": "`prefixquant quantize --save DIR`",
@@ -121,7 +126,7 @@ def flag_error(e: UserError) -> UserError:
 
 
 def flat_options(args) -> FlatOptions:
-    return FlatOptions(param=args.flat_param, lr=args.flat_lr, alpha=args.flat_alpha)
+    return FlatOptions(param=args.flat_param, lr=args.flat_lr, alpha=args.flat_alpha, start=args.flat_start)
 
 
 def train_cfg(args, recipe) -> TrainConfig:
@@ -154,7 +159,9 @@ def add_quantize_parser(sub) -> None:
                         "SITE=R overrides it at one site (qkv_in, o_in, up_gate_in, down_in), e.g. 0.85,down_in=0.8")
     p.add_argument("--dynamic-kv-clip", type=RATIO, metavar="R", help="the same for dynamic KV quantizers")
     p.add_argument("--prefix-ids", help="comma-separated token ids to use as the prefix instead of detecting them")
-    p.add_argument("--gptq", action="store_true", help="GPTQ weights on the RTN scales (calibration inputs' Hessians) instead of RTN")
+    p.add_argument("--gptq", action="store_true", 
+                   help="GPTQ weights on the RTN scales (calibration inputs' Hessians) instead of RTN; FlatQuant: "
+                        "after the merge, on the LWC scales, with the transformed inputs' Hessians")
     p.add_argument("--gptq-damp", type=option(QuantizeOptions, "gptq_damp"), default=0.01, help="GPTQ Hessian dampening, fraction of the mean diagonal")
     p.add_argument("--gptq-order", choices=("act", "natural"), default="act",
                    help="GPTQ input-channel order: 'act' largest Hessian diagonal first (default), 'natural' as stored")

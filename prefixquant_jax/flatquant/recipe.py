@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from prefixquant_jax.errors import UserError
-from prefixquant_jax.flatquant.transforms import PARAMS, factor, factors, has_transform, kron_apply, kron_left
+from prefixquant_jax.flatquant.transforms import (KRON_SITES, PARAMS, factor, factors, has_transform, kron_apply,
+                                                  kron_left, shuffle_rows)
 from prefixquant_jax.quant.qarray import (EPS, QArray, fake_quant, from_codes, grouped, minmax, qparams_from_range,
                                           quantize, quantize_int, ste_round)
 from prefixquant_jax.quant.recipe import QuantRecipe, hands_qact, static_qparams, weight_parts
@@ -86,15 +87,17 @@ def per_head(x, m):
     return jnp.einsum("...d,de->...e", x.astype(jnp.float32), m).astype(x.dtype)
 
 
-def input_side(t, site: str | None, kernel, param: str):
+def input_side(t, site: str | None, kernel, param: str, shuffled: bool = False):
     """kernel [in, out] with the inverse of the input-side transform of `site` folded in: diag(1/s), then
-    (P1 kron P2)^-1 (rows)."""
+    (P1 kron P2)^-1 (rows); `shuffled`: its rows then in the order of kron_apply(shuffled=True)."""
     k = kernel.astype(jnp.float32)
     if site is not None and site in t and "smooth" in t[site]:
         k = k / t[site]["smooth"][...][:, None]
     fs = factors(t, site, param) if site is not None else []
     if len(fs) == 2:
         k = kron_left(fs[0][1], fs[1][1], k)
+        if shuffled:
+            k = shuffle_rows(k, fs[0][1].shape[0], fs[1][1].shape[0])
     return k
 
 
@@ -113,9 +116,9 @@ def output_side(t, name: str, k, param: str):
     return k
 
 
-def offline_kernel(t, name: str, kernel, param: str):
+def offline_kernel(t, name: str, kernel, param: str, shuffled: bool = False):
     """The kernel [in, out] of linear `name` with the block's transforms folded in (no clipping)."""
-    return output_side(t, name, input_side(t, KRON_OF.get(name), kernel, param), param)
+    return output_side(t, name, input_side(t, KRON_OF.get(name), kernel, param, shuffled), param)
 
 
 def transformed_bias(t, name: str, bias, param: str):
@@ -142,9 +145,10 @@ def channel_scale(k, spec: QuantSpec):
     return qparams_from_range(lo, hi, spec, 1.0)[0]
 
 
-def quantizable_kernel(t, name: str, kernel, param: str):
-    """What the weight quantizer sees: transformed, then LWC-clamped (the merge stores exactly this)."""
-    return lwc_clip(offline_kernel(t, name, kernel, param), t, name)
+def quantizable_kernel(t, name: str, kernel, param: str, shuffled: bool = False):
+    """What the weight quantizer sees: transformed, then LWC-clamped (the merge stores exactly this; `shuffled`:
+    its rows permuted, the same per-channel clamp and scale)."""
+    return lwc_clip(offline_kernel(t, name, kernel, param, shuffled), t, name)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -173,7 +177,7 @@ class FlatQuantRecipe(QuantRecipe):
             if "smooth" in t[name]:
                 x = (x.astype(jnp.float32) * t[name]["smooth"][...]).astype(x.dtype)
             (p1, _), (p2, _) = factors(t, name, self.param)
-            return kron_apply(x, p1, p2)
+            return kron_apply(x, p1, p2, shuffled=self.shuffled(name))
         if name == "o_in" and has_transform(t, "o_in"):
             po = factor(t["o_in"]["left"], self.param)[0]
             if self.prefix and has_transform(t, "v_cache"):
@@ -182,6 +186,14 @@ class FlatQuantRecipe(QuantRecipe):
         if name == "k_cache" and has_transform(t, "k_cache"):
             return per_head(x, factor(t["k_cache"]["left"], self.param)[0])
         return x
+
+    def shuffled(self, site: str | None) -> bool:
+        """Whether, before the merge, the Kronecker site's transformed channels stay in kron_apply's shuffled order
+        (its linears' kernel rows shuffled alike): the training forward saves a transpose each way; the quantizer
+        (per token or per tensor) is blind to the order. The merged model keeps the natural order."""
+        spec = self.spec(site) if site in KRON_SITES else None
+        return (not self.merged and site in KRON_SITES
+                and (spec is None or spec.granularity in ("token", "tensor")))
 
     def _quantize(self, name: str, x, qparams, t):
         spec = self.spec(name)
@@ -246,7 +258,8 @@ class FlatQuantRecipe(QuantRecipe):
         t = block.transforms
         kernels = [block.linear_module(n).kernel[...] for n in names]
         widths = [k.shape[1] for k in kernels]
-        k = input_side(t, KRON_OF[names[0]], jnp.concatenate(kernels, axis=1), self.param)
+        site = KRON_OF[names[0]]
+        k = input_side(t, site, jnp.concatenate(kernels, axis=1), self.param, self.shuffled(site))
         parts = jnp.split(k, list(itertools.accumulate(widths))[:-1], axis=1)
         k = jnp.concatenate([lwc_clip(output_side(t, n, p, self.param), t, n) for n, p in zip(names, parts)], axis=1)
         k = fake_quant(k, self.weight, scale=channel_scale(k, self.weight)).astype(kernels[0].dtype)
@@ -256,7 +269,8 @@ class FlatQuantRecipe(QuantRecipe):
         if self.merged:  # the kernel holds the transforms and the clipping
             return super().apply_weight(name, kernel, qparams, block)
         t = block.transforms
+        shuffled = self.shuffled(KRON_OF.get(name))
         if self.weight is None:
-            return offline_kernel(t, name, kernel, self.param).astype(kernel.dtype)
-        k = quantizable_kernel(t, name, kernel, self.param)
+            return offline_kernel(t, name, kernel, self.param, shuffled).astype(kernel.dtype)
+        k = quantizable_kernel(t, name, kernel, self.param, shuffled)
         return fake_quant(k, self.weight, scale=channel_scale(k, self.weight)).astype(kernel.dtype)

@@ -15,7 +15,8 @@ Per decoder layer, typed variables in `block.transforms`, keyed like `block.qpar
 
 A factor ("left" / "right") is a Factor P ("inverse" parameterization: P^-1 = inv(P)), or ("orthogonal") an
 nnx.Dict U diag(sigma) V^T with U = base cayley(u), V = cayley(v): base (FactorBase, frozen), u, v (Factor, the
-skew part used), sigma (SingularValues).
+skew part used), sigma (SingularValues). The factors start random orthogonal (FlatQuant's init) or at the rotated
+model's Hadamards (`init_block(start="hadamard")`: training starts where QuaRot / PrefixQuant stand).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from prefixquant_jax.errors import UserError
+from prefixquant_jax.rotate.hadamard import hadamard_kron_factors, hadamard_matrix
 
 
 class TransformParam(nnx.Variable):
@@ -54,6 +56,7 @@ class FactorBase(nnx.Variable):
 
 
 PARAMS = ("inverse", "orthogonal")
+STARTS = ("random", "hadamard")  # init_block
 KRON_SITES = ("qkv_in", "up_gate_in", "down_in")  # two-factor transforms with a per-channel scale
 HEAD_SITES = ("o_in", "k_cache", "v_cache")  # one factor
 CLIP_INIT = 4.0  # sigmoid(4) = 0.982
@@ -71,15 +74,24 @@ def kron_sizes(n: int) -> tuple[int, int]:
     return n1, n // n1
 
 
-def kron_apply(x, a, b):
+def kron_apply(x, a, b, shuffled: bool = False):
     """x @ (a kron b) along the last axis, as two small 2-D matmuls on x viewed as [..., n1, n2] (fp32 inside): the
     right factor on the rows of x, then the left one on the rows of its transpose (XLA's CPU backward of a 2-D
-    matmul moves far less data than that of a contraction over a middle axis)."""
+    matmul moves far less data than that of a contraction over a middle axis). `shuffled`: the channels left in
+    the transposed (n2, n1) order, x @ (a kron b) @ S with S the perfect shuffle (one transpose less each way, for
+    a kernel whose rows are shuffle_rows'd and a quantizer blind to the channel order)."""
     n1, n2 = a.shape[0], b.shape[0]
     dtype, lead = x.dtype, x.shape[:-1]
     z = (x.astype(jnp.float32).reshape(-1, n2) @ b.astype(jnp.float32)).reshape(-1, n1, n2)
     y = jnp.swapaxes(z, 1, 2).reshape(-1, n1) @ a.astype(jnp.float32)
+    if shuffled:
+        return y.reshape(*lead, n1 * n2).astype(dtype)
     return jnp.swapaxes(y.reshape(-1, n2, n1), 1, 2).reshape(*lead, n1 * n2).astype(dtype)
+
+
+def shuffle_rows(kernel, n1: int, n2: int):
+    """S^T kernel: the rows of kernel [n1*n2, out] in the (n2, n1) order of kron_apply(shuffled=True)."""
+    return jnp.swapaxes(kernel.reshape(n1, n2, -1), 0, 1).reshape(kernel.shape)
 
 
 def kron_left(a, b, kernel):
@@ -163,31 +175,66 @@ def _clip_pair(shape) -> nnx.Dict:
                     clip_min=ClipLogit(jnp.full(shape, CLIP_INIT, jnp.float32)))
 
 
+def _hadamard_start(config) -> dict:
+    """{site: [factor matrices]} of the Hadamard start: the rotated model's matrices (rotate/fuse.py with
+    hadamard_matrix for R1, R2, R4 and the online R3), as Kronecker pairs where the site has two factors
+    (hadamard_kron_factors: kron(P1, P2) == hadamard_matrix(n)); o_in the identity (the rotated model does not
+    mix heads at o's input)."""
+    D, F, H, hd = config.hidden_size, config.intermediate_size, config.num_heads, config.head_dim
+    out = {site: list(hadamard_kron_factors(n)) for site, n in (("qkv_in", D), ("up_gate_in", D), ("down_in", F))}
+    out.update(o_in=[np.eye(H)], k_cache=[hadamard_matrix(hd)], v_cache=[hadamard_matrix(hd)])
+    return out
+
+
+def _start_factor(p: np.ndarray, param: str):
+    p = jnp.asarray(p, jnp.float32)
+    if param == "inverse":
+        return Factor(p)
+    n = p.shape[0]
+    return nnx.Dict(base=FactorBase(p), u=Factor(jnp.zeros((n, n), jnp.float32)),
+                    v=Factor(jnp.zeros((n, n), jnp.float32)), sigma=SingularValues(jnp.ones((n,), jnp.float32)))
+
+
 def init_block(block, config, seed, param: str = "inverse", act_absmax: dict | None = None, alpha: float = 0.3,
-               lwc: bool = True, lac_sites=()) -> None:
-    """Fill `block.transforms` (module docstring): random orthogonal factors (seeded), SmoothQuant-style scales from
-    the calibration activation maxima `act_absmax` {site: [n]} (ones without them), LWC logits for every linear
-    (when `lwc`) and LAC logits for `lac_sites`."""
+               lwc: bool = True, lac_sites=(), start: str = "random") -> None:
+    """Fill `block.transforms` (module docstring): factors, per-channel scales, LWC logits for every linear (when
+    `lwc`) and LAC logits for `lac_sites`. `start` "random": random orthogonal factors (seeded) and SmoothQuant-style
+    scales from the calibration activation maxima `act_absmax` {site: [n]} (ones without them); "hadamard": the
+    rotated model's Hadamards (_hadamard_start) and the scales 1 / |norm weight| at q/k/v and gate/up, 1 at down:
+    x * s is the unweighted RMSNorm the rotated model quantizes (it folds the norm weights into the kernels), so
+    with positive norm weights the quantizers see what the rotated model's do."""
     if param not in PARAMS:
         raise UserError(f"unknown FlatQuant parameterization {param!r} (one of {', '.join(PARAMS)})")
-    rng = np.random.default_rng(seed)
+    if start not in STARTS:
+        raise UserError(f"unknown FlatQuant start {start!r} (one of {', '.join(STARTS)})", "FlatOptions.start")
     t = block.transforms
-    D, F, H, hd = config.hidden_size, config.intermediate_size, config.num_heads, config.head_dim
-    for site, n in (("qkv_in", D), ("up_gate_in", D), ("down_in", F)):  # the order draws the seeded factors
-        n1, n2 = kron_sizes(n)
-        t[site] = nnx.Dict(left=_new_factor(n1, param, rng))
-        t[site]["right"] = _new_factor(n2, param, rng)
-    for site, n in (("o_in", H), ("k_cache", hd), ("v_cache", hd)):
-        t[site] = nnx.Dict(left=_new_factor(n, param, rng))
     a, m = block.attn, block.mlp
-    w_max = {"qkv_in": jnp.concatenate([a.q.kernel[...], a.k.kernel[...], a.v.kernel[...]], axis=1),
-             "up_gate_in": jnp.concatenate([m.gate.kernel[...], m.up.kernel[...]], axis=1),
-             "down_in": m.down.kernel[...]}
-    for site in KRON_SITES:
-        x = (act_absmax or {}).get(site)
-        w = np.abs(np.asarray(w_max[site], np.float32)).max(axis=1)
-        s = np.ones_like(w) if x is None else smooth_scale(w, x, alpha)
-        t[site]["smooth"] = SmoothScale(jnp.asarray(s))
+    if start == "hadamard":
+        for site, mats in _hadamard_start(config).items():
+            t[site] = nnx.Dict(left=_start_factor(mats[0], param))
+            if len(mats) == 2:
+                t[site]["right"] = _start_factor(mats[1], param)
+        norm = {"qkv_in": block.input_norm.weight[...], "up_gate_in": block.post_norm.weight[...]}
+        for site in KRON_SITES:
+            w = np.abs(np.asarray(norm[site], np.float32)) if site in norm else np.ones(config.intermediate_size, np.float32)
+            t[site]["smooth"] = SmoothScale(jnp.asarray(1.0 / np.maximum(w, POSITIVE_MIN)))
+    else:
+        rng = np.random.default_rng(seed)
+        D, F, H, hd = config.hidden_size, config.intermediate_size, config.num_heads, config.head_dim
+        for site, n in (("qkv_in", D), ("up_gate_in", D), ("down_in", F)):  # the order draws the seeded factors
+            n1, n2 = kron_sizes(n)
+            t[site] = nnx.Dict(left=_new_factor(n1, param, rng))
+            t[site]["right"] = _new_factor(n2, param, rng)
+        for site, n in (("o_in", H), ("k_cache", hd), ("v_cache", hd)):
+            t[site] = nnx.Dict(left=_new_factor(n, param, rng))
+        w_max = {"qkv_in": jnp.concatenate([a.q.kernel[...], a.k.kernel[...], a.v.kernel[...]], axis=1),
+                 "up_gate_in": jnp.concatenate([m.gate.kernel[...], m.up.kernel[...]], axis=1),
+                 "down_in": m.down.kernel[...]}
+        for site in KRON_SITES:
+            x = (act_absmax or {}).get(site)
+            w = np.abs(np.asarray(w_max[site], np.float32)).max(axis=1)
+            s = np.ones_like(w) if x is None else smooth_scale(w, x, alpha)
+            t[site]["smooth"] = SmoothScale(jnp.asarray(s))
     if lwc:
         for lin, mod in (("q", a.q), ("k", a.k), ("v", a.v), ("o", a.o), ("gate", m.gate), ("up", m.up),
                          ("down", m.down)):

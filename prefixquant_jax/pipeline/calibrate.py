@@ -214,3 +214,38 @@ def calibrate(fp_blocks, q_model, calib_x: np.ndarray, opts: QuantizeOptions, *,
         reports.append(rep)
         bar.set_postfix(mse=f"{rep['out_mse']:.2e}")
     return reports
+
+
+def gptq_at_scales(q_model, calib_x: np.ndarray, opts: QuantizeOptions, progress: bool = True, mesh=None) -> list[dict]:
+    """GPTQ codes for q_model's kernels on the per-channel scales they already have (qparams[<linear>]["scale"]),
+    block by block, in place: FlatQuant-GPTQ on the merged model, whose kernels are the transformed, LWC-clamped
+    ones and whose Grams (opts.gptq_inputs) are of the transformed inputs the kernels see (the sites' transforms
+    run in the forward; Capture sows after them). Block l's inputs come through the already GPTQ-quantized blocks
+    0..l-1 behind the FP prefix. Per layer {"layer", "rtn_err": {linear: e}, "gptq_err": {linear: e}}, e the
+    output error per token (quant/gptq.py output_error)."""
+    recipe = q_model.recipe
+    if recipe.weight is None:
+        raise UserError(f"GPTQ needs quantized weights; {recipe.name!r} keeps them FP", "QuantizeOptions.gptq")
+    spec, x_q, reports = recipe.weight, calib_x, []
+    tokens = x_q.shape[0] * x_q.shape[1]
+    runner = BlockRunner(q_model.config, q_model.prefix_len, x_q.shape[1], mesh)
+    for layer in tqdm(range(len(q_model.layers)), desc="gptq", disable=not progress, leave=False):
+        qb = q_model.layers[layer]
+        grams, factors, rep = None, {}, {"layer": layer, "rtn_err": {}, "gptq_err": {}}
+        for name in WEIGHT_NAMES:
+            site = LINEAR_INPUT[name]
+            if grams is None or (opts.gptq_inputs == "quantized" and site not in factors):
+                grams = _grams(runner, qb, layer, recipe, x_q, opts)
+            if site not in factors:
+                factors[site] = inverse_hessian_factor(grams[site], opts.gptq_damp, opts.gptq_act_order)
+            mod = qb.linear_module(name)
+            w = np.asarray(mod.kernel[...], np.float32)
+            scale = np.asarray(qb.qparams[name]["scale"][...], np.float32)
+            rtn = np.clip(np.round(w / scale), spec.qmin, spec.qmax) * scale
+            new = gptq_with_factor(w, factors[site], scale, spec)
+            rep["rtn_err"][name] = output_error(w, rtn, grams[site]) / tokens
+            rep["gptq_err"][name] = output_error(w, new, grams[site]) / tokens
+            mod.kernel[...] = jnp.asarray(new, mod.kernel[...].dtype)
+        x_q = runner.forward(qb, x_q, CHUNK)
+        reports.append(rep)
+    return reports

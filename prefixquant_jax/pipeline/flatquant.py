@@ -73,12 +73,13 @@ def init_flatquant(fp_model, q_model, calib: np.ndarray, seed: int = 0, opts: Fl
     opts = opts or FlatOptions()
     recipe = q_model.recipe.replace(param=opts.param)
     q_model = with_recipe(q_model, recipe)
-    stats = channel_absmax(fp_model, calib, progress=progress)
+    stats = channel_absmax(fp_model, calib, progress=progress) if opts.start == "random" else [None] * len(q_model.layers)
     lac_sites = [s for s, spec in recipe.sites if spec.dynamic] if opts.lac else []
     for i, blk in enumerate(q_model.layers):
         init_block(blk, q_model.config, (seed, i), opts.param, stats[i], opts.alpha,
-                   lwc=opts.lwc and recipe.weight is not None, lac_sites=lac_sites)
-    return q_model, {"param": opts.param, "alpha": opts.alpha, "lr": opts.lr, "lwc": opts.lwc, "lac": lac_sites}
+                   lwc=opts.lwc and recipe.weight is not None, lac_sites=lac_sites, start=opts.start)
+    return q_model, {"param": opts.param, "start": opts.start, "alpha": opts.alpha, "lr": opts.lr, "lwc": opts.lwc,
+                     "lac": lac_sites}
 
 
 def _nonempty(groups, block):
@@ -89,7 +90,7 @@ def _nonempty(groups, block):
 def method_fingerprint(opts: FlatOptions | None) -> dict:
     """FlatQuant's part of a training run's fingerprint (pipeline/finetune.py): the options that change the run."""
     opts = opts or FlatOptions()
-    return {"flat_lr": opts.lr, "flat_param": opts.param, "flat_alpha": opts.alpha}
+    return {"flat_lr": opts.lr, "flat_param": opts.param, "flat_alpha": opts.alpha, "flat_start": opts.start}
 
 
 def train_and_merge(qm, tokens, train, opts: FlatOptions | None = None, checkpoint=None,

@@ -25,7 +25,7 @@ from checkpoints_convert.lazy import streamed
 from prefixquant_jax.errors import UserError
 from prefixquant_jax.nn.decoder import WEIGHT_NAMES, Decoder, with_prefix, with_recipe
 from prefixquant_jax.options import QuantizeOptions, TrainCheckpoint, TrainConfig, train_config
-from prefixquant_jax.pipeline.calibrate import CLIP_GRID, calibrate
+from prefixquant_jax.pipeline.calibrate import CLIP_GRID, calibrate, gptq_at_scales
 from prefixquant_jax.pipeline.finetune import train_quantized, train_tokens as checked_train_tokens
 from prefixquant_jax.pipeline.flatquant import init_flatquant, train_and_merge
 from prefixquant_jax.pipeline.fp_blocks import FPBlocks
@@ -154,8 +154,11 @@ def quantize(ck, calib_tokens, recipe, opts: QuantizeOptions = QuantizeOptions()
     calib = None if calib_tokens is None else calibration_tokens(calib_tokens)
     if calib is None and needs_calibration(recipe, opts):
         raise UserError(f"{recipe.name!r} needs calibration tokens (int [samples, seqlen])")
-    if opts.gptq and (flat or recipe.weight is None):
-        raise UserError(f"QuantizeOptions.gptq needs a PrefixQuant recipe with quantized weights, not {recipe.name!r}",
+    if opts.gptq and recipe.weight is None:
+        raise UserError(f"QuantizeOptions.gptq needs a recipe with quantized weights, not {recipe.name!r}",
+                        "QuantizeOptions.gptq")
+    if opts.gptq and flat and not opts.flatquant.merge:
+        raise UserError("QuantizeOptions.gptq with FlatQuant runs on the merged kernels: FlatOptions.merge must be on",
                         "QuantizeOptions.gptq")
     if opts.prefix_ids and max(opts.prefix_ids) >= ck.config.vocab_size:
         raise UserError(f"QuantizeOptions.prefix_ids: id {max(opts.prefix_ids)} is outside the vocabulary "
@@ -196,12 +199,12 @@ def quantize(ck, calib_tokens, recipe, opts: QuantizeOptions = QuantizeOptions()
         init_weight_scales(q_model, recipe.weight, opts.progress)
     times["weights"] = time.time() - t
     static_calib = recipe.is_static and opts.calibrate
+    calib_x = None if calib is None else np.asarray(jnp.asarray(params["embed"])[jnp.asarray(calib)], np.float32)
     if weight_pass or static_calib:  # block by block on the embedded calibration tokens
-        calib_x = np.asarray(jnp.asarray(params["embed"])[jnp.asarray(calib)], np.float32)
         t = time.time()
         fp_blocks = FPBlocks.of_model(q_model, fp_recipe)  # read by calibrate one block at a time
         if flat:  # FlatQuant: its original rules, static scales only
-            rules = dataclasses.replace(opts, **FLATQUANT_RULES)
+            rules = dataclasses.replace(opts, gptq=False, gptq_inputs="fp", **FLATQUANT_RULES)  # GPTQ: after the merge
             report["calibration"] = calibrate(fp_blocks, q_model, calib_x, rules, weight_clip=None, static=True,
                                               progress=opts.progress, mesh=mesh)
         else:  # a resumed training run redoes data-dependent weights (deterministic) and restores the static scales
@@ -215,6 +218,7 @@ def quantize(ck, calib_tokens, recipe, opts: QuantizeOptions = QuantizeOptions()
         if opts.gptq:  # the order, and the quantity GPTQ minimises, per token, for the clip rule's rounding and GPTQ
             report["calibration_rules"]["gptq_order"] = "act" if opts.gptq_act_order else "natural"
             report["calibration_rules"]["gptq_inputs"] = opts.gptq_inputs
+        if opts.gptq and not flat:  # (FlatQuant: gptq_at_scales after the merge)
             report["gptq"] = [{"layer": r["layer"], "rtn_err": {n: e[opts.weight_clip] for n, e in r["weights"].items()},
                                "gptq_err": {n: e["gptq"] for n, e in r["weights"].items()}}
                               for r in report["calibration"]]
@@ -229,6 +233,10 @@ def quantize(ck, calib_tokens, recipe, opts: QuantizeOptions = QuantizeOptions()
         t = time.time()
         qm = train_and_merge(qm, train_tokens, train, opts.flatquant, checkpoint, opts.progress, mesh)
         times["train_merge"] = time.time() - t
+        if opts.gptq:  # FlatQuant-GPTQ: codes for the merged kernels on their LWC scales, transformed inputs' Grams
+            t = time.time()
+            qm.report["gptq"] = gptq_at_scales(qm.model, calib_x, opts, opts.progress, mesh)
+            times["gptq"] = time.time() - t
     elif train is not None:  # PrefixQuant fine-tuning: scales and (train.train_weights) weights, block by block
         t = time.time()
         report["train"] = train_quantized(qm, train_tokens, train, checkpoint=checkpoint, progress=opts.progress,

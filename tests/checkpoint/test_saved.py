@@ -245,7 +245,7 @@ def test_damaged_checkpoint_one_line_error(saved, tmp_path, capsys, kind, messag
 
 def test_missing_checkpoint_dir(tmp_path, capsys):
     assert_one_line_error(main_cli(capsys, "export-prefix", "--model", tmp_path / "nope", "--out", tmp_path / "p"),
-                          "does not exist")
+                          "is not an existing directory")
     with pytest.raises(UserError, match="does not exist"):
         pq.load(str(tmp_path / "nope"))
 
@@ -254,8 +254,8 @@ def test_interrupted_save_leaves_nothing(quantized, saved, tmp_path, monkeypatch
     qm, tok = quantized
     real = orbax_io._write_state
 
-    def write_then_die(directory, tree):
-        real(directory, tree)  # the state is on disk, the metadata is not: as if killed mid-way
+    def write_then_die(directory, tree, target):
+        real(directory, tree, target)  # the state is on disk, the metadata is not: as if killed mid-way
         raise KeyboardInterrupt
 
     monkeypatch.setattr(orbax_io, "_write_state", write_then_die)

@@ -135,7 +135,7 @@ def test_llama3_8b_layer_gemms_lower_to_mosaic(a_bits, dynamic):
         assert names == triton, (case, names)
 
 
-@pytest.mark.parametrize("cmd", [["eval", "--model", "m", "--data", "d"], ["generate", "--model", "m", "--prompt", "p"]])
+@pytest.mark.parametrize("cmd", [["eval", "--model", "m", "--data", "wikitext2"], ["generate", "--model", "m", "--prompt", "p"]])
 def test_cli_kernels_flag(cmd):
     from prefixquant_jax.cli.main import build_parser
 

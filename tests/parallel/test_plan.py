@@ -105,7 +105,7 @@ def test_plan_cli_json_and_config_sources(tiny_dir, tmp_path, capsys):
     (["--model", "qwen2.5-32b", "--mesh", "data=1,model=16"], "attention heads (40)"),
     (["--model", "llama-3-8b", "--mesh", "data=x"], "not an integer"),
     (["--model", "llama-3-8b", "--preset", "w3a3"], "unknown preset"),
-    (["--model", "llama-3-8b", "--seqlen", "0"], "--seqlen must be >= 1"),
+    (["--model", "llama-3-8b", "--seqlen", "0"], "--seqlen: must be an integer >= 2"),
 ])
 def test_plan_errors_are_one_line(args, msg, capsys):
     assert_one_line_error(main_cli(capsys, "plan", *args), msg)
