@@ -24,8 +24,9 @@ demo: $(STAMP)
 	$(BIN)/prefixquant quantize --model smollm2 --preset w4a4kv4-static --calib-samples 16 --max-windows 4 --json demo.json
 
 test: $(STAMP)
-	# pytest exits 5 when it collects nothing; make treats any non-zero exit as failure
-	$(BIN)/python -m pytest -q
+	# pytest exits 5 when it collects nothing; make treats any non-zero exit as failure. Two workers (the 2 cores),
+	# a test file per worker at a time (its module fixtures built once)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

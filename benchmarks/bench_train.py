@@ -36,8 +36,9 @@ PEER_ROWS = os.path.join(HERE, "..", "..", "shared", "peers", "flatquant", "rows
 def _args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", choices=("flatquant", "prefixquant"), default="flatquant")
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default="smollm2", help="a checkpoint, or a built-in shape (llama-3-8b, ...): one random "
+                    "block and random tokens (no checkpoint needed: the GPU session)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (0: leave XLA and the affinity alone, e.g. a GPU)")
     ap.add_argument("--steps", type=int, default=16, help="timed steps after the first")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -51,6 +52,8 @@ def _args(argv):
 
 
 def ours(a) -> dict:
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -65,14 +68,23 @@ def ours(a) -> dict:
     from prefixquant_jax.pipeline.train import BlockTrainer, prefixquant_groups, train_query_chunk
     from prefixquant_jax.flatquant.transforms import init_block
 
-    ck = pq.load_checkpoint(a.model)
-    config = ck.config
-    if a.allow_tiny:
-        tokens = np.random.default_rng(0).integers(3, config.vocab_size, (a.samples, a.seqlen)).astype(np.int32)
+    from prefixquant_jax.parallel.plan import BUILTIN, abstract_params, resolve_config
+
+    if a.model in BUILTIN:  # a built-in shape (the GPU session: llama-3-8b): one random block, random tokens
+        config = dataclasses.replace(resolve_config(a.model)[0], num_layers=1, vocab_size=1024)  # the block is timed
+        rng = np.random.default_rng(0)
+        one = jax.tree_util.tree_map_with_path(
+            lambda path, s: np.ones(s.shape, np.float32) if "norm" in jax.tree_util.keystr(path)
+            else (0.02 * rng.standard_normal(s.shape)).astype(np.float32), abstract_params(config))
+        tokens = rng.integers(3, config.vocab_size, (a.samples, a.seqlen)).astype(np.int32)
     else:
-        tokens = calibration_samples(tokenize(ck.tokenizer(), load_text("wikitext2-valid")), a.samples, a.seqlen, 0)
-    one = dict(ck.params, layers={0: ck.params["layers"][0]})
-    import dataclasses
+        ck = pq.load_checkpoint(a.model)
+        config = ck.config
+        if a.allow_tiny:
+            tokens = np.random.default_rng(0).integers(3, config.vocab_size, (a.samples, a.seqlen)).astype(np.int32)
+        else:
+            tokens = calibration_samples(tokenize(ck.tokenizer(), load_text("wikitext2-valid")), a.samples, a.seqlen, 0)
+        one = dict(ck.params, layers={0: ck.params["layers"][0]})
     c1 = dataclasses.replace(config, num_layers=1)
     recipe = pq.preset("flatquant-w4a4kv4" if a.method == "flatquant" else "w4a4kv4-static").replace(prefix=False)
     fp = Decoder(c1, one)

@@ -29,5 +29,5 @@ step gpu_tests 140 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/pallas_ke
 step bench_kernels 220 "$py" benchmarks/bench_kernels.py --json "$dir/bench_kernels.json"
 step bench_layer 60 "$py" benchmarks/bench_layer.py --json "$dir/bench_layer.json"
 step bench_layer_w4a8_dynamic 40 "$py" benchmarks/bench_layer.py --a-bits 8 --dynamic --json "$dir/bench_layer_w4a8.json"
-step bench_train 50 "$py" benchmarks/bench_train.py --shape llama3-8b --seqlen 1024 --steps 5 --json "$dir/bench_train.json"
+step bench_train 50 "$py" benchmarks/bench_train.py --model llama-3-8b --threads 0 --seqlen 1024 --samples 8 --steps 5 --json "$dir/bench_train.json"
 echo "== done $(date -u +%H:%M:%S)" | tee -a "$log"

@@ -90,6 +90,10 @@ _DEFINITIONS = {
                                      kv_dynamic=True, full_grid=False,
                                      description="FlatQuant: learned Kronecker affine transforms, LWC W4, per-token "
                                                  "dynamic A4 (LAC), dynamic KV4"),
+    "flatquant-w4a4kv4-prefix": _Definition(method="flatquant", rotate=False, act_dynamic=True, kv_dynamic=True,
+                                            full_grid=False,
+                                            description="FlatQuant + FP prefix, per-token dynamic A4 (LAC), dynamic KV4; "
+                                                        "with --flat-start hadamard --gptq: the best of both methods"),
     "flatquant-w4a4kv4-static-prefix": _Definition(method="flatquant", rotate=False, full_grid=False,
                                                    description="FlatQuant + FP prefix: static per-tensor A4, static "
                                                                "per-head KV4 (grid-searched, then trained)"),

@@ -49,7 +49,9 @@ def killed(point, argv):
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
 
 
-@pytest.mark.parametrize("point", ["state", "rename"])
+# "state" (killed after the Orbax state, before the metadata) is slow-only: by default the same point is covered in
+# process by tests/checkpoint/test_saved.py::test_interrupted_save_leaves_nothing (an exception right there)
+@pytest.mark.parametrize("point", [pytest.param("state", marks=pytest.mark.slow), "rename"])
 def test_killed_save_then_the_same_command(point, tiny_dir, tmp_path, capsys):
     target = tmp_path / "model"
     killed(point, save_cmd(tiny_dir, target))

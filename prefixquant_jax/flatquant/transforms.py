@@ -156,11 +156,7 @@ def random_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _new_factor(n: int, param: str, rng):
-    q = random_orthogonal(n, rng)
-    if param == "inverse":
-        return Factor(jnp.asarray(q))
-    return nnx.Dict(base=FactorBase(jnp.asarray(q)), u=Factor(jnp.zeros((n, n), jnp.float32)),
-                    v=Factor(jnp.zeros((n, n), jnp.float32)), sigma=SingularValues(jnp.ones((n,), jnp.float32)))
+    return _start_factor(random_orthogonal(n, rng), param)
 
 
 def smooth_scale(w_absmax, x_absmax, alpha: float):
@@ -187,6 +183,7 @@ def _hadamard_start(config) -> dict:
 
 
 def _start_factor(p: np.ndarray, param: str):
+    """The factor P = p (orthogonal): p itself ("inverse"), or U0 = p with u = v = 0 and sigma = 1."""
     p = jnp.asarray(p, jnp.float32)
     if param == "inverse":
         return Factor(p)

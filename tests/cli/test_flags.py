@@ -96,7 +96,13 @@ def test_refused_while_parsing(cmd, flag, r, value, tiny_dir, text_file, tmp_pat
     assert f"got '{value}'" in line and r.describe() in line, line
 
 
-@pytest.mark.parametrize("cmd,flag,r,value", [c for c in CASES if _accepted(c[2], c[3])],
+def _default_run(case):
+    """`--seed 0` is the default seed every other CLI test runs with: those runs are slow-only (the parse check of
+    the seeds' other values stays in test_refused_while_parsing)."""
+    return pytest.param(*case, marks=pytest.mark.slow) if case[1] == "--seed" and case[3] == "0" else case
+
+
+@pytest.mark.parametrize("cmd,flag,r,value", [_default_run(c) for c in CASES if _accepted(c[2], c[3])],
                          ids=lambda x: x if isinstance(x, str) else "")
 def test_accepted_values_run_without_a_traceback(cmd, flag, r, value, tiny_dir, text_file, tmp_path, capsys):
     """What the parser lets through, the command takes: a result, or one `error:` line (e.g. lr 1e30 diverges)."""

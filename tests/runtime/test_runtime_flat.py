@@ -77,3 +77,15 @@ def test_flat_saved_model_packs_the_same(tiny_quantized, tmp_path):
     toks = np.stack([rng_tokens(12, 320, seed=s) for s in (6, 7)])
     np.testing.assert_array_equal(forward(pack(loaded, backend="xla"), toks)[0],
                                   forward(pack(qm, backend="xla"), toks)[0])
+
+
+def test_best_of_both_runs_real_as_fake(tiny_quantized):
+    """flatquant-w4a4kv4-prefix with the Hadamard start and GPTQ (the best of both methods): merged, behind the FP
+    prefix, dynamic A4/KV4 with K/V mapped back to the prefix's space; the real backend equals `--fake-matmul int`."""
+    qm = tiny_quantized("flatquant-w4a4kv4-prefix", flatquant=FlatOptions(start="hadamard"), gptq=True)
+    assert qm.recipe.merged and qm.prefix_len == 1 and len(qm.report["gptq"]) == 2
+    pm = pack(qm, backend="xla")
+    assert pm.recipe.maps_kv_back
+    real, _ = forward(pm, TOKENS)
+    np.testing.assert_array_equal(real, logits_of(int_matmul(qm), TOKENS))
+    close(real, logits_of(qm.model, TOKENS))
