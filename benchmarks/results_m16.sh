@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue [M]'s FlatQuant rows: SmolLM2, the first 16 WikiText-2 test windows x 2048, 16 calibration samples, seed 0,
-# the `fast` training budget. For each NAME (flatquant-w4a4kv4[-hadamard]): train once into runs/ft/m16-NAME (a
+# Issue [M]'s FlatQuant rows (flatquant-w4a4kv4[-prefix][-hadamard]): SmolLM2, the first 16 WikiText-2 test windows x 2048, 16 calibration samples, seed 0,
+# the `fast` training budget. For each NAME: train once into runs/ft/m16-NAME (a
 # killed run resumes), save the merged RTN model, then GPTQ on the same trained transforms (--resume: the training
 # is restored, not redone) and save that too; evaluate both on 16 windows with per-window logs in results/m16/.
 # Usage: benchmarks/results_m16.sh NAME [NAME ...]
@@ -13,6 +13,7 @@ for name in "$@"; do
   case $name in
     flatquant-w4a4kv4) flags=(--preset flatquant-w4a4kv4) ;;
     flatquant-w4a4kv4-hadamard) flags=(--preset flatquant-w4a4kv4 --flat-start hadamard) ;;
+    flatquant-w4a4kv4-prefix-hadamard) flags=(--preset flatquant-w4a4kv4-prefix --flat-start hadamard) ;;
     *) echo "error: unknown row $name" >&2; exit 2 ;;
   esac
   for gptq in "" "-gptq"; do
