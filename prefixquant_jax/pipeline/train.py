@@ -227,8 +227,11 @@ def train_blockwise(fp_blocks, q_model, x0: np.ndarray, cfg: TrainConfig, groups
         t0 = time.time()
         qb = q_model.layers[layer]
         target = runner.forward(fp_blocks[layer], x_fp, chunk)
-        qb.query_chunk = train_query_chunk(L)  # the training graph only: forwards and evaluations keep theirs
-        gd, train, rest = trainer.split(qb)
+        qb.query_chunk = train_query_chunk(L)  # in the training graph (gd) only: qb's forwards keep theirs
+        try:
+            gd, train, rest = trainer.split(qb)
+        finally:
+            qb.query_chunk = QUERY_CHUNK
         opt_state = trainer.init_opt(train)
         loss_before = trainer.mean_loss(gd, train, rest, x_q, target)
         start = 0
@@ -250,7 +253,6 @@ def train_blockwise(fp_blocks, q_model, x0: np.ndarray, cfg: TrainConfig, groups
             bar.set_postfix(loss=f"{running:.3e}")
             if train_dir is not None and cfg.ckpt_every and (s + 1) % cfg.ckpt_every == 0 and s + 1 < cfg.steps:
                 train_dir.save_inblock(layer, s + 1, (train, opt_state))
-        qb.query_chunk = QUERY_CHUNK
         nnx.update(qb, *train)
         loss_after = trainer.mean_loss(gd, train, rest, x_q, target)
         log = {"layer": layer, "loss_before": loss_before, "loss_after": loss_after, "steps": cfg.steps,
