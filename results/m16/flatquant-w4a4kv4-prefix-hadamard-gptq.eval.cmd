@@ -1,0 +1,1 @@
++ .venv/bin/prefixquant eval --model runs/m16/flatquant-w4a4kv4-prefix-hadamard-gptq --max-windows 16 --eval-log results/m16/flatquant-w4a4kv4-prefix-hadamard-gptq.jsonl --json results/m16/flatquant-w4a4kv4-prefix-hadamard-gptq.json

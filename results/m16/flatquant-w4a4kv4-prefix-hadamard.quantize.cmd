@@ -1,0 +1,1 @@
++ .venv/bin/prefixquant quantize --model smollm2 --preset flatquant-w4a4kv4-prefix --flat-start hadamard --calib-samples 16 --no-eval --save runs/m16/flatquant-w4a4kv4-prefix-hadamard --train-dir runs/ft/m16-flatquant-w4a4kv4-prefix-hadamard --json results/m16/flatquant-w4a4kv4-prefix-hadamard.quantize.json
