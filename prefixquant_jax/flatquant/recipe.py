@@ -191,9 +191,10 @@ class FlatQuantRecipe(QuantRecipe):
         """Whether, before the merge, the Kronecker site's transformed channels stay in kron_apply's shuffled order
         (its linears' kernel rows shuffled alike): the training forward saves a transpose each way; the quantizer
         (per token or per tensor) is blind to the order. The merged model keeps the natural order."""
-        spec = self.spec(site) if site in KRON_SITES else None
-        return (not self.merged and site in KRON_SITES
-                and (spec is None or spec.granularity in ("token", "tensor")))
+        if self.merged or site not in KRON_SITES:
+            return False
+        spec = self.spec(site)
+        return spec is None or spec.granularity in ("token", "tensor")
 
     def _quantize(self, name: str, x, qparams, t):
         spec = self.spec(name)

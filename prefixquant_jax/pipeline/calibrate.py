@@ -29,7 +29,8 @@ from prefixquant_jax.options import QuantizeOptions
 from prefixquant_jax.nn.decoder import WEIGHT_NAMES, with_recipe
 from prefixquant_jax.pipeline.blocks import BlockRunner
 from prefixquant_jax.quant.clip_search import head_clip_attention, head_clip_reconstruction, output_aware_weight_clip
-from prefixquant_jax.quant.gptq import LINEAR_INPUT, gptq_with_factor, inverse_hessian_factor, output_error
+from prefixquant_jax.quant.gptq import (LINEAR_INPUT, gptq_with_factor, inverse_hessian_factor, output_error,
+                                         round_to_grid)
 from prefixquant_jax.quant.ops import minmax, mse_clip_search, qparams_from_range
 from prefixquant_jax.quant.recipe import QUANT_SITES
 
@@ -241,7 +242,7 @@ def gptq_at_scales(q_model, calib_x: np.ndarray, opts: QuantizeOptions, progress
             mod = qb.linear_module(name)
             w = np.asarray(mod.kernel[...], np.float32)
             scale = np.asarray(qb.qparams[name]["scale"][...], np.float32)
-            rtn = np.clip(np.round(w / scale), spec.qmin, spec.qmax) * scale
+            rtn = round_to_grid(w, scale, spec)
             new = gptq_with_factor(w, factors[site], scale, spec)
             rep["rtn_err"][name] = output_error(w, rtn, grams[site]) / tokens
             rep["gptq_err"][name] = output_error(w, new, grams[site]) / tokens

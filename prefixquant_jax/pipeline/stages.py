@@ -199,7 +199,9 @@ def quantize(ck, calib_tokens, recipe, opts: QuantizeOptions = QuantizeOptions()
         init_weight_scales(q_model, recipe.weight, opts.progress)
     times["weights"] = time.time() - t
     static_calib = recipe.is_static and opts.calibrate
-    calib_x = None if calib is None else np.asarray(jnp.asarray(params["embed"])[jnp.asarray(calib)], np.float32)
+    calib_x = None  # the embedded calibration tokens, for the block-by-block passes that read them
+    if weight_pass or static_calib or (flat and opts.gptq):
+        calib_x = np.asarray(jnp.asarray(params["embed"])[jnp.asarray(calib)], np.float32)
     if weight_pass or static_calib:  # block by block on the embedded calibration tokens
         t = time.time()
         fp_blocks = FPBlocks.of_model(q_model, fp_recipe)  # read by calibrate one block at a time

@@ -45,7 +45,8 @@ def inverse_hessian_factor(gram: np.ndarray, damp: float, act_order: bool = Fals
                         "QuantizeOptions.gptq_damp", "QuantizeOptions.gptq_damp") from None
 
 
-def _round_rows(w: np.ndarray, scale: np.ndarray, spec: QuantSpec) -> np.ndarray:
+def round_to_grid(w: np.ndarray, scale: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """RTN of w on the per-output-channel grid `scale` (what GPTQ rounds each row to)."""
     return np.clip(np.round(w / scale), spec.qmin, spec.qmax) * scale
 
 
@@ -79,7 +80,7 @@ def gptq_with_factor(kernel, factor, scale, spec: QuantSpec, block: int = 128) -
         Wb = W[b0:b1].copy()
         Eb = np.zeros_like(Wb)
         for i in range(b1 - b0):
-            q = _round_rows(Wb[i:i + 1], s, spec)
+            q = round_to_grid(Wb[i:i + 1], s, spec)
             err = (Wb[i] - q[0]) / U[b0 + i, b0 + i]
             Q[b0 + i] = q[0]
             Wb[i + 1:] -= np.outer(U[b0 + i, b0 + i + 1:b1], err)
